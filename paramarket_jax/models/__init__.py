@@ -1,0 +1,58 @@
+"""Flax models with permutation specs, behind one registry."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from paramarket_jax.errors import ParamarketError, unknown
+from paramarket_jax.models.base import Model
+from paramarket_jax.models.cnn import make_cnn
+from paramarket_jax.models.mlp import make_mlp
+from paramarket_jax.models.spec import (
+    PermutationSpec,
+    apply_permutation,
+    flatten,
+    identity_perms,
+    invert,
+    random_perms,
+    unflatten,
+)
+from paramarket_jax.models.wrn import make_wrn
+
+MODELS: dict[str, Callable[..., Model]] = {"mlp": make_mlp, "cnn": make_cnn, "wrn": make_wrn}
+
+
+def make_model(name: str, input_shape, num_classes: int, **options) -> Model:
+    """Build a registered model for inputs of ``input_shape`` and ``num_classes`` outputs.
+
+    Raises:
+        ParamarketError: unknown model name or option.
+    """
+    if name not in MODELS:
+        raise unknown("model", name, MODELS)
+    allowed = [
+        p.name
+        for p in inspect.signature(MODELS[name]).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ParamarketError(
+            f"unknown option {bad[0]!r} for model {name!r}; allowed: {', '.join(allowed)}"
+        )
+    return MODELS[name](input_shape, num_classes, **options)
+
+
+__all__ = [
+    "MODELS",
+    "Model",
+    "PermutationSpec",
+    "apply_permutation",
+    "flatten",
+    "identity_perms",
+    "invert",
+    "make_model",
+    "random_perms",
+    "unflatten",
+]
