@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from paramarket_jax.siloed import SiloedConfig, run_siloed
+    from paramarket_jax.siloed import SiloedConfig, prepare_siloed, run_siloed
 
     split_options = parse_options(args.split_opt, "split")
     if args.split == "dirichlet":
@@ -92,8 +92,9 @@ def cmd_run(args) -> int:
         local_steps=args.local_steps,
         seed=args.seed,
     )
+    setup = prepare_siloed(cfg)
     with tqdm(total=cfg.rounds, desc="rounds", disable=args.quiet, file=sys.stderr) as bar:
-        res = run_siloed(cfg, progress=lambda r: bar.update(1))
+        res = run_siloed(setup, progress=lambda r: bar.update(1))
     print(
         f"siloed training: {cfg.agents} agents, {cfg.dataset}/{cfg.split}, {cfg.model}, "
         f"{cfg.rounds} rounds x {cfg.local_steps} steps, seed {cfg.seed}"

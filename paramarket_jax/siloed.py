@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -11,7 +11,7 @@ import numpy as np
 from paramarket_jax.data import load_dataset, partition
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.models import make_model
-from paramarket_jax.population import agent_data, check_finite, make_trainer
+from paramarket_jax.population import AgentData, Trainer, agent_data, check_finite, make_trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +51,19 @@ class SiloedResult:
     test_accuracy_curve: np.ndarray
 
 
-def run_siloed(cfg: SiloedConfig, progress=None) -> SiloedResult:
-    """Train ``cfg.agents`` agents siloed for ``cfg.rounds`` rounds and evaluate each round.
+class SiloedSetup(NamedTuple):
+    """Everything a siloed run builds before training (all bad input fails here)."""
 
-    Args:
-        cfg: the run's configuration.
-        progress: optional callable taking the round index after each round.
-    """
+    cfg: SiloedConfig
+    trainer: Trainer
+    data: AgentData
+    shard_size: np.ndarray
+    k_init: jax.Array
+    k_train: jax.Array
+
+
+def prepare_siloed(cfg: SiloedConfig) -> SiloedSetup:
+    """Load data, partition it and build the model; raises ParamarketError on bad input."""
     k_data, k_split, k_init, k_train = jax.random.split(jax.random.key(cfg.seed), 4)
     dataset = load_dataset(cfg.dataset, k_data, **cfg.data_options)
     part = partition(cfg.split, k_split, dataset, cfg.agents, **cfg.split_options)
@@ -66,10 +72,21 @@ def run_siloed(cfg: SiloedConfig, progress=None) -> SiloedResult:
     )
     trainer = make_trainer(model, cfg.optimizer, cfg.batch_size)
     data = agent_data(dataset, part)
-    pop = trainer.init(k_init, cfg.agents, cfg.learning_rate)
+    return SiloedSetup(cfg, trainer, data, np.asarray(part.train_size), k_init, k_train)
+
+
+def run_siloed(setup: SiloedSetup, progress=None) -> SiloedResult:
+    """Train the agents siloed for ``cfg.rounds`` rounds, evaluating on test each round.
+
+    Args:
+        setup: from :func:`prepare_siloed`.
+        progress: optional callable taking the round index after each round.
+    """
+    cfg, trainer, data = setup.cfg, setup.trainer, setup.data
+    pop = trainer.init(setup.k_init, cfg.agents, cfg.learning_rate)
     curve = []
     for r in range(cfg.rounds):
-        pop, _ = trainer.train(pop, jax.random.fold_in(k_train, r), data, cfg.local_steps)
+        pop, _ = trainer.train(pop, jax.random.fold_in(setup.k_train, r), data, cfg.local_steps)
         _, acc = trainer.evaluate(pop.params, data.x_test, data.y_test, data.test_idx)
         curve.append(np.asarray(acc))
         if progress is not None:
@@ -78,7 +95,7 @@ def run_siloed(cfg: SiloedConfig, progress=None) -> SiloedResult:
     _, val_acc = trainer.evaluate(pop.params, data.x_val, data.y_val, data.val_idx)
     test_loss, test_acc = trainer.evaluate(pop.params, data.x_test, data.y_test, data.test_idx)
     return SiloedResult(
-        shard_size=np.asarray(part.train_size),
+        shard_size=setup.shard_size,
         val_accuracy=np.asarray(val_acc),
         test_loss=np.asarray(test_loss),
         test_accuracy=np.asarray(test_acc),

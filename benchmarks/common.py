@@ -1,0 +1,64 @@
+"""Shared benchmark plumbing: device name, timing, peak memory, JSON lines, probe import."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import resource
+import sys
+import time
+
+import jax
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_ANCHOR_DIR = REPO.parent / "shared" / "bench"
+
+
+def device_name() -> str:
+    dev = jax.devices()[0]
+    return "cpu" if dev.platform == "cpu" else dev.device_kind
+
+
+def peak_mem_mb() -> float:
+    """Peak device memory on an accelerator, else this process's peak resident memory."""
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timeit(fn, *args, reps: int = 3) -> float:
+    """Median wall time of ``fn(*args)`` after one warm-up call (which compiles)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def emit(bench: str, case: str, n: int, metric: str, value: float, baseline: str,
+         baseline_value: float | None, **extra) -> dict:
+    """Print one JSON line in the benchmark schema of DESIGN.md section 8."""
+    row = dict(bench=bench, case=case, n=n, device=device_name(), metric=metric, value=value,
+               baseline=baseline, baseline_value=baseline_value,
+               ratio=(value / baseline_value) if baseline_value else None, **extra)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def load_anchor(anchor_dir: str | pathlib.Path, name: str):
+    """Import a reference probe (``population_anchor``, ``align_anchor``) by file path."""
+    path = pathlib.Path(anchor_dir) / f"{name}.py"
+    if not path.exists():
+        print(json.dumps(dict(bench="anchor", case=name, error=f"probe not found: {path}")),
+              file=sys.stdout, flush=True)
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,328 @@
+"""Split a dataset's train set among agents (IID, Dirichlet, class scarcity, label shards)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from paramarket_jax.data.datasets import (
+    Dataset,
+    check_int,
+    host_rng,
+    is_real,
+    require,
+    with_option_check,
+)
+from paramarket_jax.errors import ParamarketError, unknown
+
+DIRICHLET_TRIES = 1000
+DEFAULT_EVAL_SIZE = 256
+
+
+class Partition(NamedTuple):
+    """Each agent's training shard and its own validation and test subsets.
+
+    Attributes:
+        train_idx: (N, L) int32 indices into Dataset.x_train; row i holds agent i's shard,
+            padded beyond train_size[i] with the shard's own first index.
+        train_size: (N,) int32 >= 1, the number of real entries in each row of train_idx.
+        val_idx: (N, m_val) int32 indices into Dataset.x_val, stratified by the agent's
+            train class histogram.
+        test_idx: (N, m_test) int32 indices into Dataset.x_test, stratified the same way.
+    """
+
+    train_idx: np.ndarray
+    train_size: np.ndarray
+    val_idx: np.ndarray
+    test_idx: np.ndarray
+
+
+# ---- helpers ----
+
+
+def _class_order(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
+    """(n,) indices grouped by ascending label, in uniformly random order within each class."""
+    shuffled = rng.permutation(len(labels))
+    return shuffled[np.argsort(labels[shuffled], kind="stable")]
+
+
+def _class_rank(rng: np.random.Generator, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(n,) position of each example in a random order of its own class (0 = first)."""
+    order = _class_order(rng, labels)
+    sizes = np.bincount(labels, minlength=num_classes)
+    starts = np.cumsum(sizes) - sizes
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[order] = np.arange(len(labels)) - starts[labels[order]]
+    return rank
+
+
+def _group(owner: np.ndarray, n_agents: int) -> list[np.ndarray]:
+    """Shards from an (n,) array naming each example's agent; each shard sorted."""
+    order = np.argsort(owner, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(owner, minlength=n_agents))[:-1])
+
+
+def _check_agents(where: str, n_agents: int, most: int, why: str) -> None:
+    """Raise ParamarketError unless 1 <= n_agents <= most."""
+    check_int(where, "n_agents", n_agents)
+    if n_agents > most:
+        raise ParamarketError(f"{where}: 'n_agents' must be <= {most} ({why}), got {n_agents}")
+
+
+# ---- partitioners: (key, labels (n,), n_agents, num_classes, **options) -> N index arrays ----
+
+
+def iid(key: jax.Array, labels: np.ndarray, n_agents: int, num_classes: int) -> list[np.ndarray]:
+    """Random near-equal split: shard sizes differ by at most one."""
+    _check_agents("partitioner 'iid'", n_agents, len(labels), "number of training examples")
+    order = host_rng(key).permutation(len(labels))
+    return [np.sort(shard) for shard in np.array_split(order, n_agents)]
+
+
+def _dirichlet_owner(
+    key: jax.Array, labels: np.ndarray, n_agents: int, num_classes: int, alpha: float
+) -> np.ndarray:
+    """(n,) agent of each example: class c is cut among agents by p_c ~ Dir(alpha * 1_N)."""
+    rng = host_rng(key)
+    shares = rng.dirichlet(np.full(n_agents, alpha), num_classes)  # (K, N)
+    cuts = np.cumsum(shares, axis=1)[:, :-1]
+    rank = _class_rank(rng, labels, num_classes)
+    sizes = np.bincount(labels, minlength=num_classes)
+    owner = np.empty(len(labels), dtype=np.int64)
+    for c in range(num_classes):
+        members = labels == c
+        bounds = (cuts[c] * sizes[c]).astype(np.int64)
+        owner[members] = np.searchsorted(bounds, rank[members], side="right")
+    return owner
+
+
+def dirichlet(
+    key: jax.Array,
+    labels: np.ndarray,
+    n_agents: int,
+    num_classes: int,
+    *,
+    alpha: float = 0.5,
+    min_size: int = 2,
+) -> list[np.ndarray]:
+    """Label-skewed split (Hsu et al. 2019): each class divided by Dirichlet(alpha) shares.
+
+    Redraws with keys folded from `key` until every agent holds at least `min_size`
+    examples, giving up after DIRICHLET_TRIES draws.
+
+    Args:
+        key: randomness.
+        labels: (n,) int train labels.
+        n_agents: N.
+        num_classes: K.
+        alpha: concentration, > 0; small alpha gives few classes per agent.
+        min_size: smallest allowed shard, >= 1.
+    """
+    where = "partitioner 'dirichlet'"
+    require(is_real(alpha) and alpha > 0, where, "alpha", "> 0", alpha)
+    min_size = check_int(where, "min_size", min_size)
+    _check_agents(where, n_agents, len(labels) // min_size, "training examples / min_size")
+    for attempt in range(DIRICHLET_TRIES):
+        owner = _dirichlet_owner(
+            jax.random.fold_in(key, attempt), labels, n_agents, num_classes, float(alpha)
+        )
+        if np.bincount(owner, minlength=n_agents).min() >= min_size:
+            return _group(owner, n_agents)
+    raise ParamarketError(
+        f"{where}: no draw in {DIRICHLET_TRIES} gave every one of {n_agents} agents "
+        f"min_size={min_size} examples with alpha={alpha}; raise 'alpha' or lower 'min_size'"
+    )
+
+
+def class_split(
+    key: jax.Array, labels: np.ndarray, n_agents: int, num_classes: int, *, d: float = 0.1
+) -> list[np.ndarray]:
+    """Complementary class scarcity, the paper's split generalised to N agents.
+
+    Classes are cut into N contiguous blocks; agent i keeps every example of its block and
+    an independent random fraction d (round(d * count), at least 1) of every other class.
+    Shards overlap across agents.
+
+    Args:
+        key: randomness.
+        labels: (n,) int train labels.
+        n_agents: N <= K.
+        num_classes: K.
+        d: kept fraction of the other classes, in (0, 1].
+    """
+    where = "partitioner 'class_split'"
+    require(is_real(d) and 0 < d <= 1, where, "d", "a number in (0, 1]", d)
+    _check_agents(where, n_agents, num_classes, "num_classes: one class block per agent")
+    sizes = np.bincount(labels, minlength=num_classes)
+    keep = np.where(sizes > 0, np.maximum(1, np.round(d * sizes)), 0)
+    blocks = np.array_split(np.arange(num_classes), n_agents)
+    shards = []
+    for i, block in enumerate(blocks):
+        rank = _class_rank(host_rng(jax.random.fold_in(key, i)), labels, num_classes)
+        shards.append(np.flatnonzero(np.isin(labels, block) | (rank < keep[labels])))
+    return shards
+
+
+def shards(
+    key: jax.Array,
+    labels: np.ndarray,
+    n_agents: int,
+    num_classes: int,
+    *,
+    shards_per_agent: int = 2,
+) -> list[np.ndarray]:
+    """Pathological non-IID split (McMahan et al. 2017): label-sorted shards dealt at random.
+
+    Args:
+        key: randomness.
+        labels: (n,) int train labels.
+        n_agents: N.
+        num_classes: K.
+        shards_per_agent: s; the label-sorted train set is cut into N * s near-equal shards.
+    """
+    where = "partitioner 'shards'"
+    per_agent = check_int(where, "shards_per_agent", shards_per_agent)
+    _check_agents(where, n_agents, len(labels) // per_agent, "training examples / shards_per_agent")
+    rng = host_rng(key)
+    pieces = np.array_split(_class_order(rng, labels), n_agents * per_agent)
+    deal = rng.permutation(n_agents * per_agent).reshape(n_agents, per_agent)
+    return [np.sort(np.concatenate([pieces[j] for j in row])) for row in deal]
+
+
+PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
+    name: with_option_check("partitioner", name, fn)
+    for name, fn in {
+        "iid": iid,
+        "dirichlet": dirichlet,
+        "class_split": class_split,
+        "shards": shards,
+    }.items()
+}
+
+
+# ---- evaluation subsets ----
+
+
+def largest_remainder(weights: np.ndarray, m: int) -> np.ndarray:
+    """Integer counts proportional to weights that sum to exactly m (Hamilton's method).
+
+    Args:
+        weights: (K,) non-negative, positive sum.
+        m: total.
+
+    Returns:
+        (K,) int64 counts; zero where weights are zero.
+    """
+    quota = m * weights / weights.sum()
+    counts = np.floor(quota).astype(np.int64)
+    remainder = np.where(weights > 0, quota - counts, -1.0)
+    counts[np.argsort(-remainder, kind="stable")[: m - counts.sum()]] += 1
+    return counts
+
+
+def _stratified_draw(key: jax.Array, counts: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """counts[c] indices of examples of class c: without replacement when the class has
+    enough examples, with replacement otherwise.
+
+    Args:
+        key: randomness.
+        counts: (K,) int, zero for classes absent from labels.
+        labels: (n,) int labels of the split drawn from.
+
+    Returns:
+        (counts.sum(),) int indices into labels, grouped by class.
+    """
+    rng = host_rng(key)
+    order = _class_order(rng, labels)
+    sizes = np.bincount(labels, minlength=len(counts))
+    starts = np.cumsum(sizes) - sizes
+    picks = []
+    for c in np.flatnonzero(counts):
+        k = counts[c]
+        slots = np.arange(k) if k <= sizes[c] else rng.integers(sizes[c], size=k)
+        picks.append(order[starts[c] + slots])
+    return np.concatenate(picks)
+
+
+def eval_subsets(key: jax.Array, histograms: np.ndarray, labels: np.ndarray, m: int) -> np.ndarray:
+    """Per-agent evaluation indices following each agent's train class histogram.
+
+    Classes an agent has no train data for get no examples; if none of an agent's classes
+    occurs in the split, the agent falls back to the split's own class distribution.
+
+    Args:
+        key: randomness; agent i uses fold_in(key, i).
+        histograms: (N, K) int train class counts per agent.
+        labels: (n,) int labels of the validation or test split.
+        m: examples per agent, 1 <= m.
+
+    Returns:
+        (N, m) int32 indices into the split.
+    """
+    available = np.bincount(labels, minlength=histograms.shape[1])
+    rows = []
+    for i, histogram in enumerate(histograms):
+        weights = histogram * (available > 0)
+        counts = largest_remainder(weights if weights.sum() > 0 else available, m)
+        rows.append(_stratified_draw(jax.random.fold_in(key, i), counts, labels))
+    return np.stack(rows).astype(np.int32)
+
+
+def _pad(shards: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, L) int32 rows padded with each row's own first index, and (N,) int32 sizes."""
+    sizes = np.array([len(shard) for shard in shards], dtype=np.int32)
+    width = int(sizes.max())
+    rows = [np.concatenate([s, np.full(width - len(s), s[0], dtype=s.dtype)]) for s in shards]
+    return np.stack(rows).astype(np.int32), sizes
+
+
+def partition(
+    name: str,
+    key: jax.Array,
+    dataset: Dataset,
+    n_agents: int,
+    *,
+    eval_size: int | None = None,
+    **options,
+) -> Partition:
+    """Give each of n_agents a train shard and matching validation and test subsets.
+
+    Args:
+        name: a key of PARTITIONERS.
+        key: jax.random key; the same key gives an identical partition.
+        dataset: the Dataset to split.
+        n_agents: N >= 1.
+        eval_size: validation/test examples per agent; default 256, capped at the split size.
+        **options: the partitioner's keyword options.
+
+    Returns:
+        The Partition.
+
+    Raises:
+        ParamarketError: unknown name or option, bad option value, or an empty shard.
+    """
+    if name not in PARTITIONERS:
+        raise unknown("partitioner", name, PARTITIONERS)
+    check_int(f"partitioner {name!r}", "n_agents", n_agents)
+    if eval_size is not None:
+        check_int(f"partitioner {name!r}", "eval_size", eval_size)
+    k_train, k_val, k_test = jax.random.split(key, 3)
+    labels = np.asarray(dataset.y_train)
+    pieces = PARTITIONERS[name](k_train, labels, n_agents, dataset.num_classes, **options)
+    empty = [i for i, piece in enumerate(pieces) if len(piece) == 0]
+    if empty:
+        raise ParamarketError(f"partitioner {name!r}: agents {empty} got no training examples")
+    histograms = np.stack([np.bincount(labels[p], minlength=dataset.num_classes) for p in pieces])
+    size = eval_size or DEFAULT_EVAL_SIZE
+    train_idx, train_size = _pad(pieces)
+    return Partition(
+        train_idx,
+        train_size,
+        eval_subsets(k_val, histograms, np.asarray(dataset.y_val), min(size, len(dataset.y_val))),
+        eval_subsets(
+            k_test, histograms, np.asarray(dataset.y_test), min(size, len(dataset.y_test))
+        ),
+    )
