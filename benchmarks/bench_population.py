@@ -27,8 +27,9 @@ D_IN, WIDTHS, CLASSES, BATCH, LR = 64, (128, 128), 10, 32, 1e-3
 def setup(n: int):
     """Model, trainer, population and agent data for N agents on gaussian data."""
     k_data, k_split, k_init = jax.random.split(jax.random.key(0), 3)
-    ds = load_dataset("gaussian", k_data, n_train=max(4000, 64 * n), n_test=1000, dim=D_IN,
-                      num_classes=CLASSES)
+    ds = load_dataset(
+        "gaussian", k_data, n_train=max(4000, 64 * n), n_test=1000, dim=D_IN, num_classes=CLASSES
+    )
     part = partition("iid", k_split, ds, n, eval_size=64)
     model = make_model("mlp", (D_IN,), CLASSES, widths=WIDTHS)
     trainer = make_trainer(model, "adam", BATCH)
@@ -53,8 +54,16 @@ def naive_rate(n: int, steps: int) -> float:
         out = []
         for i, (p, o) in enumerate(agents):
             for k in jax.random.split(keys[i], steps):
-                p, o, _ = step(p, o, pop.learning_rate[i], k, data.train_idx[i],
-                               data.train_size[i], data.x_train, data.y_train)
+                p, o, _ = step(
+                    p,
+                    o,
+                    pop.learning_rate[i],
+                    k,
+                    data.train_idx[i],
+                    data.train_size[i],
+                    data.x_train,
+                    data.y_train,
+                )
             out.append(p)
         return out
 
@@ -65,9 +74,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,16,64,256")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--naive-max", type=int, default=64,
-                    help="largest N the naive loop runs; its rate is per agent-step, so "
-                    "larger N are compared with the rate measured at this N")
+    ap.add_argument(
+        "--naive-max",
+        type=int,
+        default=64,
+        help="largest N the naive loop runs; its rate is per agent-step, so "
+        "larger N are compared with the rate measured at this N",
+    )
     ap.add_argument("--anchor-dir", default=str(DEFAULT_ANCHOR_DIR))
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -76,21 +89,45 @@ def main() -> None:
     for n in sizes:
         if n <= args.naive_max:
             naive[n] = naive_rate(n, args.steps)
-            emit("population", "naive_per_agent_jit", n, "agent_steps_per_s", naive[n],
-                 "none", None, steps=args.steps)
+            emit(
+                "population",
+                "naive_per_agent_jit",
+                n,
+                "agent_steps_per_s",
+                naive[n],
+                "none",
+                None,
+                steps=args.steps,
+            )
     ref_naive = naive[max(naive)] if naive else None
     for n in sizes:
         ours = population_rate(n, args.steps)
         mem = peak_mem_mb()
         base_n = n if n in naive else max(naive) if naive else None
-        emit("population", "vmapped_scan_vs_naive", n, "agent_steps_per_s", ours,
-             f"naive_per_agent_jit@N={base_n}", naive.get(n, ref_naive), steps=args.steps,
-             peak_mem_mb=mem)
+        emit(
+            "population",
+            "vmapped_scan_vs_naive",
+            n,
+            "agent_steps_per_s",
+            ours,
+            f"naive_per_agent_jit@N={base_n}",
+            naive.get(n, ref_naive),
+            steps=args.steps,
+            peak_mem_mb=mem,
+        )
         if anchor is not None:
             t_scan, _ = anchor.bench_population(n, args.steps)
-            emit("population", "vmapped_scan_vs_probe", n, "agent_steps_per_s", ours,
-                 "population_anchor.scan", n * args.steps / t_scan, steps=args.steps,
-                 peak_mem_mb=mem)
+            emit(
+                "population",
+                "vmapped_scan_vs_probe",
+                n,
+                "agent_steps_per_s",
+                ours,
+                "population_anchor.scan",
+                n * args.steps / t_scan,
+                steps=args.steps,
+                peak_mem_mb=mem,
+            )
 
 
 if __name__ == "__main__":

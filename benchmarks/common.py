@@ -41,12 +41,29 @@ def timeit(fn, *args, reps: int = 3) -> float:
     return float(np.median(times))
 
 
-def emit(bench: str, case: str, n: int, metric: str, value: float, baseline: str,
-         baseline_value: float | None, **extra) -> dict:
+def emit(
+    bench: str,
+    case: str,
+    n: int,
+    metric: str,
+    value: float,
+    baseline: str,
+    baseline_value: float | None,
+    **extra,
+) -> dict:
     """Print one JSON line in the benchmark schema of DESIGN.md section 8."""
-    row = dict(bench=bench, case=case, n=n, device=device_name(), metric=metric, value=value,
-               baseline=baseline, baseline_value=baseline_value,
-               ratio=(value / baseline_value) if baseline_value else None, **extra)
+    row = dict(
+        bench=bench,
+        case=case,
+        n=n,
+        device=device_name(),
+        metric=metric,
+        value=value,
+        baseline=baseline,
+        baseline_value=baseline_value,
+        ratio=(value / baseline_value) if baseline_value else None,
+        **extra,
+    )
     print(json.dumps(row), flush=True)
     return row
 
@@ -55,8 +72,11 @@ def load_anchor(anchor_dir: str | pathlib.Path, name: str):
     """Import a reference probe (``population_anchor``, ``align_anchor``) by file path."""
     path = pathlib.Path(anchor_dir) / f"{name}.py"
     if not path.exists():
-        print(json.dumps(dict(bench="anchor", case=name, error=f"probe not found: {path}")),
-              file=sys.stdout, flush=True)
+        print(
+            json.dumps(dict(bench="anchor", case=name, error=f"probe not found: {path}")),
+            file=sys.stdout,
+            flush=True,
+        )
         return None
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

@@ -1,36 +1,28 @@
-"""The ``paramarket`` command."""
+"""The ``paramarket`` command: ``run`` a scenario, list bundled ``scenarios``."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import pathlib
 import sys
 
 from paramarket_jax.errors import ParamarketError
 
 
-def parse_options(pairs: list[str], what: str) -> dict:
-    """``["alpha=0.5", "widths=32,16"]`` -> ``{"alpha": 0.5, "widths": [32, 16]}``."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ParamarketError(f"{what} option {pair!r} must look like key=value")
-        key, raw = pair.split("=", 1)
-        out[key.strip()] = parse_value(raw.strip())
-    return out
-
-
-def parse_value(raw: str):
-    """A command-line value: int, float, bool, comma list of those, or a string."""
-    if "," in raw:
-        return [parse_value(v) for v in raw.split(",") if v]
-    if raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-4"`` -> a list of seeds."""
+    try:
+        if "-" in text and "," not in text:
+            lo, hi = (int(v) for v in text.split("-", 1))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ParamarketError(f"--seeds {text!r} must look like 0,1,2 or 0-4") from None
+    if not seeds:
+        raise ParamarketError(f"--seeds {text!r} names no seed")
+    return seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,88 +30,94 @@ def build_parser() -> argparse.ArgumentParser:
         prog="paramarket", description="Simulate parameter markets of Flax models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train a population of agents siloed and report accuracy")
-    run.add_argument("--agents", type=int, default=8, help="number of agents (default 8)")
-    run.add_argument("--dataset", default="digits", help="dataset name (default digits)")
-    run.add_argument("--data-dir", default=None, help="directory of mnist/cifar10 files")
-    run.add_argument("--split", default="dirichlet", help="partitioner (default dirichlet)")
+    run = sub.add_parser("run", help="run a scenario: market against siloed twins")
     run.add_argument(
-        "--split-opt",
+        "scenario",
+        nargs="?",
+        default="paper_two_agent",
+        help="bundled scenario name or TOML file (default paper_two_agent)",
+    )
+    run.add_argument(
+        "--out", default=None, help="run folder to create (default runs/<scenario>-<time>)"
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
         action="append",
         default=[],
-        metavar="K=V",
-        help="partitioner option, e.g. alpha=0.5 or d=0.1 (repeatable)",
+        metavar="KEY=VALUE",
+        help="override a scenario key, e.g. --set data.split.d=0.2 (repeatable)",
     )
-    run.add_argument("--model", default="mlp", help="model name (default mlp)")
-    run.add_argument(
-        "--model-opt",
-        action="append",
-        default=[],
-        metavar="K=V",
-        help="model option, e.g. widths=64,64 (repeatable)",
-    )
-    run.add_argument("--optimizer", default="adam", help="optimizer name (default adam)")
-    run.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
-    run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--rounds", type=int, default=10)
-    run.add_argument("--local-steps", type=int, default=50)
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seeds", default=None, help="seeds to run, e.g. 0,1,2 or 0-4")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.add_parser("scenarios", help="list bundled scenarios")
     return parser
+
+
+def cmd_scenarios(args) -> int:
+    from paramarket_jax.scenario import bundled, load
+
+    for name in bundled():
+        print(f"{name:<24} {load(name).description}")
+    return 0
 
 
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from paramarket_jax.siloed import SiloedConfig, prepare_siloed, run_siloed
+    from paramarket_jax import scenario as sc
+    from paramarket_jax.market.run import run_scenario
+    from paramarket_jax.results import check_out_dir, write_run
 
-    split_options = parse_options(args.split_opt, "split")
-    if args.split == "dirichlet":
-        split_options.setdefault("alpha", 0.5)
-    data_options = {"path": args.data_dir} if args.data_dir else {}
-    cfg = SiloedConfig(
-        agents=args.agents,
-        dataset=args.dataset,
-        data_options=data_options,
-        split=args.split,
-        split_options=split_options,
-        model=args.model,
-        model_options=parse_options(args.model_opt, "model"),
-        optimizer=args.optimizer,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        rounds=args.rounds,
-        local_steps=args.local_steps,
-        seed=args.seed,
-    )
-    setup = prepare_siloed(cfg)
-    with tqdm(total=cfg.rounds, desc="rounds", disable=args.quiet, file=sys.stderr) as bar:
-        res = run_siloed(setup, progress=lambda r: bar.update(1))
-    print(
-        f"siloed training: {cfg.agents} agents, {cfg.dataset}/{cfg.split}, {cfg.model}, "
-        f"{cfg.rounds} rounds x {cfg.local_steps} steps, seed {cfg.seed}"
-    )
-    print(f"{'agent':>5} {'shard':>6} {'val_acc':>8} {'test_acc':>9}")
-    for i in range(cfg.agents):
-        print(
-            f"{i:>5} {res.shard_size[i]:>6} {res.val_accuracy[i]:>8.3f} "
-            f"{res.test_accuracy[i]:>9.3f}"
-        )
-    print(f"{'mean':>5} {'':>6} {res.val_accuracy.mean():>8.3f} {res.test_accuracy.mean():>9.3f}")
+    overrides = list(args.overrides)
+    if args.seeds is not None:
+        overrides.append(f"seeds={parse_seeds(args.seeds)}")
+    scenario = sc.load(args.scenario, overrides)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = pathlib.Path(args.out or f"runs/{scenario.name}-{stamp}")
+    check_out_dir(out)
+    total = scenario.train.rounds * len(scenario.seeds)
+    with tqdm(total=total, desc="rounds", disable=args.quiet, file=sys.stderr) as bar:
+        result = run_scenario(scenario, progress=lambda: bar.update(1))
+    write_run(out, result.files())
+    print_summary(scenario, result.summary)
+    print(f"wrote {out}/")
     return 0
 
 
+def print_summary(scenario, summary: dict) -> None:
+    seeds = summary["seeds"]
+    print(
+        f"{scenario.name}: {scenario.agents.n} agents, {scenario.data.dataset}/"
+        f"{scenario.data.split.name}, {scenario.model.name}, {summary['rounds']} rounds, "
+        f"mechanism {scenario.mechanism.name}, seeds {seeds}"
+    )
+    print(f"{'agent':>5} {'market_acc':>10} {'siloed_acc':>10} {'gain':>8} {'trades':>7}")
+    for a in summary["agents"]:
+        print(
+            f"{a['agent']:>5} {a['market_accuracy']:>10.3f} {a['siloed_accuracy']:>10.3f} "
+            f"{a['gain']:>+8.3f} {a['trades']:>7.1f}"
+        )
+    print(
+        f"{'mean':>5} {summary['market_accuracy']:>10.3f} {summary['siloed_accuracy']:>10.3f} "
+        f"{summary['market_accuracy'] - summary['siloed_accuracy']:>+8.3f}"
+    )
+    print(
+        f"mutual gain (every agent beats its siloed twin): "
+        f"{summary['mutual_gain_fraction'] * len(seeds):.0f}/{len(seeds)} seeds"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run}[args.command](args)
+        return {"run": cmd_run, "scenarios": cmd_scenarios}[args.command](args)
     except ParamarketError as err:
         print(f"paramarket: error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
-        print(f"paramarket: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("paramarket: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

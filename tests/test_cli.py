@@ -1,44 +1,121 @@
-"""The `paramarket` command: the main job runs, bad input exits 2 with one clear line."""
+"""The `paramarket` command: runs write a complete folder; bad input exits 2, writes nothing."""
 
+import json
+
+import pandas as pd
 import pytest
 
-from paramarket_jax.cli import main, parse_value
+from paramarket_jax.cli import main, parse_seeds
+
+SMALL = [
+    "--set",
+    "train.rounds=2",
+    "--set",
+    "train.local_steps=2",
+    "--set",
+    "trading.start=1",
+    "--set",
+    "data.split.eval_size=16",
+    "--set",
+    "model.widths=[8, 8]",
+    "--set",
+    "broker.max_sweeps=3",
+    "--set",
+    "baselines.centralized=false",
+    "--quiet",
+]
 
 
-def test_run_prints_per_agent_test_accuracy(capsys):
-    code = main(["run", "--agents", "3", "--rounds", "2", "--local-steps", "5", "--quiet"])
-    out = capsys.readouterr().out
-    assert code == 0
-    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])]
-    assert len(rows) == 3
-    for row in rows:
-        assert 0.0 <= float(row[-1]) <= 1.0  # test accuracy
-        assert int(row[1]) >= 1  # shard size
+def test_run_writes_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--seeds", "0,1", *SMALL]) == 0
+    text = capsys.readouterr().out
+    assert "market_acc" in text and "siloed_acc" in text
+    names = {p.name for p in out.iterdir()}
+    assert names == {
+        "scenario.toml",
+        "rounds.parquet",
+        "trades.parquet",
+        "summary.json",
+        "accuracy.png",
+        "mean_accuracy.png",
+    }
+    rounds = pd.read_parquet(out / "rounds.parquet")
+    assert set(rounds["seed"]) == {0, 1} and len(rounds) == 2 * 2 * 2
+    assert {"seed", "round", "agent", "loss", "accuracy", "siloed_loss", "siloed_accuracy"} <= set(
+        rounds.columns
+    )
+    trades = pd.read_parquet(out / "trades.parquet")
+    assert {
+        "seed",
+        "round",
+        "buyer",
+        "seller",
+        "alpha",
+        "predicted_gain",
+        "realized_gain",
+        "price",
+    } <= set(trades.columns)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and len(summary["agents"]) == 2
+    assert summary["trade_count"] == len(trades)
+    assert "train.rounds" not in (out / "scenario.toml").read_text()
+    assert "rounds = 2" in (out / "scenario.toml").read_text()
+
+
+def test_scenarios_lists_every_bundled_scenario(capsys):
+    assert main(["scenarios"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == [
+        "paper_mnist1d",
+        "paper_no_alignment",
+        "paper_two_agent",
+    ]
 
 
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--dataset", "imagenet"], "unknown dataset 'imagenet'; allowed:"),
-        (["--split", "random"], "allowed: class_split, dirichlet, iid, shards"),
-        (["--split-opt", "alpha=0"], "'alpha'"),
-        (["--split", "class_split", "--split-opt", "d=2"], "'d'"),
-        (["--model", "transformer"], "allowed: cnn, mlp, wrn"),
-        (["--optimizer", "lion2"], "allowed: adam"),
-        (["--agents", "0"], "agents must be >= 1"),
-        (["--dataset", "mnist", "--data-dir", "/no/such/dir"], "/no/such/dir"),
-        (["--dataset", "cifar10"], "'path'"),
-        (["--model-opt", "widths"], "key=value"),
+        (["no_such_scenario"], "bundled scenarios are"),
+        (["--set", "agents.n=0"], "'agents.n' must be an integer >= 2"),
+        (["--set", "data.dataset=imagenet"], "must be one of cifar10"),
+        (["--set", "data.split.d=2"], "'d'"),
+        (["--set", "mechanism.name=dutch"], "'mechanism.name' must be one of"),
+        (["--set", "data.dataset=mnist", "--set", "data.path=/no/such/dir"], "/no/such/dir"),
+        (["--set", "data.dataset=cifar10"], "'path'"),
+        (["--set", "model.widths"], "key=value"),
+        (["--seeds", "a,b"], "--seeds"),
+        (
+            [
+                "--set",
+                "train.learning_rate=1e6",
+                "--set",
+                "train.rounds=1",
+                "--set",
+                "baselines.centralized=false",
+            ],
+            "diverged",
+        ),
     ],
 )
-def test_bad_input_exits_2_with_one_line(argv, needle, capsys):
-    code = main(["run", "--quiet", *argv])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(argv, needle, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--out", str(out), "--quiet", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and needle in err, err
-    assert "Traceback" not in err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary leftovers either
 
 
-def test_parse_value():
-    assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("true") is True
-    assert parse_value("32,16") == [32, 16] and parse_value("adam") == "adam"
+def test_an_existing_run_folder_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    assert main(["run", "--out", str(out), *SMALL]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "earlier results"
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-3") == [0, 1, 2, 3] and parse_seeds("5,7") == [5, 7]

@@ -279,6 +279,9 @@ def _pad(shards: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(rows).astype(np.int32), sizes
 
 
+EVAL_MIXES = ("shard", "global")
+
+
 def partition(
     name: str,
     key: jax.Array,
@@ -286,6 +289,7 @@ def partition(
     n_agents: int,
     *,
     eval_size: int | None = None,
+    eval_mix: str = "shard",
     **options,
 ) -> Partition:
     """Give each of n_agents a train shard and matching validation and test subsets.
@@ -296,6 +300,10 @@ def partition(
         dataset: the Dataset to split.
         n_agents: N >= 1.
         eval_size: validation/test examples per agent; default 256, capped at the split size.
+        eval_mix: class mix of each agent's validation and test rows: ``"shard"`` follows the
+            agent's own train class histogram (its customers look like its data);
+            ``"global"`` follows the whole training set's class mix (every agent serves the
+            whole task and only its training data is scarce, as in the paper's experiments).
         **options: the partitioner's keyword options.
 
     Returns:
@@ -315,7 +323,13 @@ def partition(
     empty = [i for i, piece in enumerate(pieces) if len(piece) == 0]
     if empty:
         raise ParamarketError(f"partitioner {name!r}: agents {empty} got no training examples")
-    histograms = np.stack([np.bincount(labels[p], minlength=dataset.num_classes) for p in pieces])
+    if eval_mix not in EVAL_MIXES:
+        raise ParamarketError(f"eval_mix must be one of {', '.join(EVAL_MIXES)}, got {eval_mix!r}")
+    k = dataset.num_classes
+    if eval_mix == "global":
+        histograms = np.tile(np.bincount(labels, minlength=k), (n_agents, 1))
+    else:
+        histograms = np.stack([np.bincount(labels[p], minlength=k) for p in pieces])
     size = eval_size or DEFAULT_EVAL_SIZE
     train_idx, train_size = _pad(pieces)
     return Partition(

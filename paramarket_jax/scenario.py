@@ -1,0 +1,384 @@
+"""Scenarios: TOML files validated into frozen dataclasses, with dotted ``--set`` overrides."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import math
+import pathlib
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import tomli_w
+
+from paramarket_jax.errors import ParamarketError
+
+# Installed: the bundled TOMLs ship as paramarket_jax/scenarios; in a checkout they sit in
+# the top-level scenarios/ folder.
+_HERE = pathlib.Path(__file__).resolve().parent
+SCENARIO_DIR = next(
+    (d for d in (_HERE / "scenarios", _HERE.parent / "scenarios") if d.is_dir()),
+    _HERE / "scenarios",
+)
+PAPER_ALPHAS = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
+
+
+# ---- field rules: (description of allowed values, predicate) ----
+
+
+def _int(low: int) -> tuple[str, Callable]:
+    return f"an integer >= {low}", lambda v: type(v) is int and v >= low
+
+
+def _real(desc: str, ok: Callable[[float], bool]) -> tuple[str, Callable]:
+    return desc, lambda v: type(v) in (int, float) and math.isfinite(v) and ok(v)
+
+
+def _choice(names: Callable[[], Mapping]) -> tuple[Callable[[], str], Callable]:
+    return (lambda: "one of " + ", ".join(sorted(names()))), lambda v: v in names()
+
+
+BOOL = ("true or false", lambda v: type(v) is bool)
+STR = ("a string", lambda v: type(v) is str)
+INTS = (
+    "a non-empty list of integers",
+    lambda v: isinstance(v, list) and v != [] and all(type(x) is int for x in v),
+)
+STRS = ("a list of strings", lambda v: isinstance(v, list) and all(type(x) is str for x in v))
+ALPHAS = (
+    "a non-empty list of numbers in [0, 1]",
+    lambda v: (
+        isinstance(v, list) and v != [] and all(type(x) in (int, float) and 0 <= x <= 1 for x in v)
+    ),
+)
+
+
+def _datasets():
+    from paramarket_jax.data import DATASETS
+
+    return DATASETS
+
+
+def _partitioners():
+    from paramarket_jax.data import PARTITIONERS
+
+    return PARTITIONERS
+
+
+def _models():
+    from paramarket_jax.models import MODELS
+
+    return MODELS
+
+
+def _optimizers():
+    from paramarket_jax.population import OPTIMIZERS
+
+    return OPTIMIZERS
+
+
+def _mechanisms():
+    from paramarket_jax.market.round import MECHANISM_NAMES
+
+    return MECHANISM_NAMES
+
+
+# ---- sections ----
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentsConfig:
+    n: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    name: str = "class_split"
+    eval_size: int = 256
+    eval_mix: str = "shard"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"d": 0.1})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"
+    path: str = ""
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "sgd"
+    learning_rate: float = 1e-2
+    batch_size: int = 32
+    local_steps: int = 40
+    rounds: int = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class TradingConfig:
+    start: int = 5
+    every: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerConfig:
+    align: bool = True
+    alphas: tuple[float, ...] = PAPER_ALPHAS
+    layers: tuple[str, ...] = ()
+    candidates: int = 0
+    max_sweeps: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class MechanismConfig:
+    name: str = "take_it"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselinesConfig:
+    centralized: bool = False
+    fedavg: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """A whole market run. Every random choice flows from each seed in ``seeds``."""
+
+    name: str = "custom"
+    description: str = ""
+    seeds: tuple[int, ...] = (0,)
+    agents: AgentsConfig = dataclasses.field(default_factory=AgentsConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    trading: TradingConfig = dataclasses.field(default_factory=TradingConfig)
+    broker: BrokerConfig = dataclasses.field(default_factory=BrokerConfig)
+    mechanism: MechanismConfig = dataclasses.field(default_factory=MechanismConfig)
+    baselines: BaselinesConfig = dataclasses.field(default_factory=BaselinesConfig)
+
+
+# Rules per dotted key; tables with an "options" field also take the registered item's
+# own keyword options (checked against its signature, values checked when it is built).
+RULES: dict[str, tuple] = {
+    "name": STR,
+    "description": STR,
+    "seeds": INTS,
+    "agents.n": _int(2),
+    "data.dataset": _choice(_datasets),
+    "data.path": STR,
+    "data.split.name": _choice(_partitioners),
+    "data.split.eval_size": _int(1),
+    "data.split.eval_mix": ("one of shard, global", lambda v: v in ("shard", "global")),
+    "model.name": _choice(_models),
+    "train.optimizer": _choice(_optimizers),
+    "train.learning_rate": _real("a number > 0", lambda v: v > 0),
+    "train.batch_size": _int(1),
+    "train.local_steps": _int(1),
+    "train.rounds": _int(1),
+    "trading.start": _int(0),
+    "trading.every": _int(1),
+    "broker.align": BOOL,
+    "broker.alphas": ALPHAS,
+    "broker.layers": STRS,
+    "broker.candidates": _int(0),
+    "broker.max_sweeps": _int(1),
+    "mechanism.name": _choice(_mechanisms),
+    "baselines.centralized": BOOL,
+    "baselines.fedavg": BOOL,
+}
+SECTIONS = {
+    "": Scenario,
+    "agents": AgentsConfig,
+    "data": DataConfig,
+    "data.split": SplitConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "trading": TradingConfig,
+    "broker": BrokerConfig,
+    "mechanism": MechanismConfig,
+    "baselines": BaselinesConfig,
+}
+# table -> (registry-name key, registry getter) whose item's keyword options the table takes
+OPEN_TABLES = {
+    "data": ("dataset", _datasets),
+    "data.split": ("name", _partitioners),
+    "model": ("name", _models),
+    "mechanism": ("name", _mechanisms),
+}
+NOT_OPTIONS = {"data": {"path"}}
+
+
+def keyword_options(fn: Callable) -> list[str]:
+    """Names of a registered factory's keyword-only options (what a table may add)."""
+    if isinstance(fn, Mapping | tuple | list | frozenset | set):
+        return sorted(fn)
+    params = inspect.signature(fn).parameters.values()
+    return [p.name for p in params if p.default is not p.empty]
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _describe(desc) -> str:
+    return desc() if callable(desc) else desc
+
+
+def _check(key: str, value) -> None:
+    desc, ok = RULES[key]
+    if not ok(value):
+        raise ParamarketError(f"scenario key {key!r} must be {_describe(desc)}, got {value!r}")
+
+
+def _build(cls, table: Mapping[str, Any], prefix: str):
+    """Validate one TOML table into its dataclass, recursing into sub-tables."""
+    if not isinstance(table, Mapping):
+        raise ParamarketError(f"scenario key {prefix!r} must be a table, got {table!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = {k for k in fields if k != "options"}
+    kwargs: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    open_table = OPEN_TABLES.get(prefix)
+    for key, value in table.items():
+        full = _join(prefix, key)
+        if full in SECTIONS:
+            kwargs[key] = _build(SECTIONS[full], value, full)
+        elif key in known:
+            _check(full, value)
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        elif open_table is not None:
+            options[key] = value
+        else:
+            allowed = ", ".join(sorted(known))
+            raise ParamarketError(
+                f"unknown scenario key {full!r}; allowed in [{prefix or 'top'}]: {allowed}"
+            )
+    if open_table is not None:
+        name_key, registry = open_table
+        name = kwargs.get(name_key, fields[name_key].default)
+        default_opts = fields["options"].default_factory()
+        if name_key in kwargs and name != fields[name_key].default:
+            default_opts = {}
+        merged = {**default_opts, **options}
+        allowed = [
+            a for a in keyword_options(registry()[name]) if a not in NOT_OPTIONS.get(prefix, set())
+        ]
+        bad = sorted(set(merged) - set(allowed))
+        if bad:
+            listed = ", ".join(sorted(known | set(allowed)))
+            raise ParamarketError(
+                f"unknown scenario key {_join(prefix, bad[0])!r} for "
+                f"{name_key} {name!r}; allowed in [{prefix}]: {listed}"
+            )
+        kwargs["options"] = merged
+    return cls(**kwargs)
+
+
+def from_dict(table: Mapping[str, Any]) -> Scenario:
+    """Validate a parsed TOML document into a :class:`Scenario` (errors name the key)."""
+    return _build(Scenario, table, "")
+
+
+def to_dict(scenario: Scenario) -> dict[str, Any]:
+    """A scenario as a TOML-ready nested dict (options inlined into their tables)."""
+
+    def convert(obj) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        subtables: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                subtables[f.name] = convert(value)
+            elif f.name == "options":
+                out.update({k: list(v) if isinstance(v, tuple) else v for k, v in value.items()})
+            else:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return {**out, **subtables}
+
+    return convert(scenario)
+
+
+def dumps(scenario: Scenario) -> str:
+    """The resolved scenario as TOML text (loads back to an equal scenario)."""
+    return tomli_w.dumps(to_dict(scenario))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"data.split.d=0.2"`` -> (["data", "split", "d"], 0.2); values parse as TOML."""
+    if "=" not in text:
+        raise ParamarketError(f"--set {text!r} must look like key=value (e.g. agents.n=3)")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if not key or any(not part for part in key.split(".")):
+        raise ParamarketError(f"--set {text!r}: bad key {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: a string such as a dataset name
+    return key.split("."), value
+
+
+def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a parsed TOML document (returns a copy).
+
+    Overriding the name of a registered item (``data.split.name``, ``model.name``,
+    ``data.dataset``, ``mechanism.name``) drops the file's options for the old item, so
+    ``--set data.split.name=dirichlet --set data.split.alpha=0.3`` works on any scenario.
+    """
+    table = copy.deepcopy(table)
+    set_by_user: set[str] = set()
+    for text in overrides:
+        path, value = parse_override(text)
+        node = table
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParamarketError(f"--set {text!r}: {part!r} is not a table")
+        prefix, key = ".".join(path[:-1]), path[-1]
+        if OPEN_TABLES.get(prefix, (None,))[0] == key and node.get(key) != value:
+            fields = {f.name for f in dataclasses.fields(SECTIONS[prefix])}
+            for old in [k for k in node if k not in fields and _join(prefix, k) not in SECTIONS]:
+                if _join(prefix, old) not in set_by_user:
+                    del node[old]
+        node[key] = value
+        set_by_user.add(".".join(path))
+    return table
+
+
+def bundled() -> dict[str, pathlib.Path]:
+    """Bundled scenario name -> file."""
+    return {p.stem: p for p in sorted(SCENARIO_DIR.glob("*.toml"))}
+
+
+def read_table(name_or_path: str) -> dict[str, Any]:
+    """Parse a bundled scenario by name, or a TOML file by path."""
+    path = pathlib.Path(name_or_path)
+    if not path.suffix and name_or_path in bundled():
+        path = bundled()[name_or_path]
+    elif not path.exists():
+        raise ParamarketError(
+            f"no scenario {name_or_path!r}: not a file, and bundled scenarios are "
+            f"{', '.join(bundled())}"
+        )
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ParamarketError(f"{path}: invalid TOML: {err}") from None
+    except OSError as err:
+        raise ParamarketError(f"{path}: cannot read: {err.strerror}") from None
+
+
+def load(name_or_path: str, overrides: list[str] = ()) -> Scenario:
+    """Load, override and validate a scenario."""
+    return from_dict(apply_overrides(read_table(name_or_path), list(overrides)))

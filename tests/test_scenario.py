@@ -1,0 +1,107 @@
+"""Scenario files: validation names the bad key and the allowed values; overrides; round trip."""
+
+import tomllib
+
+import pytest
+
+from paramarket_jax import ParamarketError
+from paramarket_jax import scenario as sc
+
+BUNDLED = ["paper_mnist1d", "paper_no_alignment", "paper_two_agent"]
+
+
+def test_bundled_scenarios_load_and_round_trip():
+    assert sorted(sc.bundled()) == BUNDLED
+    for name in BUNDLED:
+        s = sc.load(name)
+        assert s.name == name and s.description
+        again = sc.from_dict(tomllib.loads(sc.dumps(s)))
+        assert again == s
+
+
+def test_paper_two_agent_is_the_paper_setup():
+    s = sc.load("paper_two_agent")
+    assert s.agents.n == 2 and s.data.dataset == "digits"
+    assert s.data.split.name == "class_split" and s.data.split.options == {"d": 0.1}
+    assert s.train.optimizer == "sgd" and s.train.learning_rate == 0.01
+    assert s.broker.align and s.mechanism.name == "take_it"
+    assert s.broker.alphas == pytest.approx([0.05 + 0.1 * i for i in range(10)])
+    assert not sc.load("paper_no_alignment").broker.align
+    assert sc.load("paper_mnist1d").data.dataset == "mnist1d"
+
+
+def test_overrides_mirror_toml_tables():
+    s = sc.load(
+        "paper_two_agent",
+        [
+            "data.dataset=mnist1d",
+            "data.split.d=0.2",
+            "agents.n=3",
+            "broker.align=false",
+            "seeds=[1, 2]",
+            "model.widths=[8, 8]",
+        ],
+    )
+    assert s.data.dataset == "mnist1d" and s.data.split.options["d"] == 0.2
+    assert s.agents.n == 3 and not s.broker.align and s.seeds == (1, 2)
+    assert s.model.options["widths"] == [8, 8]
+
+
+def test_changing_the_partitioner_drops_the_default_options():
+    s = sc.load("paper_two_agent", ["data.split.name=dirichlet", "data.split.alpha=0.3"])
+    assert s.data.split.options == {"alpha": 0.3}
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("agents.count=3", "unknown scenario key 'agents.count'; allowed in [agents]: n"),
+        ("agents.n=1", "'agents.n' must be an integer >= 2, got 1"),
+        ("agents.n=2.5", "'agents.n' must be an integer >= 2"),
+        ("agents.n=true", "'agents.n' must be an integer >= 2"),
+        ("train.learning_rate=-1", "'train.learning_rate' must be a number > 0"),
+        ("train.learning_rate=nan", "'train.learning_rate' must be a number > 0"),
+        ("train.optimizer=lbfgs", "one of adam, adamw, momentum, rmsprop, sgd"),
+        ("data.dataset=imagenet", "'data.dataset' must be one of cifar10, digits"),
+        ("data.split.name=random", "one of class_split, dirichlet, iid, shards"),
+        ("data.split.alpha=0.5", "unknown scenario key 'data.split.alpha' for name 'class_split'"),
+        ("data.split.eval_mix=uniform", "one of shard, global"),
+        ("model.name=resnet", "one of cnn, mlp, wrn"),
+        ("model.depth=3", "unknown scenario key 'model.depth' for name 'mlp'"),
+        ("broker.alphas=[0.5, 1.5]", "numbers in [0, 1]"),
+        ("broker.alphas=[]", "non-empty list"),
+        ("broker.align=yes", "'broker.align' must be true or false"),
+        ("broker.candidates=-1", "integer >= 0"),
+        ("trading.every=0", "'trading.every' must be an integer >= 1"),
+        ("mechanism.name=dutch", "one of "),
+        ("baselines.oracle=true", "unknown scenario key 'baselines.oracle'"),
+        ("seeds=[]", "non-empty list of integers"),
+        ("colour=red", "unknown scenario key 'colour'"),
+        ("agents=3", "'agents' must be a table"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(override, needle):
+    with pytest.raises(ParamarketError) as err:
+        sc.load("paper_two_agent", [override])
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ParamarketError, match="bundled scenarios are paper_mnist1d"):
+        sc.load("no_such_scenario")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[agents\nn = 2")
+    with pytest.raises(ParamarketError, match="invalid TOML"):
+        sc.load(str(bad))
+    with pytest.raises(ParamarketError, match="key=value"):
+        sc.load("paper_two_agent", ["agents.n"])
+    with pytest.raises(ParamarketError, match="is not a table"):
+        sc.load("paper_two_agent", ["name.x=1"])
+
+
+def test_a_minimal_file_gets_the_defaults(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\n[agents]\nn = 4\n')
+    s = sc.load(str(path))
+    assert s.name == "mine" and s.agents.n == 4 and s.train == sc.TrainConfig()
