@@ -92,19 +92,26 @@ def print_summary(scenario, summary: dict) -> None:
         f"{scenario.data.split.name}, {scenario.model.name}, {summary['rounds']} rounds, "
         f"mechanism {scenario.mechanism.name}, seeds {seeds}"
     )
-    print(f"{'agent':>5} {'market_acc':>10} {'siloed_acc':>10} {'gain':>8} {'trades':>7}")
+    head = ("agent", "market_acc", "siloed_acc", "acc_gain", "utility", "siloed_util", "bought",
+            "sold")  # fmt: skip
+    print(" ".join(f"{h:>11}" for h in head))
     for a in summary["agents"]:
-        print(
-            f"{a['agent']:>5} {a['market_accuracy']:>10.3f} {a['siloed_accuracy']:>10.3f} "
-            f"{a['gain']:>+8.3f} {a['trades']:>7.1f}"
-        )
+        cells = (a["agent"], f"{a['market_accuracy']:.3f}", f"{a['siloed_accuracy']:.3f}",
+                 f"{a['gain']:+.3f}", f"{a['utility']:.3f}", f"{a['siloed_utility']:.3f}",
+                 f"{a['trades']:.1f}", f"{a['sales']:.1f}")  # fmt: skip
+        print(" ".join(f"{c:>11}" for c in cells))
+    acc_gain = summary["market_accuracy"] - summary["siloed_accuracy"]
     print(
-        f"{'mean':>5} {summary['market_accuracy']:>10.3f} {summary['siloed_accuracy']:>10.3f} "
-        f"{summary['market_accuracy'] - summary['siloed_accuracy']:>+8.3f}"
+        f"mean accuracy {summary['market_accuracy']:.3f} market vs "
+        f"{summary['siloed_accuracy']:.3f} siloed ({acc_gain:+.3f}); welfare "
+        f"{summary['welfare']:.3f} vs {summary['siloed_welfare']:.3f} siloed; broker take "
+        f"{summary['broker_take']:.3f}"
     )
+    k = len(seeds)
     print(
-        f"mutual gain (every agent beats its siloed twin): "
-        f"{summary['mutual_gain_fraction'] * len(seeds):.0f}/{len(seeds)} seeds"
+        f"every agent beats its siloed twin: accuracy "
+        f"{summary['accuracy_gain_all_fraction'] * k:.0f}/{k} seeds, utility (mutual gain) "
+        f"{summary['mutual_gain_fraction'] * k:.0f}/{k} seeds"
     )
 
 

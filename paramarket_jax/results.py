@@ -13,26 +13,15 @@ import pandas as pd
 
 from paramarket_jax.errors import ParamarketError
 
-ROUND_COLUMNS = {
-    "accuracy": "accuracy",
-    "loss": "loss",
-    "val_accuracy": "val_accuracy",
-    "siloed_accuracy": "siloed_accuracy",
-    "siloed_loss": "siloed_loss",
-    "fedavg_accuracy": "fedavg_accuracy",
-    "central_accuracy": "central_accuracy",
-    "trades": "trades",
-}
+ROUND_COLUMNS = [
+    "loss", "accuracy", "val_accuracy", "siloed_loss", "siloed_accuracy", "fedavg_accuracy",
+    "central_accuracy", "trades", "revenue", "cost", "payment", "receipt", "fees", "cash",
+    "utility", "siloed_revenue", "siloed_cash", "siloed_utility",
+]  # fmt: skip
 TRADE_COLUMNS = [
-    "seed",
-    "round",
-    "buyer",
-    "seller",
-    "alpha",
-    "predicted_gain",
-    "realized_gain",
-    "price",
-]
+    "seed", "round", "buyer", "seller", "alpha", "predicted_gain", "realized_gain", "value",
+    "realized_value", "estimation_error", "reservation", "bid", "ask", "price", "fee",
+]  # fmt: skip
 
 
 def rounds_table(market) -> pd.DataFrame:
@@ -47,29 +36,44 @@ def rounds_table(market) -> pd.DataFrame:
 
 def trades_table(market) -> pd.DataFrame:
     """One row per settled trade of one seed."""
-    return pd.DataFrame(market.trade_log, columns=TRADE_COLUMNS).astype(
-        {"seed": "int64", "round": "int64", "buyer": "int64", "seller": "int64"}
-    )
+    df = pd.DataFrame(market.trade_log, columns=TRADE_COLUMNS)
+    df["estimation_error"] = df["value"] - df["realized_value"]
+    return df.astype({"seed": "int64", "round": "int64", "buyer": "int64", "seller": "int64"})
 
 
 def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
-    """Final accuracy per agent, market against siloed, per seed and averaged over seeds.
+    """Per-agent outcomes against the siloed twins, per seed and averaged over seeds.
 
-    ``mutual_gain`` for a seed: every agent ends with higher test accuracy in the market
-    than its siloed twin.
+    ``mutual_gain`` for a seed (DESIGN.md s4): every agent's utility (revenue - costs -
+    payments + receipts - fees, summed over rounds) exceeds its siloed twin's.
+    ``accuracy_gain_all``: every agent ends with higher test accuracy than its twin.
+    Welfare is the agents' total utility plus the broker's take.
     """
     last = rounds[rounds["round"] == rounds["round"].max()]
     per_seed = {}
     for seed, df in last.groupby("seed"):
         df = df.sort_values("agent")
-        gain = df["accuracy"].to_numpy() - df["siloed_accuracy"].to_numpy()
+        every = rounds[rounds["seed"] == seed]
+        broker = float(every["payment"].sum() - every["receipt"].sum() + every["fees"].sum())
+        t = trades[trades["seed"] == seed]
+        acc_gain = df["accuracy"].to_numpy() - df["siloed_accuracy"].to_numpy()
+        util_gain = df["utility"].to_numpy() - df["siloed_utility"].to_numpy()
         per_seed[int(seed)] = dict(
             market_accuracy=df["accuracy"].round(6).tolist(),
             siloed_accuracy=df["siloed_accuracy"].round(6).tolist(),
-            mutual_gain=bool((gain > 0).all()),
-            trades=int((trades["seed"] == seed).sum()),
+            utility=df["utility"].round(6).tolist(),
+            siloed_utility=df["siloed_utility"].round(6).tolist(),
+            accuracy_gain_all=bool((acc_gain > 0).all()),
+            mutual_gain=bool((util_gain > 0).all()),
+            welfare=float(df["utility"].sum() + broker),
+            siloed_welfare=float(df["siloed_utility"].sum()),
+            broker_take=broker,
+            trades=int(len(t)),
+            revenue_of_sellers=float(t["price"].sum()),
+            mean_abs_estimation_error=float(t["estimation_error"].abs().mean()) if len(t) else None,
         )
     agents = []
+    n_seeds = max(len(per_seed), 1)
     for agent, df in last.groupby("agent"):
         agents.append(
             dict(
@@ -78,20 +82,31 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
                 siloed_accuracy=float(df["siloed_accuracy"].mean()),
                 gain=float((df["accuracy"] - df["siloed_accuracy"]).mean()),
                 gain_std=float((df["accuracy"] - df["siloed_accuracy"]).std(ddof=0)),
+                utility=float(df["utility"].mean()),
+                siloed_utility=float(df["siloed_utility"].mean()),
                 fedavg_accuracy=_mean_or_none(df["fedavg_accuracy"]),
                 central_accuracy=_mean_or_none(df["central_accuracy"]),
-                trades=float(((trades["buyer"] == agent).sum()) / max(len(per_seed), 1)),
+                trades=float((trades["buyer"] == agent).sum() / n_seeds),
+                sales=float((trades["seller"] == agent).sum() / n_seeds),
             )
         )
+    seeds = per_seed.values()
+    errors = trades["estimation_error"].abs()
     return dict(
         seeds=sorted(per_seed),
         rounds=int(rounds["round"].max()) + 1,
         agents=agents,
         market_accuracy=float(last["accuracy"].mean()),
         siloed_accuracy=float(last["siloed_accuracy"].mean()),
-        mutual_gain=all(s["mutual_gain"] for s in per_seed.values()),
-        mutual_gain_fraction=float(np.mean([s["mutual_gain"] for s in per_seed.values()])),
+        accuracy_gain_all_fraction=float(np.mean([s["accuracy_gain_all"] for s in seeds])),
+        mutual_gain=all(s["mutual_gain"] for s in seeds),
+        mutual_gain_fraction=float(np.mean([s["mutual_gain"] for s in seeds])),
+        welfare=float(np.mean([s["welfare"] for s in seeds])),
+        siloed_welfare=float(np.mean([s["siloed_welfare"] for s in seeds])),
+        broker_take=float(np.mean([s["broker_take"] for s in seeds])),
         trade_count=int(len(trades)),
+        mean_price=float(trades["price"].mean()) if len(trades) else None,
+        mean_abs_estimation_error=float(errors.mean()) if len(trades) else None,
         per_seed=per_seed,
     )
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import tomli_w
 
+from paramarket_jax.economics import QUALITIES, REVENUES, STRATEGIES
 from paramarket_jax.errors import ParamarketError
 
 # Installed: the bundled TOMLs ship as paramarket_jax/scenarios; in a checkout they sit in
@@ -38,6 +39,18 @@ def _real(desc: str, ok: Callable[[float], bool]) -> tuple[str, Callable]:
 
 def _choice(names: Callable[[], Mapping]) -> tuple[Callable[[], str], Callable]:
     return (lambda: "one of " + ", ".join(sorted(names()))), lambda v: v in names()
+
+
+def _reals(desc: str, ok: Callable[[float], bool]) -> tuple[str, Callable]:
+    """A number, or a non-empty list of numbers (one per agent)."""
+
+    def check(v):
+        items = v if isinstance(v, list) else [v]
+        return items != [] and all(
+            type(x) in (int, float) and math.isfinite(x) and ok(x) for x in items
+        )
+
+    return f"a number or a list of {desc} (one per agent)", check
 
 
 BOOL = ("true or false", lambda v: type(v) is bool)
@@ -142,7 +155,36 @@ class BrokerConfig:
 @dataclasses.dataclass(frozen=True)
 class MechanismConfig:
     name: str = "take_it"
+    reserve: float = 0.0
+    beta: float = 0.5
+    posted: float = 0.0
+    roles: str = "first_half"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class EconomicsConfig:
+    revenue: str = "independent"
+    quality: str = "likelihood"
+    value_per_quality: tuple[float, ...] = (1.0,)
+    market_size: float = 1.0
+    gamma: float = 1.0
+    horizon: float = 1.0
+    step_cost: float = 0.0
+    query_fee: float = 0.0
+    trade_fee: float = 0.0
+    fee_share: float = 0.0
+    initial_cash: float = 100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategiesConfig:
+    kind: tuple[str, ...] = ("truthful",)
+    shade: tuple[float, ...] = (0.2,)
+    markup: tuple[float, ...] = (0.2,)
+    grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    eta: float = 0.1
+    explore: float = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +207,8 @@ class Scenario:
     trading: TradingConfig = dataclasses.field(default_factory=TradingConfig)
     broker: BrokerConfig = dataclasses.field(default_factory=BrokerConfig)
     mechanism: MechanismConfig = dataclasses.field(default_factory=MechanismConfig)
+    economics: EconomicsConfig = dataclasses.field(default_factory=EconomicsConfig)
+    strategies: StrategiesConfig = dataclasses.field(default_factory=StrategiesConfig)
     baselines: BaselinesConfig = dataclasses.field(default_factory=BaselinesConfig)
 
 
@@ -194,6 +238,30 @@ RULES: dict[str, tuple] = {
     "broker.candidates": _int(0),
     "broker.max_sweeps": _int(1),
     "mechanism.name": _choice(_mechanisms),
+    "mechanism.reserve": _real("a number >= 0", lambda v: v >= 0),
+    "mechanism.beta": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "mechanism.posted": _real("a number >= 0", lambda v: v >= 0),
+    "mechanism.roles": ("one of first_half, random", lambda v: v in ("first_half", "random")),
+    "economics.revenue": ("one of competitive, independent", lambda v: v in REVENUES),
+    "economics.quality": ("one of accuracy, likelihood", lambda v: v in QUALITIES),
+    "economics.value_per_quality": _reals("numbers >= 0", lambda v: v >= 0),
+    "economics.market_size": _real("a number > 0", lambda v: v > 0),
+    "economics.gamma": _real("a number > 0", lambda v: v > 0),
+    "economics.horizon": _real("a number > 0", lambda v: v > 0),
+    "economics.step_cost": _real("a number >= 0", lambda v: v >= 0),
+    "economics.query_fee": _real("a number >= 0", lambda v: v >= 0),
+    "economics.trade_fee": _real("a number >= 0", lambda v: v >= 0),
+    "economics.fee_share": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "economics.initial_cash": _real("a number >= 0", lambda v: v >= 0),
+    "strategies.kind": (
+        "one of adaptive, markup, shade, truthful, or a list of those (one per agent)",
+        lambda v: all(x in STRATEGIES for x in (v if isinstance(v, list) else [v])) and v != [],
+    ),
+    "strategies.shade": _reals("numbers in [0, 1]", lambda v: 0 <= v <= 1),
+    "strategies.markup": _reals("numbers >= 0", lambda v: v >= 0),
+    "strategies.grid": ALPHAS,
+    "strategies.eta": _real("a number > 0", lambda v: v > 0),
+    "strategies.explore": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "baselines.centralized": BOOL,
     "baselines.fedavg": BOOL,
 }
@@ -207,6 +275,8 @@ SECTIONS = {
     "trading": TradingConfig,
     "broker": BrokerConfig,
     "mechanism": MechanismConfig,
+    "economics": EconomicsConfig,
+    "strategies": StrategiesConfig,
     "baselines": BaselinesConfig,
 }
 # table -> (registry-name key, registry getter) whose item's keyword options the table takes
@@ -217,6 +287,13 @@ OPEN_TABLES = {
     "mechanism": ("name", _mechanisms),
 }
 NOT_OPTIONS = {"data": {"path"}}
+# keys that take one value for every agent or a list with one value per agent
+PER_AGENT = {
+    "economics.value_per_quality",
+    "strategies.kind",
+    "strategies.shade",
+    "strategies.markup",
+}
 
 
 def keyword_options(fn: Callable) -> list[str]:
@@ -256,6 +333,8 @@ def _build(cls, table: Mapping[str, Any], prefix: str):
             kwargs[key] = _build(SECTIONS[full], value, full)
         elif key in known:
             _check(full, value)
+            if full in PER_AGENT and not isinstance(value, list):
+                value = [value]
             kwargs[key] = tuple(value) if isinstance(value, list) else value
         elif open_table is not None:
             options[key] = value
@@ -287,7 +366,21 @@ def _build(cls, table: Mapping[str, Any], prefix: str):
 
 def from_dict(table: Mapping[str, Any]) -> Scenario:
     """Validate a parsed TOML document into a :class:`Scenario` (errors name the key)."""
-    return _build(Scenario, table, "")
+    scenario = _build(Scenario, table, "")
+    n = scenario.agents.n
+    for key in sorted(PER_AGENT):
+        section, field = key.split(".")
+        value = getattr(getattr(scenario, section), field)
+        if len(value) not in (1, n):
+            raise ParamarketError(
+                f"scenario key {key!r} must have 1 or agents.n = {n} entries, got {len(value)}"
+            )
+    return scenario
+
+
+def per_agent(values: tuple, n: int) -> list:
+    """A per-agent setting as a list of N values (one value repeats for everyone)."""
+    return list(values) * n if len(values) == 1 else list(values)
 
 
 def to_dict(scenario: Scenario) -> dict[str, Any]:

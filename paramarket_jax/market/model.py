@@ -16,7 +16,14 @@ import numpy as np
 
 from paramarket_jax.data import Dataset, load_dataset, partition
 from paramarket_jax.errors import ParamarketError
-from paramarket_jax.market.round import FEDAVG, MARKET, SILOED, RoundKernels, make_round
+from paramarket_jax.market.round import (
+    FEDAVG,
+    MARKET,
+    SILOED,
+    Flows,
+    RoundKernels,
+    make_round,
+)
 from paramarket_jax.models import Model, make_model
 from paramarket_jax.population import AgentData, Trainer, agent_data, make_trainer
 
@@ -87,6 +94,12 @@ def pooled_data(data: AgentData, part) -> AgentData:
     )
 
 
+def no_flows(n: int) -> Flows:
+    """A round without trades: no money moved."""
+    zeros = np.zeros(n, np.float32)
+    return Flows(zeros, zeros, zeros, np.float32(0.0))
+
+
 class TraderAgent(mesa.Agent):
     """A thin view of agent ``index`` in the market's population (read-only properties)."""
 
@@ -136,6 +149,50 @@ class TraderAgent(mesa.Agent):
     def shard_size(self) -> int:
         return int(self.model.shard_size[self.index])
 
+    @property
+    def revenue(self) -> float:
+        """Revenue earned this round from the market model's test quality."""
+        return float(self.model.accounts.revenue[MARKET, self.index])
+
+    @property
+    def cost(self) -> float:
+        return float(self.model.accounts.cost[MARKET, self.index])
+
+    @property
+    def payment(self) -> float:
+        """Paid as a buyer this round."""
+        return float(self.model.flows.payment[self.index])
+
+    @property
+    def receipt(self) -> float:
+        """Received as a seller this round (before fees)."""
+        return float(self.model.flows.receipt[self.index])
+
+    @property
+    def fees(self) -> float:
+        return float(self.model.flows.fees[self.index])
+
+    @property
+    def cash(self) -> float:
+        return float(self.model.cash[MARKET, self.index])
+
+    @property
+    def utility(self) -> float:
+        """Cumulative utility: revenue - costs - payments + receipts - fees so far."""
+        return self.cash - self.model.initial_cash
+
+    @property
+    def siloed_revenue(self) -> float:
+        return float(self.model.accounts.revenue[SILOED, self.index])
+
+    @property
+    def siloed_cash(self) -> float:
+        return float(self.model.cash[SILOED, self.index])
+
+    @property
+    def siloed_utility(self) -> float:
+        return self.siloed_cash - self.model.initial_cash
+
 
 class MarketModel(mesa.Model):
     """One seed of a scenario: a Mesa model whose ``step()`` is one market round."""
@@ -161,9 +218,17 @@ class MarketModel(mesa.Model):
         )
         self.trade_count = np.zeros(n, np.int64)
         self.trade_log: list[dict] = []
-        self.metrics = jax.device_get(
-            prepared.kernels.evaluate(self.twins, self.central, self.data)
+        kern = prepared.kernels
+        self.ledger = kern.init_ledger(self.twins_n)
+        self.initial_cash = float(sc.economics.initial_cash)
+        self.broker_take = 0.0
+        self.flows = no_flows(n)
+        metrics, _, accounts = kern.evaluate(
+            self.twins, self.central, self.ledger, self.data, kern.economy
         )
+        self.metrics = jax.device_get(metrics)
+        self.accounts = jax.tree.map(np.zeros_like, jax.device_get(accounts))
+        self.cash = np.asarray(self.ledger.cash)
         self.traders = [TraderAgent(self, i) for i in range(n)]
         reporters = {
             k: k
@@ -177,13 +242,31 @@ class MarketModel(mesa.Model):
                 "central_accuracy",
                 "trades",
                 "shard_size",
+                "revenue",
+                "cost",
+                "payment",
+                "receipt",
+                "fees",
+                "cash",
+                "utility",
+                "siloed_revenue",
+                "siloed_cash",
+                "siloed_utility",
             )
         }
         self.datacollector = mesa.DataCollector(
             model_reporters={
                 "market_accuracy": lambda m: float(m.metrics.test_acc[MARKET].mean()),
+                "welfare": lambda m: float(
+                    m.cash[MARKET].sum() - m.initial_cash * n + m.broker_take
+                ),
+                "siloed_welfare": lambda m: float(m.cash[SILOED].sum() - m.initial_cash * n),
+                "broker_take": lambda m: m.broker_take,
                 "siloed_accuracy": lambda m: float(m.metrics.test_acc[SILOED].mean()),
                 "trades": lambda m: int(sum(t["round"] == m.round - 1 for t in m.trade_log)),
+                "mean_price": lambda m: float(
+                    np.mean([t["price"] for t in m.trade_log if t["round"] == m.round - 1] or [0])
+                ),
             },
             agent_reporters=reporters,
         )
@@ -201,10 +284,26 @@ class MarketModel(mesa.Model):
         self.twins, self.central = kern.train(
             self.twins, self.central, k_train, self.data, self.pooled
         )
+        self.flows = no_flows(self.scenario.agents.n)
         if self.is_trading_round(self.round):
-            self.twins, trades = kern.trade(self.twins, k_trade, self.data)
-            self._record_trades(jax.device_get(trades))
-        self.metrics = jax.device_get(kern.evaluate(self.twins, self.central, self.data))
+            self.twins, self.ledger, trades, flows = kern.trade(
+                self.twins,
+                self.ledger,
+                k_trade,
+                self.data,
+                kern.economy,
+                kern.strategy,
+                kern.knobs,
+            )
+            trades, self.flows = jax.device_get((trades, flows))
+            self.broker_take += float(self.flows.broker)
+            self._record_trades(trades)
+        metrics, self.ledger, accounts = kern.evaluate(
+            self.twins, self.central, self.ledger, self.data, kern.economy
+        )
+        self.metrics, self.accounts, self.cash = jax.device_get(
+            (metrics, accounts, self.ledger.cash)
+        )
         if not np.isfinite(self.metrics.test_loss).all():
             raise ParamarketError(
                 f"training diverged (non-finite loss) at round {self.round}, seed "
@@ -215,18 +314,29 @@ class MarketModel(mesa.Model):
         self.datacollector.collect(self)
 
     def _record_trades(self, trades) -> None:
-        for i in np.flatnonzero(trades.mask):
-            self.trade_count[i] += 1
+        buyers = np.flatnonzero(trades.mask)
+        self.trade_count[buyers] += 1
+        columns = (
+            "seller",
+            "alpha",
+            "predicted_gain",
+            "realized_gain",
+            "value",
+            "realized_value",
+            "reservation",
+            "bid",
+            "ask",
+            "price",
+        )
+        for i in buyers:
+            row = {c: getattr(trades, c)[i].item() for c in columns}
             self.trade_log.append(
                 dict(
                     seed=self.seed_value,
                     round=self.round,
                     buyer=int(i),
-                    seller=int(trades.seller[i]),
-                    alpha=float(trades.alpha[i]),
-                    predicted_gain=float(trades.predicted_gain[i]),
-                    realized_gain=float(trades.realized_gain[i]),
-                    price=float(trades.price[i]),
+                    **row,
+                    fee=float(self.flows.fees[row["seller"]]),
                 )
             )
 

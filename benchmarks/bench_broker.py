@@ -1,0 +1,267 @@
+"""Broker throughput: all-pairs weight matching and try-before-buy valuation, against baselines.
+
+Prints one JSON object per line (keys: bench, case, n, device, metric, value, baseline,
+baseline_value, ratio, peak_mem_mb, plus details). The model is the reference probes'
+64-128-128-10 MLP.
+
+  (a) ``align``: pairs/s of one jitted, vmapped ``align_pairs`` call (optax Hungarian,
+      until convergence) against a host loop of ``align(..., backend="scipy")`` (timed on at
+      most 64 pairs, per pair); and, when ``--anchor-dir`` holds ``align_anchor.py``, our
+      call at its fixed sweep count against its ``match_jax``.
+  (b) ``valuation``: merged models scored per second (11 alphas x 256 validation rows),
+      against ``bench_valuation`` of ``population_anchor.py`` run in this process: without
+      alignment (the anchor's work: merge and score) and with it (the full try-before-buy).
+
+Defaults finish in a few minutes on 2 CPU cores (N=64 all-pairs alignment, 4032 pairs, is
+minutes on a CPU, so the default align sizes are 8,16). On a GPU, e.g.:
+``python benchmarks/bench_broker.py --align-sizes 8,16,64 --val-sizes 64,256
+--val-aligned-sizes 16,64``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paramarket_jax import broker
+from paramarket_jax.models import make_model
+
+D_IN, HIDDEN, CLASSES, N_ALPHA, N_VAL = 64, 128, 10, 11, 256
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def device_kind() -> str:
+    dev = jax.devices()[0]
+    return "cpu" if dev.platform == "cpu" else dev.device_kind
+
+
+def peak_mem_mb() -> float | None:
+    """Peak device memory in MiB where the backend reports it (GPU), else None."""
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timeit(fn, *args, reps: int = 3) -> float:
+    """Median wall seconds of ``fn(*args)`` after one warm-up (compiling) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def emit(case, n, metric, value, baseline, baseline_value, **extra):
+    ratio = None if not baseline_value else value / baseline_value
+    row = dict(
+        bench="broker",
+        case=case,
+        n=n,
+        device=device_kind(),
+        metric=metric,
+        value=value,
+        baseline=baseline,
+        baseline_value=baseline_value,
+        ratio=ratio,
+        peak_mem_mb=peak_mem_mb(),
+        rss_mb=round(rss_mb(), 1),
+        **extra,
+    )
+    print(json.dumps(row), flush=True)
+
+
+def load_anchor(anchor_dir: Path, name: str):
+    path = anchor_dir / f"{name}.py"
+    if not path.is_file():
+        print(
+            json.dumps(
+                dict(
+                    bench="broker",
+                    case="anchor_missing",
+                    anchor=str(path),
+                    note="anchor not found: its comparison is skipped",
+                )
+            ),
+            flush=True,
+        )
+        return None
+    spec = importlib.util.spec_from_file_location(f"anchor_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def population(model, n: int, seed: int = 0):
+    return jax.jit(jax.vmap(model.init))(jax.random.split(jax.random.key(seed), n))
+
+
+def bench_align(model, sizes, max_sweeps, scipy_pairs, anchor, anchor_sweeps, reps):
+    spec, key = model.spec, jax.random.key(1)
+    for n in sizes:
+        pop = population(model, n)
+        buyers, sellers = broker.all_pairs(n)
+        n_pairs = int(buyers.shape[0])
+
+        def run(pop, buyers, sellers, sweeps):
+            return broker.align_pairs(spec, pop, buyers, sellers, key, sweeps)
+
+        t = timeit(run, pop, buyers, sellers, max_sweeps, reps=reps)
+        k = min(n_pairs, scipy_pairs)
+        host = jax.tree.map(np.asarray, pop)
+        start = time.perf_counter()
+        for b, s in zip(np.asarray(buyers)[:k], np.asarray(sellers)[:k], strict=True):
+            broker.align(
+                spec,
+                jax.tree.map(lambda x, b=b: x[b], host),
+                jax.tree.map(lambda x, s=s: x[s], host),
+                key,
+                max_sweeps=max_sweeps,
+                backend="scipy",
+            )
+        per_pair = (time.perf_counter() - start) / k
+        emit(
+            "align_all_pairs",
+            n,
+            "pairs_per_s",
+            n_pairs / t,
+            f"align(backend='scipy') host loop over {k} pairs, per pair",
+            1 / per_pair,
+            pairs=n_pairs,
+            max_sweeps=max_sweeps,
+            seconds=t,
+        )
+        if anchor is None:
+            continue
+        t_ours = timeit(run, pop, buyers, sellers, anchor_sweeps, reps=reps)
+        apop = jax.vmap(anchor.init)(jax.random.split(jax.random.PRNGKey(3), n))
+        ii, jj = np.asarray(buyers), np.asarray(sellers)
+        a_b, a_s = (jax.tree.map(lambda x, i=i: x[i], apop) for i in (ii, jj))
+        match = jax.jit(jax.vmap(anchor.match_jax, (0, 0, None)), static_argnums=2)
+        t_anchor = timeit(match, a_b, a_s, anchor_sweeps, reps=reps)
+        emit(
+            "align_all_pairs_vs_anchor",
+            n,
+            "pairs_per_s",
+            n_pairs / t_ours,
+            f"align_anchor.match_jax vmapped, {anchor_sweeps} fixed sweeps",
+            n_pairs / t_anchor,
+            pairs=n_pairs,
+            max_sweeps=anchor_sweeps,
+            seconds=t_ours,
+        )
+
+
+def bench_value(model, sizes, aligned_sizes, batch, max_sweeps, anchor, reps):
+    alphas = jnp.linspace(0.0, 1.0, N_ALPHA)
+    key = jax.random.key(2)
+    anchor_seconds = {}
+    for n, align in [(n, False) for n in sizes] + [(n, True) for n in aligned_sizes]:
+        pop = population(model, n)
+        x_val = jax.random.normal(jax.random.key(3), (n * N_VAL, D_IN))
+        y_val = jax.random.randint(jax.random.key(4), (n * N_VAL,), 0, CLASSES)
+        val_idx = jnp.arange(n * N_VAL, dtype=jnp.int32).reshape(n, N_VAL)
+        cands = broker.all_candidates(n)
+
+        def run(pop, x_val, y_val, val_idx, cands, align=align):
+            return broker.value_candidates(
+                model,
+                pop,
+                x_val,
+                y_val,
+                val_idx,
+                cands,
+                key,
+                alphas=alphas,
+                align=align,
+                max_sweeps=max_sweeps,
+                batch_size=batch,
+            )
+
+        t = timeit(run, pop, x_val, y_val, val_idx, cands, reps=reps)
+        merged = n * (n - 1) * N_ALPHA
+        base, base_value = "population_anchor.bench_valuation (no alignment)", None
+        if anchor is not None:
+            if n not in anchor_seconds:
+                anchor_seconds[n] = anchor.bench_valuation(n, N_ALPHA, N_VAL)[0]
+            base_value = n * n * N_ALPHA / anchor_seconds[n]
+        emit(
+            "valuation_aligned" if align else "valuation",
+            n,
+            "merged_models_per_s",
+            merged / t,
+            base,
+            base_value,
+            pairs=n * (n - 1),
+            alphas=N_ALPHA,
+            val_rows=N_VAL,
+            align=align,
+            batch_size=batch,
+            seconds=t,
+        )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--align-sizes", default="8,16", help="N for all-pairs alignment")
+    ap.add_argument("--max-sweeps", type=int, default=100)
+    ap.add_argument("--scipy-pairs", type=int, default=64, help="pairs timed on the host loop")
+    ap.add_argument("--anchor-sweeps", type=int, default=4, help="align_anchor's fixed sweeps")
+    ap.add_argument("--val-sizes", default="16,64", help="N for valuation without alignment")
+    ap.add_argument("--val-aligned-sizes", default="8", help="N for valuation with alignment")
+    ap.add_argument(
+        "--val-batch",
+        type=int,
+        default=None,
+        help="buyers per valuation chunk (default: 2 on CPU, where small chunks "
+        "stay in cache, 16 on accelerators)",
+    )
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--anchor-dir", default=str(ROOT / ".." / "shared" / "bench"))
+    args = ap.parse_args()
+    if args.val_batch is None:
+        args.val_batch = 2 if jax.devices()[0].platform == "cpu" else 16
+
+    sizes = lambda text: [int(s) for s in text.split(",") if s]  # noqa: E731
+    anchor_dir = Path(args.anchor_dir)
+    model = make_model("mlp", (D_IN,), CLASSES, widths=(HIDDEN, HIDDEN))
+    align_anchor = load_anchor(anchor_dir, "align_anchor")
+    bench_align(
+        model,
+        sizes(args.align_sizes),
+        args.max_sweeps,
+        args.scipy_pairs,
+        align_anchor,
+        args.anchor_sweeps,
+        args.reps,
+    )
+    population_anchor = load_anchor(anchor_dir, "population_anchor")
+    bench_value(
+        model,
+        sizes(args.val_sizes),
+        sizes(args.val_aligned_sizes),
+        args.val_batch,
+        args.max_sweeps,
+        population_anchor,
+        args.reps,
+    )
+
+
+if __name__ == "__main__":
+    main()
