@@ -150,6 +150,7 @@ class BrokerConfig:
     layers: tuple[str, ...] = ()
     candidates: int = 0
     max_sweeps: int = 100
+    sellers: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +170,7 @@ class EconomicsConfig:
     value_per_quality: tuple[float, ...] = (1.0,)
     market_size: float = 1.0
     gamma: float = 1.0
+    outside_option: float = 0.0
     horizon: float = 1.0
     step_cost: float = 0.0
     query_fee: float = 0.0
@@ -237,6 +239,10 @@ RULES: dict[str, tuple] = {
     "broker.layers": STRS,
     "broker.candidates": _int(0),
     "broker.max_sweeps": _int(1),
+    "broker.sellers": (
+        "a list of agent indices",
+        lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v),
+    ),
     "mechanism.name": _choice(_mechanisms),
     "mechanism.reserve": _real("a number >= 0", lambda v: v >= 0),
     "mechanism.beta": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
@@ -247,6 +253,7 @@ RULES: dict[str, tuple] = {
     "economics.value_per_quality": _reals("numbers >= 0", lambda v: v >= 0),
     "economics.market_size": _real("a number > 0", lambda v: v > 0),
     "economics.gamma": _real("a number > 0", lambda v: v > 0),
+    "economics.outside_option": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "economics.horizon": _real("a number > 0", lambda v: v > 0),
     "economics.step_cost": _real("a number >= 0", lambda v: v >= 0),
     "economics.query_fee": _real("a number >= 0", lambda v: v >= 0),
@@ -368,6 +375,13 @@ def from_dict(table: Mapping[str, Any]) -> Scenario:
     """Validate a parsed TOML document into a :class:`Scenario` (errors name the key)."""
     scenario = _build(Scenario, table, "")
     n = scenario.agents.n
+    bad = [i for i in scenario.broker.sellers if i >= n]
+    if bad:
+        raise ParamarketError(
+            f"scenario key 'broker.sellers' must list agents in [0, {n - 1}], got {bad[0]}"
+        )
+    if len(set(scenario.broker.sellers)) == n:
+        raise ParamarketError("scenario key 'broker.sellers' must leave at least one buyer")
     for key in sorted(PER_AGENT):
         section, field = key.split(".")
         value = getattr(getattr(scenario, section), field)
@@ -376,6 +390,31 @@ def from_dict(table: Mapping[str, Any]) -> Scenario:
                 f"scenario key {key!r} must have 1 or agents.n = {n} entries, got {len(value)}"
             )
     return scenario
+
+
+# Keys that only change numbers fed to the compiled kernels (or the host-side schedule and
+# data draw): scenarios that differ only in these share one compilation.
+NUMERIC_KEYS = {
+    "name", "description", "seeds", "train.learning_rate", "trading.start", "trading.every",
+    "mechanism.reserve", "mechanism.beta", "mechanism.posted", "economics.value_per_quality",
+    "economics.market_size", "economics.gamma", "economics.outside_option",
+    "economics.horizon", "economics.step_cost",
+    "economics.query_fee", "economics.trade_fee", "economics.fee_share",
+    "economics.initial_cash", "strategies.kind", "strategies.shade", "strategies.markup",
+    "strategies.eta", "strategies.explore",
+}  # fmt: skip
+
+
+def static_key(scenario: Scenario) -> str:
+    """The scenario without its numeric knobs, as TOML: equal keys compile identically."""
+    table = to_dict(scenario)
+    for key in NUMERIC_KEYS:
+        *path, last = key.split(".")
+        node = table
+        for part in path:
+            node = node[part]
+        node.pop(last, None)
+    return tomli_w.dumps(table)
 
 
 def per_agent(values: tuple, n: int) -> list:

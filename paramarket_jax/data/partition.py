@@ -75,11 +75,34 @@ def _check_agents(where: str, n_agents: int, most: int, why: str) -> None:
 # ---- partitioners: (key, labels (n,), n_agents, num_classes, **options) -> N index arrays ----
 
 
-def iid(key: jax.Array, labels: np.ndarray, n_agents: int, num_classes: int) -> list[np.ndarray]:
-    """Random near-equal split: shard sizes differ by at most one."""
+def iid(
+    key: jax.Array,
+    labels: np.ndarray,
+    n_agents: int,
+    num_classes: int,
+    *,
+    weights: list[float] | None = None,
+) -> list[np.ndarray]:
+    """Random split with the same class mix everywhere.
+
+    Args:
+        weights: optional relative shard sizes, one positive number per agent (for example
+            ``[8, 1, 1, 1, 1]``: one data-rich agent); default equal sizes (differing by at
+            most one).
+    """
     _check_agents("partitioner 'iid'", n_agents, len(labels), "number of training examples")
     order = host_rng(key).permutation(len(labels))
-    return [np.sort(shard) for shard in np.array_split(order, n_agents)]
+    if weights is None:
+        return [np.sort(shard) for shard in np.array_split(order, n_agents)]
+    ok = (
+        isinstance(weights, list | tuple)
+        and len(weights) == n_agents
+        and all(is_real(w) and w > 0 for w in weights)
+    )
+    require(ok, "partitioner 'iid'", "weights", f"a list of {n_agents} positive numbers", weights)
+    counts = np.maximum(largest_remainder(np.asarray(weights, float), len(labels)), 1)
+    cuts = np.minimum(np.cumsum(counts)[:-1], len(labels) - 1)
+    return [np.sort(shard) for shard in np.split(order, cuts)]
 
 
 def _dirichlet_owner(

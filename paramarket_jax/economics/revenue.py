@@ -1,8 +1,10 @@
 """Revenue from model quality, and what a purchase is worth to buyer and seller (DESIGN.md s4).
 
-Competitive markets use Tullock (logit) contest shares, R_i = M q_i^g / sum_k q_k^g
-(Tullock 1980; Skaperdas 1996, "Contest success functions"), so one agent's improvement
-lowers the others' revenue.
+Competitive markets use Tullock (logit) contest shares with an outside option,
+R_i = M q_i^g / (q_0^g + sum_k q_k^g) (Tullock 1980; Skaperdas 1996, "Contest success
+functions"; the outside option q_0 is the logit-demand "no purchase" choice, Berry 1994):
+one agent's improvement lowers the others' revenue, and with q_0 > 0 better models also
+grow the market, so competitors can both gain.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Economy(NamedTuple):
         value_per_quality: (N,) m_i, revenue per round per unit quality (independent).
         market_size: () M, revenue per round shared by all agents (competitive).
         gamma: () competition intensity of the contest shares.
+        outside: () quality q_0 of customers' outside option (0: a fixed-size market).
         horizon: () rounds of revenue over which a purchase is valued.
         step_cost: () compute cost per local training step.
         query_fee: () broker fee per candidate valued, paid by the buyer.
@@ -33,6 +36,7 @@ class Economy(NamedTuple):
     value_per_quality: jax.Array
     market_size: jax.Array
     gamma: jax.Array
+    outside: jax.Array
     horizon: jax.Array
     step_cost: jax.Array
     query_fee: jax.Array
@@ -53,7 +57,8 @@ def revenue(q: jax.Array, econ: Economy, kind: str) -> jax.Array:
     Args:
         q: (N,) qualities in [0, 1].
         econ: economic knobs.
-        kind: ``independent`` (R_i = m_i q_i) or ``competitive`` (Tullock shares of M).
+        kind: ``independent`` (R_i = m_i q_i) or ``competitive`` (Tullock shares of M,
+            with the outside option taking its own share).
 
     Returns:
         (N,) revenue per round.
@@ -61,7 +66,11 @@ def revenue(q: jax.Array, econ: Economy, kind: str) -> jax.Array:
     if kind == "independent":
         return econ.value_per_quality * q
     weight = jnp.power(jnp.maximum(q, 1e-6), econ.gamma)
-    return econ.market_size * weight / weight.sum()
+    return econ.market_size * weight / (weight.sum() + _outside_weight(econ))
+
+
+def _outside_weight(econ: Economy) -> jax.Array:
+    return jnp.where(econ.outside > 0, jnp.power(jnp.maximum(econ.outside, 1e-6), econ.gamma), 0.0)
 
 
 def purchase_values(q: jax.Array, q_new: jax.Array, econ: Economy, kind: str):
@@ -89,7 +98,7 @@ def purchase_values(q: jax.Array, q_new: jax.Array, econ: Economy, kind: str):
     # S becomes S - w_i + w'_ij, and every revenue is M * weight / total.
     w = jnp.power(jnp.maximum(q, 1e-6), econ.gamma)
     w_new = jnp.power(jnp.maximum(q_new, 1e-6), econ.gamma)
-    total = w.sum() - w[:, None] + w_new
+    total = w.sum() + _outside_weight(econ) - w[:, None] + w_new
     values = econ.horizon * (econ.market_size * w_new / total - base[:, None])
     seller_after = econ.market_size * w[None, :] / total
     reservations = econ.horizon * jnp.maximum(base[None, :] - seller_after, 0.0)

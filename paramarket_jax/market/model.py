@@ -22,10 +22,14 @@ from paramarket_jax.market.round import (
     SILOED,
     Flows,
     RoundKernels,
+    economy_of,
+    knobs_of,
     make_round,
+    strategy_of,
 )
 from paramarket_jax.models import Model, make_model
 from paramarket_jax.population import AgentData, Trainer, agent_data, make_trainer
+from paramarket_jax.scenario import static_key
 
 
 class Prepared(NamedTuple):
@@ -55,17 +59,34 @@ def seed_data(scenario, seed: int) -> tuple[Dataset, Any, jax.Array]:
     return dataset, part, k_run
 
 
+_COMPILED: dict[str, Prepared] = {}
+
+
 def prepare(scenario) -> Prepared:
-    """Build the model, trainer and kernels; raises ParamarketError on any bad input."""
+    """Build the model, trainer and kernels; raises ParamarketError on any bad input.
+
+    Scenarios that differ only in numeric knobs (see ``scenario.NUMERIC_KEYS``) share the
+    compiled kernels of the first one, so a sweep over prices, powers or learning rates
+    compiles once.
+    """
     dataset, _, _ = seed_data(scenario, scenario.seeds[0])
-    model = make_model(
-        scenario.model.name,
-        dataset.input_shape,
-        dataset.num_classes,
-        **dict(scenario.model.options),
+    key = static_key(scenario)
+    if key not in _COMPILED:
+        model = make_model(
+            scenario.model.name,
+            dataset.input_shape,
+            dataset.num_classes,
+            **dict(scenario.model.options),
+        )
+        trainer = make_trainer(model, scenario.train.optimizer, scenario.train.batch_size)
+        if len(_COMPILED) >= 8:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = Prepared(scenario, model, trainer, make_round(scenario, model, trainer))
+    cached = _COMPILED[key]
+    kernels = cached.kernels._replace(
+        economy=economy_of(scenario), strategy=strategy_of(scenario), knobs=knobs_of(scenario)
     )
-    trainer = make_trainer(model, scenario.train.optimizer, scenario.train.batch_size)
-    return Prepared(scenario, model, trainer, make_round(scenario, model, trainer))
+    return cached._replace(scenario=scenario, kernels=kernels)
 
 
 def padded_data(dataset: Dataset, part) -> AgentData:
@@ -219,7 +240,7 @@ class MarketModel(mesa.Model):
         self.trade_count = np.zeros(n, np.int64)
         self.trade_log: list[dict] = []
         kern = prepared.kernels
-        self.ledger = kern.init_ledger(self.twins_n)
+        self.ledger = kern.init_ledger(self.twins_n, sc.economics.initial_cash)
         self.initial_cash = float(sc.economics.initial_cash)
         self.broker_take = 0.0
         self.flows = no_flows(n)

@@ -129,6 +129,7 @@ def economy_of(scenario) -> Economy:
         value_per_quality=f32(per_agent(e.value_per_quality, n)),
         market_size=f32(e.market_size),
         gamma=f32(e.gamma),
+        outside=f32(e.outside_option),
         horizon=f32(e.horizon),
         step_cost=f32(e.step_cost),
         query_fee=f32(e.query_fee),
@@ -159,7 +160,14 @@ def knobs_of(scenario) -> Knobs:
         reserve=jnp.asarray(m.reserve, jnp.float32),
         beta=jnp.asarray(m.beta, jnp.float32),
         posted=jnp.full((n,), m.posted, jnp.float32),
-        roles=jnp.arange(n) < (n + 1) // 2,
+        roles=(~seller_only(scenario) if scenario.broker.sellers else jnp.arange(n) < (n + 1) // 2),
+    )
+
+
+def seller_only(scenario) -> jax.Array:
+    """(N,) bool: agents listed in ``broker.sellers`` (they sell and never buy)."""
+    return (
+        jnp.zeros(scenario.agents.n, bool).at[jnp.asarray(scenario.broker.sellers, int)].set(True)
     )
 
 
@@ -240,6 +248,9 @@ def make_round(scenario, model: Model, trainer: Trainer) -> RoundKernels:
             max_sweeps=bro.max_sweeps,
         )
         gain, alpha, mask = gains_matrix(val, n)
+        if bro.sellers:
+            sells = seller_only(scenario)
+            mask = mask & sells[None, :] & ~sells[:, None]
         # money: values from the broker's validation estimate of each buyer's new quality
         loss_v, acc_v = trainer.evaluate(pop.params, data.x_val, data.y_val, data.val_idx)
         q_val = quality(loss_v, acc_v, kind=quality_kind)
@@ -329,8 +340,8 @@ def make_round(scenario, model: Model, trainer: Trainer) -> RoundKernels:
         metrics = Metrics(val_loss, val_acc, test_loss, test_acc, central_acc)
         return metrics, ledger, Accounts(rev, cost)
 
-    def init_ledger(twins_n: int) -> Ledger:
-        cash = jnp.full((twins_n, n), scenario.economics.initial_cash, jnp.float32)
+    def init_ledger(twins_n: int, initial_cash: float) -> Ledger:
+        cash = jnp.full((twins_n, n), initial_cash, jnp.float32)
         return Ledger(cash, init_state(n, len(scenario.strategies.grid)))
 
     return RoundKernels(
