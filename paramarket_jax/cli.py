@@ -50,6 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seeds", default=None, help="seeds to run, e.g. 0,1,2 or 0-4")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep = sub.add_parser("sweep", help="run a grid of overrides x seeds into one folder")
+    sweep.add_argument("scenario", help="bundled scenario name or TOML file")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a swept key and its values, e.g. mechanism.beta=0,0.5,1 "
+        "(repeatable; the grid is their product)",
+    )
+    sweep.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override applied to every cell",
+    )
+    sweep.add_argument("--seeds", default=None, help="seeds of every cell, e.g. 0-4")
+    sweep.add_argument("--out", required=True, help="sweep folder (resumes if it exists)")
     sub.add_parser("scenarios", help="list bundled scenarios")
     return parser
 
@@ -115,10 +135,34 @@ def print_summary(scenario, summary: dict) -> None:
     )
 
 
+def cmd_sweep(args) -> int:
+    from paramarket_jax.sweep import parse_grid, run_sweep
+
+    if not args.grid:
+        raise ParamarketError("sweep needs at least one --grid KEY=V1,V2")
+    overrides = list(args.overrides)
+    if args.seeds is not None:
+        overrides.append(f"seeds={parse_seeds(args.seeds)}")
+
+    def progress(name, done):
+        print(f"{'kept' if done else 'ran '} {name}", file=sys.stderr, flush=True)
+
+    table = run_sweep(
+        args.scenario, [parse_grid(g) for g in args.grid], overrides, args.out, progress
+    )
+    keys = [parse_grid(g)[0] for g in args.grid]
+    cols = ["market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare", "mutual_gain",
+            "trades", "revenue_of_sellers"]  # fmt: skip
+    print(table.groupby(keys)[cols].mean().round(4).to_string())
+    print(f"wrote {args.out}/sweep.parquet")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "scenarios": cmd_scenarios}[args.command](args)
+        commands = {"run": cmd_run, "sweep": cmd_sweep, "scenarios": cmd_scenarios}
+        return commands[args.command](args)
     except ParamarketError as err:
         print(f"paramarket: error: {err}", file=sys.stderr)
         return 2

@@ -414,6 +414,12 @@ def static_key(scenario: Scenario) -> str:
         for part in path:
             node = node[part]
         node.pop(last, None)
+    # partitioner options only change which rows each agent owns: shards are padded to
+    # the whole training set, so every value shares one compilation
+    split = table["data"]["split"]
+    for option in list(split):
+        if option not in {f.name for f in dataclasses.fields(SplitConfig)}:
+            split.pop(option)
     return tomli_w.dumps(table)
 
 

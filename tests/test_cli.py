@@ -119,3 +119,33 @@ def test_an_existing_run_folder_is_never_overwritten(tmp_path, capsys):
 
 def test_parse_seeds():
     assert parse_seeds("0-3") == [0, 1, 2, 3] and parse_seeds("5,7") == [5, 7]
+
+
+def test_sweep_runs_every_cell_once_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "duopoly_bargaining", "--grid", "mechanism.beta=0,1", "--seeds", "0",
+            "--out", str(out), *[a for a in SMALL if a != "--quiet"]]  # fmt: skip
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert first.err.count("ran ") == 2
+    table = pd.read_parquet(out / "sweep.parquet")
+    assert sorted(table["mechanism.beta"]) == [0, 1] and set(table["seed"]) == {0}
+    assert {"welfare", "siloed_welfare", "mutual_gain", "utility_0", "siloed_utility_1"} <= set(
+        table.columns
+    )
+    (out / "mechanism.beta=1" / "summary.json").unlink()  # as if interrupted in that cell
+    for p in (out / "mechanism.beta=1").iterdir():
+        p.unlink()
+    (out / "mechanism.beta=1").rmdir()
+    assert main(argv) == 0
+    second = capsys.readouterr().err
+    assert "kept mechanism.beta=0" in second and "ran  mechanism.beta=1" in second
+    assert len(pd.read_parquet(out / "sweep.parquet")) == 2
+
+
+def test_sweep_rejects_a_bad_cell_before_running(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sweep", "duopoly_bargaining", "--grid", "mechanism.beta=0.5,2", "--out",
+                 str(out)])  # fmt: skip
+    assert code == 2 and "'mechanism.beta' must be a number in [0, 1]" in capsys.readouterr().err
+    assert not out.exists()

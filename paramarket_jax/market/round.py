@@ -262,6 +262,8 @@ def make_round(scenario, model: Model, trainer: Trainer) -> RoundKernels:
         cash = ledger.cash[MARKET] - query_fees
         if scenario.mechanism.roles == "random":
             knobs = knobs._replace(roles=jax.random.bernoulli(k_roles, 0.5, (n,)))
+        # the reserve is the lowest price any seller accepts, in every mechanism
+        asks = jnp.maximum(asks, knobs.reserve)
         outcome = mechanism.run(Market(bids=cap_bids(bids, cash), asks=asks, mask=mask), knobs)
         settled = settle(cash, outcome, econ.trade_fee, econ.fee_share)
         bought = outcome.alloc.any(axis=1)
