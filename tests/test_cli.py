@@ -67,6 +67,8 @@ def test_scenarios_lists_every_bundled_scenario(capsys):
     assert main(["scenarios"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == [
+        "duopoly_bargaining",
+        "license_auction",
         "paper_mnist1d",
         "paper_no_alignment",
         "paper_two_agent",

@@ -110,3 +110,16 @@ def test_centralized_baseline_and_alignment_off():
     result = run_scenario(s)
     assert result.rounds["central_accuracy"].between(0, 1).all()
     assert set(result.trades["round"]) <= {1}
+
+
+@pytest.mark.parametrize("name", sorted(sc.bundled()))
+def test_every_bundled_scenario_runs_a_shrunk_round(name):
+    base = sc.load(name)
+    extra = ["data.num_samples=600"] if base.data.dataset == "mnist1d" else []
+    s = sc.load(name, [*SHRINK, *extra, "train.rounds=2", "trading.start=1",
+                       "baselines.centralized=false"])  # fmt: skip
+    result = run_scenario(s)
+    assert len(result.rounds) == 2 * s.agents.n
+    assert result.rounds["accuracy"].between(0, 1).all()
+    assert set(result.trades["round"]) <= {1}
+    assert result.summary["rounds"] == 2

@@ -7,7 +7,13 @@ import pytest
 from paramarket_jax import ParamarketError
 from paramarket_jax import scenario as sc
 
-BUNDLED = ["paper_mnist1d", "paper_no_alignment", "paper_two_agent"]
+BUNDLED = [
+    "duopoly_bargaining",
+    "license_auction",
+    "paper_mnist1d",
+    "paper_no_alignment",
+    "paper_two_agent",
+]
 
 
 def test_bundled_scenarios_load_and_round_trip():
@@ -88,7 +94,7 @@ def test_bad_values_name_the_key_and_the_allowed_values(override, needle):
 
 
 def test_bad_files_and_overrides(tmp_path):
-    with pytest.raises(ParamarketError, match="bundled scenarios are paper_mnist1d"):
+    with pytest.raises(ParamarketError, match="bundled scenarios are duopoly_bargaining"):
         sc.load("no_such_scenario")
     bad = tmp_path / "bad.toml"
     bad.write_text("[agents\nn = 2")

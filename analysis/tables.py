@@ -1,0 +1,83 @@
+"""Markdown tables for the README's studies, read from sweep folders' sweep.parquet only.
+
+  python analysis/tables.py replication runs/replication_digits runs/replication_mnist1d
+  python analysis/tables.py duopoly runs/duopoly
+  python analysis/tables.py license runs/license
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import pandas as pd
+
+
+def _load(folder: str) -> pd.DataFrame:
+    return pd.read_parquet(pathlib.Path(folder) / "sweep.parquet")
+
+
+def _ms(series: pd.Series, fmt: str = ".3f") -> str:
+    return f"{series.mean():{fmt}} ± {series.std(ddof=0):{fmt}}"
+
+
+def replication(folders: list[str]) -> str:
+    """Market vs siloed final test accuracy by dataset, alignment and scarcity d."""
+    rows = ["| dataset | d | alignment | market acc | siloed acc | market - siloed "
+            "| seeds where every agent gains | trades/run |", "|---|---|---|---|---|---|---|---|"]
+    for folder in folders:
+        df = _load(folder)
+        dataset = pathlib.Path(folder).name.split("_")[-1]
+        df["gap"] = df["market_accuracy"] - df["siloed_accuracy"]
+        for (d, align), g in df.groupby(["data.split.d", "broker.align"], sort=True):
+            rows.append(
+                f"| {dataset} | {d} | {'on' if align else 'off'} | {_ms(g['market_accuracy'])} "
+                f"| {_ms(g['siloed_accuracy'])} | {_ms(g['gap'], '+.3f')} "
+                f"| {int(g['accuracy_gain_all'].sum())}/{len(g)} | {g['trades'].mean():.1f} |"
+            )
+    return "\n".join(rows)
+
+
+def duopoly(folders: list[str]) -> str:
+    """Utility gain of each agent over its siloed twin by bargaining power and competition."""
+    df = _load(folders[0])
+    for i in (0, 1):
+        df[f"gain_{i}"] = df[f"utility_{i}"] - df[f"siloed_utility_{i}"]
+    rows = ["| gamma | beta | utility gain agent 0 | utility gain agent 1 | mean price "
+            "| mutual gain (seeds) |", "|---|---|---|---|---|---|"]
+    for (gamma, beta), g in df.groupby(["economics.gamma", "mechanism.beta"], sort=True):
+        price = g["revenue_of_sellers"] / g["trades"].where(g["trades"] > 0)
+        rows.append(
+            f"| {gamma} | {beta} | {_ms(g['gain_0'], '+.3f')} | {_ms(g['gain_1'], '+.3f')} "
+            f"| {price.mean():.4f} | {int(g['mutual_gain'].sum())}/{len(g)} |"
+        )
+    return "\n".join(rows)
+
+
+def license_(folders: list[str]) -> str:
+    """Seller revenue, welfare and trades by mechanism."""
+    df = _load(folders[0])
+    df["welfare_gain"] = df["welfare"] - df["siloed_welfare"]
+    df["seller_gain"] = df["utility_0"] - df["siloed_utility_0"]
+    rows = ["| mechanism | seller revenue | welfare | welfare - siloed | seller utility gain "
+            "| trades/run | mutual gain (seeds) |", "|---|---|---|---|---|---|---|"]
+    for mech, g in df.groupby("mechanism.name", sort=False):
+        rows.append(
+            f"| {mech} | {_ms(g['revenue_of_sellers'])} | {_ms(g['welfare'], '.2f')} "
+            f"| {_ms(g['welfare_gain'], '+.2f')} | {_ms(g['seller_gain'], '+.3f')} "
+            f"| {g['trades'].mean():.1f} | {int(g['mutual_gain'].sum())}/{len(g)} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("study", choices=["replication", "duopoly", "license"])
+    ap.add_argument("folders", nargs="+")
+    args = ap.parse_args()
+    table = {"replication": replication, "duopoly": duopoly, "license": license_}[args.study]
+    print(table(args.folders))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Broker kernels: planted-permutation recovery, merge identities, valuation against a loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from paramarket_jax import broker
+from paramarket_jax.errors import ParamarketError
+from paramarket_jax.models import (
+    apply_permutation,
+    flatten,
+    make_model,
+    random_perms,
+)
+
+IMAGE = (8, 8, 1)
+SMALL = {
+    "mlp": {"widths": (16, 12)},
+    "cnn": {"channels": (6, 8)},
+    "wrn": {"depth": 10, "base": 4},
+}
+
+
+def leaves_equal(a, b) -> bool:
+    """Exact equality of two pytrees, compared on the host (no per-shape XLA compiles)."""
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
+
+
+def random_params(model, key, n=None):
+    """Random parameters of ``model`` (``n`` of them stacked), without compiling Flax's init.
+
+    Every leaf (biases and norm scales too) is random, so no two units tie. One normal draw
+    split into leaves: a draw per leaf would compile one threefry per leaf (seconds on CPU).
+    """
+    leaves, tree = jax.tree.flatten(jax.eval_shape(model.init, jax.random.key(0)))
+    lead = () if n is None else (n,)
+    sizes = [int(np.prod(x.shape)) for x in leaves]
+
+    @jax.jit
+    def draw(key):
+        flat = jax.random.normal(key, (*lead, sum(sizes)))
+        parts = jnp.split(flat, np.cumsum(sizes)[:-1], axis=-1)
+        return tree.unflatten(
+            [
+                p.reshape(*lead, *x.shape) / np.sqrt(max(np.prod(x.shape[:-1]), 1))
+                for p, x in zip(parts, leaves, strict=True)
+            ]
+        )
+
+    return draw(key)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return make_model("mlp", IMAGE, 10, **SMALL["mlp"])
+
+
+@pytest.fixture(scope="module")
+def population(mlp):
+    """Three random small MLPs and per-agent validation rows of a shared random set."""
+    n, n_val, m = 3, 48, 16
+    pop = random_params(mlp, jax.random.key(0), n)
+    x_val = jax.random.normal(jax.random.key(1), (n_val, *IMAGE))
+    y_val = jax.random.randint(jax.random.key(2), (n_val,), 0, 10)
+    val_idx = jax.random.randint(jax.random.key(3), (n, m), 0, n_val)
+    return pop, x_val, y_val, val_idx
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_alignment_recovers_planted_permutation(name):
+    model = make_model(name, IMAGE, 10, **SMALL[name])
+    spec = model.spec
+
+    buyer = random_params(model, jax.random.key(0))
+
+    @jax.jit
+    def plant(key, buyer):
+        planted = random_perms(key, spec)
+        return planted, apply_permutation(spec, planted, buyer)
+
+    planted, seller = plant(jax.random.key(1), buyer)
+    backends = ("optax", "scipy") if name == "mlp" else ("optax",)
+    for backend in backends:
+        perms = broker.align(spec, buyer, seller, jax.random.key(2), backend=backend)
+        for g, p in planted.items():
+            np.testing.assert_array_equal(perms[g], np.argsort(p), err_msg=f"{backend} {g}")
+    if name == "mlp":
+        # Unrelated models: the jitted Hungarian descent and scipy's host loop, same key and
+        # so the same group orders, reach the same local optimum.
+        other = random_params(model, jax.random.key(3))
+        found = [broker.align(spec, buyer, other, jax.random.key(4), backend=b) for b in backends]
+        for g in planted:
+            np.testing.assert_array_equal(found[0][g], found[1][g], err_msg=g)
+        assert any(not np.array_equal(found[0][g], np.arange(len(found[0][g]))) for g in planted)
+    # The aligned seller is the buyer, and so is their merge at every alpha, on all layers
+    # or on a subset.
+    first = sorted(flatten(buyer))[0].rsplit("/", 1)[0]
+
+    @jax.jit
+    def merges(perms, buyer, seller):
+        back = broker.aligned(spec, perms, seller)
+        every = broker.merge_alphas(buyer, back, jnp.array([0.05, 0.5, 0.95]))
+        return back, every, broker.merge(buyer, back, 0.5, layers=[first])
+
+    back, every, part = merges(perms, buyer, seller)
+    assert leaves_equal(back, buyer)
+    assert leaves_equal(every, jax.tree.map(lambda x: np.stack([x] * 3), buyer))
+    assert leaves_equal(part, buyer)
+
+
+def test_align_pairs_is_one_jitted_call(mlp):
+    spec = mlp.spec
+    traces = []
+
+    @jax.jit
+    def run(pop, buyers, sellers, key):
+        traces.append(1)
+        perms = broker.align_pairs(spec, pop, buyers, sellers, key, max_sweeps=50, batch_size=2)
+        b, s = (jax.tree.map(lambda x, i=i: x[i], pop) for i in (buyers, sellers))
+        # align itself is vmappable too (a while_loop with fixed shapes)
+        vmapped = jax.vmap(lambda b, s: broker.align(spec, b, s, key, max_sweeps=50))(b, s)
+        return jax.vmap(lambda p, s: broker.aligned(spec, p, s))(perms, s), perms, vmapped
+
+    @jax.jit
+    def planted_population(key, base):
+        keys = jax.random.split(key, 2)
+        copies = [apply_permutation(spec, random_perms(k, spec), base) for k in keys]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), base, *copies)
+
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    buyers, sellers = (jnp.array(col) for col in zip(*pairs, strict=True))
+    for seed in (0, 1):
+        pop = planted_population(jax.random.key(seed), random_params(mlp, jax.random.key(9)))
+        aligned, perms, vmapped = run(pop, buyers, sellers, jax.random.key(5))
+        assert leaves_equal(perms, vmapped)
+        assert leaves_equal(aligned, jax.tree.map(lambda x: np.asarray(x)[np.asarray(buyers)], pop))
+    assert len(traces) == 1  # the second population reuses the compiled call
+
+
+def test_merge_identities(mlp):
+    a = random_params(mlp, jax.random.key(0))
+    b = random_params(mlp, jax.random.key(1))
+
+    @jax.jit  # one compilation for all the merges below
+    def merges(a, b):
+        two = jax.tree.map(lambda x, y: jnp.stack([x, y]), b, a)
+        return {
+            "self": broker.merge(a, a, 0.37),
+            "zero": broker.merge(a, b, 0.0),
+            "half": broker.merge(a, b, 0.5),
+            "half_ref": jax.tree.map(lambda x, y: 0.5 * x + 0.5 * y, a, b),
+            "many_1": broker.merge_many(a, jax.tree.map(lambda x: x[:1], two), jnp.array([7, 3.0])),
+            "merge_3": broker.merge(a, b, 0.3),
+            "many_2": broker.merge_many(a, two, jnp.array([2.0, 1.0, 1.0])),  # normalised
+            "merge_25": broker.merge(a, b, 0.25),
+            "many_buyer": broker.merge_many(a, two, jnp.array([1.0, 0.0, 0.0])),
+            "layers": [
+                broker.merge(a, b, 0.5, layers=layers)
+                for layers in (["params/Dense_1"], ["Dense_1"], ["*Dense_1/*"])
+            ],
+        }
+
+    out = merges(a, b)
+    assert leaves_equal(out["self"], a)
+    assert leaves_equal(out["zero"], a)
+    assert leaves_equal(out["many_buyer"], a)
+    for got, want in (("half", "half_ref"), ("many_1", "merge_3"), ("many_2", "merge_25")):
+        jax.tree.map(
+            lambda x, y, got=got: np.testing.assert_allclose(
+                x, y, rtol=1e-6, atol=1e-7, err_msg=got
+            ),
+            out[got],
+            out[want],
+        )
+    # trading a set of layers: the named ones mix, the rest stay the buyer's
+    own = flatten(a)
+    for part in out["layers"]:
+        for path, x in flatten(part).items():
+            unchanged = np.array_equal(np.asarray(x), np.asarray(own[path]))
+            assert unchanged == ("Dense_1" not in path), path
+    assert broker.select_layers(a, ["*/kernel"]) == {f"params/Dense_{i}/kernel" for i in range(3)}
+    with pytest.raises(ParamarketError, match="Dense_9"):
+        broker.merge(a, b, 0.5, layers=["Dense_9"])
+
+
+def test_candidates():
+    b, s = broker.all_pairs(4)
+    assert b.shape == s.shape == (12,) and not bool((b == s).any())
+    assert len(set(zip(b.tolist(), s.tolist(), strict=True))) == 12
+    assert broker.all_candidates(4).shape == (4, 3)
+    cands = np.asarray(broker.sample_candidates(jax.random.key(0), 9, 4))
+    assert cands.shape == (9, 4) and cands.dtype == np.int32
+    for i, row in enumerate(cands):
+        assert len(set(row)) == 4 and i not in row and row.min() >= 0 and row.max() < 9
+    np.testing.assert_array_equal(cands, broker.sample_candidates(jax.random.key(0), 9, 4))
+    assert not np.array_equal(cands, broker.sample_candidates(jax.random.key(1), 9, 4))
+    # every agent gets drawn as a seller somewhere (600 draws over 200 agents)
+    many = np.asarray(broker.sample_candidates(jax.random.key(2), 200, 3))
+    assert len(set(many.ravel())) > 190
+    with pytest.raises(ParamarketError):
+        broker.sample_candidates(jax.random.key(0), 3, 3)
+
+
+def reference_valuation(model, pop, x_val, y_val, val_idx, buyers, sellers, key, alphas, align):
+    """Plain Python loop over pairs with the unbatched functions."""
+    rows = []
+    for b, s in zip(buyers.tolist(), sellers.tolist(), strict=True):
+        pb, ps = (jax.tree.map(lambda v, i=i: v[i], pop) for i in (b, s))
+        if align:
+            ps = broker.aligned(model.spec, broker.align(model.spec, pb, ps, key), ps)
+        x, y = x_val[val_idx[b]], y_val[val_idx[b]]
+        before, _ = broker.loss_and_accuracy(model, pb, x, y)
+        scores = [broker.loss_and_accuracy(model, broker.merge(pb, ps, a), x, y) for a in alphas]
+        k = int(np.argmin([float(loss) for loss, _ in scores]))
+        if alphas[k] == 0.0:  # alpha = 0 is the buyer itself
+            assert float(scores[k][0]) == pytest.approx(float(before), rel=1e-6)
+        after, acc = scores[k]
+        rows.append((alphas[k], before, after, (before - after) / before, acc))
+    return [np.array([r[i] for r in rows], np.float32) for i in range(5)]
+
+
+@pytest.mark.parametrize("align", [True, False])
+def test_valuation_matches_reference_loop(mlp, population, compiles, align):
+    pop, x_val, y_val, val_idx = population
+    key = jax.random.key(7)
+    alphas = (0.0, 0.3, 0.7)
+    buyers, sellers = broker.all_pairs(3)
+    options = dict(alphas=alphas, align=align, batch_size=2)  # 2 does not divide 3 or 6
+
+    def value(pop):
+        if align:  # buyer-chunked candidates, all of them: the order of all_pairs
+            cands = broker.all_candidates(3)
+            return broker.value_candidates(mlp, pop, x_val, y_val, val_idx, cands, key, **options)
+        return broker.value_pairs(mlp, pop, x_val, y_val, val_idx, buyers, sellers, key, **options)
+
+    got = value(pop)
+    np.testing.assert_array_equal(got.buyer, buyers)
+    np.testing.assert_array_equal(got.seller, sellers)
+    want = reference_valuation(mlp, pop, x_val, y_val, val_idx, buyers, sellers, key, alphas, align)
+    for name, w in zip(
+        ("best_alpha", "loss_before", "loss_after", "gain", "acc_after"), want, strict=True
+    ):
+        np.testing.assert_allclose(getattr(got, name), w, rtol=2e-5, atol=1e-6, err_msg=name)
+    assert bool((got.gain >= 0).all())  # alpha = 0 is on the grid
+    # a new population of the same shapes compiles nothing
+    pop2 = jax.tree.map(lambda x: x * 1.01, pop)
+    with compiles() as events:
+        again = jax.block_until_ready(value(pop2))
+    assert events == []
+    assert not np.allclose(again.loss_before, got.loss_before)
+
+
+def test_jit_equals_no_jit(mlp, population):
+    # Settlement without alignment, chunked with padding (3 buyers, chunks of 2). Under
+    # disable_jit optax's Hungarian would run op by op in Python (minutes): the jitted
+    # alignment is checked against scipy's host loop, the jitted valuation against an
+    # eager per-pair loop.
+    pop, *_ = population
+    sellers, alphas, mask = jnp.array([1, 2, 0]), jnp.array([0.3, 0.6, 0.9]), jnp.array([1, 0, 1])
+
+    def run():
+        return broker.merge_trades(
+            mlp.spec,
+            pop,
+            sellers,
+            alphas,
+            mask.astype(bool),
+            jax.random.key(0),
+            align=False,
+            batch_size=2,
+        )
+
+    jitted = run()
+    with jax.disable_jit():
+        eager = run()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), jitted, eager)
+    assert not leaves_equal(jitted, pop)
+
+
+def test_merge_trades(mlp, population):
+    pop, *_ = population
+    key = jax.random.key(7)
+    sellers, alphas = jnp.array([2, 0, 0]), jnp.array([0.5, 0.3, 0.9])
+    mask = jnp.array([True, False, True])
+    new = broker.merge_trades(mlp.spec, pop, sellers, alphas, mask, key, layers=["Dense_1"])
+    for i in range(3):
+        mine = jax.tree.map(lambda x, i=i: x[i], pop)
+        got = jax.tree.map(lambda x, i=i: x[i], new)
+        if not mask[i]:
+            assert leaves_equal(got, mine)
+            continue
+        seller = jax.tree.map(lambda x, i=i: x[sellers[i]], pop)
+        want = broker.merge(
+            mine, broker.align_to(mlp.spec, mine, seller, key), alphas[i], layers=["Dense_1"]
+        )
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), got, want)
+        flat, own = flatten(got), flatten(mine)
+        for path in flat:
+            assert bool((flat[path] == own[path]).all()) == ("Dense_1" not in path), path
+
+
+def test_alignment_helps_merging_trained_digits_models():
+    from paramarket_jax.data import load_dataset
+
+    data = load_dataset("digits", jax.random.key(0))
+    model = make_model("mlp", data.x_train.shape[1:], data.num_classes, widths=(64, 64))
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    tx = optax.adam(3e-3)
+
+    def train(key):
+        params = model.init(key)
+
+        def step(carry, k):
+            p, o = carry
+            idx = jax.random.randint(k, (64,), 0, x.shape[0])
+            g = jax.grad(lambda p: broker.loss_and_accuracy(model, p, x[idx], y[idx])[0])(p)
+            u, o = tx.update(g, o, p)
+            return (optax.apply_updates(p, u), o), None
+
+        keys = jax.random.split(jax.random.fold_in(key, 1), 300)
+        return jax.lax.scan(step, (params, tx.init(params)), keys)[0][0]
+
+    pop = jax.jit(jax.vmap(train))(jax.random.split(jax.random.key(1), 2))
+    x_val, y_val = jnp.asarray(data.x_val), jnp.asarray(data.y_val)
+
+    @jax.jit
+    def half_merge_losses(pop, key):
+        """Loss on the buyer's validation split of the 0.5 merge, with and without alignment."""
+        out = []
+        for b, s in ((0, 1), (1, 0)):
+            buyer, seller = (jax.tree.map(lambda v, i=i: v[i], pop) for i in (b, s))
+            before = broker.loss_and_accuracy(model, buyer, x_val, y_val)[0]
+            matched = broker.align_to(model.spec, buyer, seller, key)
+            out.append(
+                [before]
+                + [
+                    broker.loss_and_accuracy(model, broker.merge(buyer, other, 0.5), x_val, y_val)[
+                        0
+                    ]
+                    for other in (matched, seller)
+                ]
+            )
+        return jnp.array(out)
+
+    losses = np.asarray(half_merge_losses(pop, jax.random.key(2)))
+    before, aligned, raw = losses.T
+    assert (before < 0.5).all(), losses  # both models learned
+    assert (aligned < raw).all(), losses
