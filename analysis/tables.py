@@ -1,8 +1,8 @@
 """Markdown tables for the README's studies, read from sweep folders' sweep.parquet only.
 
-  python analysis/tables.py replication runs/replication_digits runs/replication_mnist1d
-  python analysis/tables.py duopoly runs/duopoly
-  python analysis/tables.py license runs/license
+python analysis/tables.py replication runs/replication_digits runs/replication_mnist1d
+python analysis/tables.py duopoly runs/duopoly
+python analysis/tables.py license runs/license
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ def _ms(series: pd.Series, fmt: str = ".3f") -> str:
 
 def replication(folders: list[str]) -> str:
     """Market vs siloed final test accuracy by dataset, alignment and scarcity d."""
-    rows = ["| dataset | d | alignment | market acc | siloed acc | market - siloed "
-            "| seeds where every agent gains | trades/run |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| dataset | d | alignment | market acc | siloed acc | market - siloed "
+        "| seeds where every agent gains | trades/run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for folder in folders:
         df = _load(folder)
         dataset = pathlib.Path(folder).name.split("_")[-1]
@@ -43,8 +46,11 @@ def duopoly(folders: list[str]) -> str:
     df = _load(folders[0])
     for i in (0, 1):
         df[f"gain_{i}"] = df[f"utility_{i}"] - df[f"siloed_utility_{i}"]
-    rows = ["| gamma | beta | utility gain agent 0 | utility gain agent 1 | mean price "
-            "| mutual gain (seeds) |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| gamma | beta | utility gain agent 0 | utility gain agent 1 | mean price "
+        "| mutual gain (seeds) |",
+        "|---|---|---|---|---|---|",
+    ]
     for (gamma, beta), g in df.groupby(["economics.gamma", "mechanism.beta"], sort=True):
         price = g["revenue_of_sellers"] / g["trades"].where(g["trades"] > 0)
         rows.append(
@@ -59,8 +65,11 @@ def license_(folders: list[str]) -> str:
     df = _load(folders[0])
     df["welfare_gain"] = df["welfare"] - df["siloed_welfare"]
     df["seller_gain"] = df["utility_0"] - df["siloed_utility_0"]
-    rows = ["| mechanism | seller revenue | welfare | welfare - siloed | seller utility gain "
-            "| trades/run | mutual gain (seeds) |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| mechanism | seller revenue | welfare | welfare - siloed | seller utility gain "
+        "| trades/run | mutual gain (seeds) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for mech, g in df.groupby("mechanism.name", sort=False):
         rows.append(
             f"| {mech} | {_ms(g['revenue_of_sellers'])} | {_ms(g['welfare'], '.2f')} "
