@@ -2,9 +2,9 @@
 
 Prints one JSON object per line (keys: bench, case, n, device, metric, value, baseline,
 baseline_value, ratio, peak_mem_mb, plus details; peak_mem_mb is the device's peak so far
-in this process where the backend reports it (GPU), null on CPU, where rss_mb, the
-process's peak resident memory, stands in). The model is the reference probes'
-64-128-128-10 MLP. Cases:
+in this process where the backend reports it (GPU), else the process's peak resident
+memory, both in MiB; rows are written by ``benchmarks.common.emit``). The model is the
+reference probes' 64-128-128-10 MLP. Cases:
 
   ``align_all_pairs``: pairs/s of one jitted, vmapped ``align_pairs`` call over all
       N*(N-1) pairs (optax Hungarian, until convergence) against a host loop of
@@ -17,102 +17,29 @@ process's peak resident memory, stands in). The model is the reference probes'
   ``valuation_aligned``: the full try-before-buy (alignment, merge, score), same baseline.
 
 Anchors are imported from ``--anchor-dir`` (default ``../shared/bench`` beside the repo);
-a missing one prints an ``anchor_missing`` line and its comparison is skipped.
+a missing one prints an ``anchor`` line with an ``error`` and its comparison is skipped.
 
 Defaults finish in a few minutes on 2 CPU cores (N=64 all-pairs alignment, 4032 pairs, is
 minutes on a CPU, so the default align sizes are 8,16). On a GPU, e.g.:
-``python benchmarks/bench_broker.py --align-sizes 8,16,64 --val-sizes 64,256
+``python -m benchmarks.bench_broker --align-sizes 8,16,64 --val-sizes 64,256
 --val-aligned-sizes 16,64``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import resource
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import DEFAULT_ANCHOR_DIR, emit, load_anchor, peak_mem_mb, timeit
 from paramarket_jax import broker
 from paramarket_jax.models import make_model
 
 D_IN, HIDDEN, CLASSES, N_ALPHA, N_VAL = 64, 128, 10, 11, 256
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def device_kind() -> str:
-    dev = jax.devices()[0]
-    return "cpu" if dev.platform == "cpu" else dev.device_kind
-
-
-def peak_mem_mb() -> float | None:
-    """Peak device memory in MiB where the backend reports it (GPU), else None."""
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else peak / 2**20
-
-
-def rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def timeit(fn, *args, reps: int = 3) -> float:
-    """Median wall seconds of ``fn(*args)`` after one warm-up (compiling) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def emit(case, n, metric, value, baseline, baseline_value, **extra):
-    ratio = None if not baseline_value else value / baseline_value
-    row = dict(
-        bench="broker",
-        case=case,
-        n=n,
-        device=device_kind(),
-        metric=metric,
-        value=value,
-        baseline=baseline,
-        baseline_value=baseline_value,
-        ratio=ratio,
-        peak_mem_mb=peak_mem_mb(),
-        rss_mb=round(rss_mb(), 1),
-        **extra,
-    )
-    print(json.dumps(row), flush=True)
-
-
-def load_anchor(anchor_dir: Path, name: str):
-    path = anchor_dir / f"{name}.py"
-    if not path.is_file():
-        print(
-            json.dumps(
-                dict(
-                    bench="broker",
-                    case="anchor_missing",
-                    anchor=str(path),
-                    note="anchor not found: its comparison is skipped",
-                )
-            ),
-            flush=True,
-        )
-        return None
-    spec = importlib.util.spec_from_file_location(f"anchor_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+BENCH = "broker"
 
 
 def population(model, n: int, seed: int = 0):
@@ -143,6 +70,7 @@ def bench_align(model, sizes, max_sweeps, scipy_pairs, anchor, anchor_sweeps, re
             scipy_align(b, s)
         per_pair = (time.perf_counter() - start) / k
         emit(
+            BENCH,
             "align_all_pairs",
             n,
             "pairs_per_s",
@@ -152,6 +80,7 @@ def bench_align(model, sizes, max_sweeps, scipy_pairs, anchor, anchor_sweeps, re
             pairs=n_pairs,
             max_sweeps=max_sweeps,
             seconds=t,
+            peak_mem_mb=peak_mem_mb(),
         )
         if anchor is None:
             continue
@@ -162,6 +91,7 @@ def bench_align(model, sizes, max_sweeps, scipy_pairs, anchor, anchor_sweeps, re
         match = jax.jit(jax.vmap(anchor.match_jax, (0, 0, None)), static_argnums=2)
         t_anchor = timeit(match, a_b, a_s, anchor_sweeps, reps=reps)
         emit(
+            BENCH,
             "align_all_pairs_vs_anchor",
             n,
             "pairs_per_s",
@@ -171,6 +101,7 @@ def bench_align(model, sizes, max_sweeps, scipy_pairs, anchor, anchor_sweeps, re
             pairs=n_pairs,
             max_sweeps=anchor_sweeps,
             seconds=t_ours,
+            peak_mem_mb=peak_mem_mb(),
         )
 
 
@@ -208,6 +139,7 @@ def bench_value(model, sizes, aligned_sizes, batch, max_sweeps, anchor, reps):
                 anchor_seconds[n] = anchor.bench_valuation(n, N_ALPHA, N_VAL)[0]
             base_value = n * n * N_ALPHA / anchor_seconds[n]
         emit(
+            BENCH,
             "valuation_aligned" if align else "valuation",
             n,
             "merged_models_per_s",
@@ -220,6 +152,7 @@ def bench_value(model, sizes, aligned_sizes, batch, max_sweeps, anchor, reps):
             align=align,
             batch_size=batch,
             seconds=t,
+            peak_mem_mb=peak_mem_mb(),
         )
 
 
@@ -240,13 +173,13 @@ def main():
     )
     ap.add_argument("--reps", type=int, default=2, help="timed valuation calls after a warm-up")
     ap.add_argument("--align-reps", type=int, default=1, help="timed alignment calls (slow on CPU)")
-    ap.add_argument("--anchor-dir", default=str(ROOT / ".." / "shared" / "bench"))
+    ap.add_argument("--anchor-dir", default=str(DEFAULT_ANCHOR_DIR))
     args = ap.parse_args()
     if args.val_batch is None:
         args.val_batch = 2 if jax.devices()[0].platform == "cpu" else 16
 
     sizes = lambda text: [int(s) for s in text.split(",") if s]  # noqa: E731
-    anchor_dir = Path(args.anchor_dir)
+    anchor_dir = args.anchor_dir
     model = make_model("mlp", (D_IN,), CLASSES, widths=(HIDDEN, HIDDEN))
     align_anchor = load_anchor(anchor_dir, "align_anchor")
     bench_align(

@@ -4,7 +4,7 @@ The architecture and batch match ``shared/bench/population_anchor.py``: a 64-128
 Adam, batch 32. Ours draws every minibatch by index from a shared dataset inside the kernel
 (the probe trains on pre-generated per-agent batches).
 
-Usage: python benchmarks/bench_population.py [--sizes 1,16,64,256] [--steps 50]
+Usage: python -m benchmarks.bench_population [--sizes 1,16,64,256] [--steps 50]
        [--naive-max 64] [--anchor-dir ../shared/bench]
 GPU run: --sizes 1,16,64,256,1024,4096,16384
 """
