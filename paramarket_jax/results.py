@@ -120,8 +120,9 @@ def check_out_dir(out: str | os.PathLike) -> pathlib.Path:
     path = pathlib.Path(out)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ParamarketError(f"--out {path} already exists and is not empty; choose a new folder")
-    if not path.resolve().parent.exists():
-        raise ParamarketError(f"--out {path}: parent folder {path.resolve().parent} does not exist")
+    existing = next(p for p in path.resolve().parents if p.exists())
+    if not existing.is_dir():
+        raise ParamarketError(f"--out {path}: {existing} is a file, not a folder")
     return path
 
 
@@ -134,6 +135,7 @@ def write_run(out: str | os.PathLike, files: dict[str, object]) -> pathlib.Path:
             taking the destination path (plots).
     """
     path = check_out_dir(out)
+    path.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.resolve().parent))
     try:
         for name, content in files.items():

@@ -151,3 +151,13 @@ def test_sweep_rejects_a_bad_cell_before_running(tmp_path, capsys):
                  str(out)])  # fmt: skip
     assert code == 2 and "'mechanism.beta' must be a number in [0, 1]" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_run_creates_missing_parent_folders(tmp_path, capsys):
+    out = tmp_path / "results" / "deep" / "run"
+    assert main(["run", "--out", str(out), *SMALL]) == 0
+    assert (out / "summary.json").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["run", "--out", str(blocker / "run"), *SMALL]) == 2
+    assert "is a file" in capsys.readouterr().err
