@@ -239,6 +239,7 @@ class MarketModel(mesa.Model):
         )
         self.trade_count = np.zeros(n, np.int64)
         self.trade_log: list[dict] = []
+        self.last_trade_count = 0
         kern = prepared.kernels
         self.ledger = kern.init_ledger(self.twins_n, sc.economics.initial_cash)
         self.initial_cash = float(sc.economics.initial_cash)
@@ -284,10 +285,7 @@ class MarketModel(mesa.Model):
                 "siloed_welfare": lambda m: float(m.cash[SILOED].sum() - m.initial_cash * n),
                 "broker_take": lambda m: m.broker_take,
                 "siloed_accuracy": lambda m: float(m.metrics.test_acc[SILOED].mean()),
-                "trades": lambda m: int(sum(t["round"] == m.round - 1 for t in m.trade_log)),
-                "mean_price": lambda m: float(
-                    np.mean([t["price"] for t in m.trade_log if t["round"] == m.round - 1] or [0])
-                ),
+                "trades": lambda m: m.last_trade_count,
             },
             agent_reporters=reporters,
         )
@@ -306,6 +304,7 @@ class MarketModel(mesa.Model):
             self.twins, self.central, k_train, self.data, self.pooled
         )
         self.flows = no_flows(self.scenario.agents.n)
+        self.last_trade_count = 0
         if self.is_trading_round(self.round):
             self.twins, self.ledger, trades, flows = kern.trade(
                 self.twins,
@@ -337,29 +336,12 @@ class MarketModel(mesa.Model):
     def _record_trades(self, trades) -> None:
         buyers = np.flatnonzero(trades.mask)
         self.trade_count[buyers] += 1
-        columns = (
-            "seller",
-            "alpha",
-            "predicted_gain",
-            "realized_gain",
-            "value",
-            "realized_value",
-            "reservation",
-            "bid",
-            "ask",
-            "price",
-        )
+        columns = ("seller", "alpha", "predicted_gain", "realized_gain", "value",
+                   "realized_value", "reservation", "bid", "ask", "price", "fee")  # fmt: skip
+        self.last_trade_count = len(buyers)
         for i in buyers:
             row = {c: getattr(trades, c)[i].item() for c in columns}
-            self.trade_log.append(
-                dict(
-                    seed=self.seed_value,
-                    round=self.round,
-                    buyer=int(i),
-                    **row,
-                    fee=float(self.flows.fees[row["seller"]]),
-                )
-            )
+            self.trade_log.append(dict(seed=self.seed_value, round=self.round, buyer=int(i), **row))
 
     def run(self, progress=None) -> None:
         """All the scenario's rounds; ``progress()`` after each."""

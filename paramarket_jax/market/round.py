@@ -48,6 +48,8 @@ class Trades(NamedTuple):
         reservation: float32 seller's reservation for this sale.
         bid: float32 buyer's bid; ask: float32 seller's ask.
         price: float32 price buyer i paid for it (0 where no trade).
+        fee: float32 broker fee the seller paid on this sale (per-trade fee plus the share
+            of the price).
     """
 
     mask: jax.Array
@@ -61,6 +63,7 @@ class Trades(NamedTuple):
     bid: jax.Array
     ask: jax.Array
     price: jax.Array
+    fee: jax.Array
 
 
 class Flows(NamedTuple):
@@ -316,6 +319,7 @@ def make_round(scenario, model: Model, trainer: Trainer) -> RoundKernels:
             bid=jnp.where(bought, bids[rows, pick], 0.0),
             ask=jnp.where(bought, asks[rows, pick], 0.0),
             price=jnp.where(bought, outcome.price[rows, pick], 0.0),
+            fee=jnp.where(bought, econ.trade_fee + econ.fee_share * outcome.price[rows, pick], 0),
         )
         return twins, ledger, trades, flows
 
