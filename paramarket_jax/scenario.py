@@ -151,6 +151,7 @@ class BrokerConfig:
     candidates: int = 0
     max_sweeps: int = 100
     sellers: tuple[int, ...] = ()
+    batch_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +240,7 @@ RULES: dict[str, tuple] = {
     "broker.layers": STRS,
     "broker.candidates": _int(0),
     "broker.max_sweeps": _int(1),
+    "broker.batch_size": _int(0),
     "broker.sellers": (
         "a list of agent indices",
         lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v),

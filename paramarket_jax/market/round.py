@@ -249,6 +249,7 @@ def make_round(scenario, model: Model, trainer: Trainer) -> RoundKernels:
             align=bro.align,
             layers=layers,
             max_sweeps=bro.max_sweeps,
+            batch_size=bro.batch_size or None,
         )
         gain, alpha, mask = gains_matrix(val, n)
         if bro.sellers:
@@ -284,6 +285,7 @@ def make_round(scenario, model: Model, trainer: Trainer) -> RoundKernels:
             align=bro.align,
             layers=layers,
             max_sweeps=bro.max_sweeps,
+            batch_size=bro.batch_size or None,
         )
         before = trainer.evaluate(pop.params, data.x_test, data.y_test, data.test_idx)
         after = trainer.evaluate(merged, data.x_test, data.y_test, data.test_idx)
