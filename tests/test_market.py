@@ -126,12 +126,13 @@ def test_every_bundled_scenario_runs_a_shrunk_round(name):
 
 
 def test_chunked_valuation_gives_the_same_market():
-    """broker.batch_size bounds memory without changing a single number."""
+    """broker.batch_size bounds memory; numbers change by float rounding at most."""
     base = [*SHRINK, "agents.n=3", "train.rounds=2", "trading.start=1",
             "baselines.centralized=false"]  # fmt: skip
     whole = run_scenario(sc.load("paper_two_agent", base))
     chunked = run_scenario(sc.load("paper_two_agent", [*base, "broker.batch_size=2"]))
     assert len(whole.trades) > 0
     np.testing.assert_allclose(whole.trades["predicted_gain"], chunked.trades["predicted_gain"],
+                               atol=1e-6,
                                rtol=1e-5)  # fmt: skip
     np.testing.assert_allclose(whole.rounds["accuracy"], chunked.rounds["accuracy"])
