@@ -18,7 +18,7 @@ def _load(folder: str) -> pd.DataFrame:
 
 
 def _ms(series: pd.Series, fmt: str = ".3f") -> str:
-    return f"{series.mean():{fmt}} ± {series.std(ddof=0):{fmt}}"
+    return f"{series.mean():{fmt}} ± {series.std(ddof=0):{fmt.lstrip('+')}}"
 
 
 def replication(folders: list[str]) -> str:
