@@ -200,6 +200,28 @@ def _layers_key(params, layers):
     return layers
 
 
+def _call_value(
+    model, pop_params, x_val, y_val, val_idx, ids, cands, key, alphas, align, layers,
+    max_sweeps, batch_size,
+) -> Valuation:  # fmt: skip
+    """The shared jitted call behind :func:`value_candidates` and :func:`value_pairs`."""
+    return _value_jit(
+        model,
+        bool(align),
+        _layers_key(pop_params, layers),
+        batch_size,
+        pop_params,
+        x_val,
+        y_val,
+        val_idx,
+        ids,
+        cands,
+        key,
+        jnp.asarray(alphas, jnp.float32),
+        jnp.asarray(max_sweeps, jnp.int32),
+    )
+
+
 def value_candidates(
     model: Model,
     pop_params,
@@ -248,21 +270,10 @@ def value_candidates(
         raise ParamarketError(f"candidates must be (N, K), got shape {tuple(cands.shape)}")
     _check_rows(pop_params, val_idx, cands.shape[0], "candidates")
     ids = jnp.arange(cands.shape[0], dtype=jnp.int32)
-    return _value_jit(
-        model,
-        bool(align),
-        _layers_key(pop_params, layers),
-        batch_size,
-        pop_params,
-        x_val,
-        y_val,
-        val_idx,
-        ids,
-        cands,
-        key,
-        jnp.asarray(alphas, jnp.float32),
-        jnp.asarray(max_sweeps, jnp.int32),
-    )
+    return _call_value(
+        model, pop_params, x_val, y_val, val_idx, ids, cands, key,
+        alphas, align, layers, max_sweeps, batch_size,
+    )  # fmt: skip
 
 
 def value_pairs(
@@ -297,21 +308,10 @@ def value_pairs(
     cands = jnp.asarray(sellers, jnp.int32)[:, None]
     val_idx = jnp.asarray(val_idx, jnp.int32)
     _check_rows(pop_params, val_idx, None, "pairs")
-    return _value_jit(
-        model,
-        bool(align),
-        _layers_key(pop_params, layers),
-        batch_size,
-        pop_params,
-        x_val,
-        y_val,
-        val_idx,
-        ids,
-        cands,
-        key,
-        jnp.asarray(alphas, jnp.float32),
-        jnp.asarray(max_sweeps, jnp.int32),
-    )
+    return _call_value(
+        model, pop_params, x_val, y_val, val_idx, ids, cands, key,
+        alphas, align, layers, max_sweeps, batch_size,
+    )  # fmt: skip
 
 
 def _merge_trades(
