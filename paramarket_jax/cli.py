@@ -147,10 +147,9 @@ def cmd_sweep(args) -> int:
     def progress(name, done):
         print(f"{'kept' if done else 'ran '} {name}", file=sys.stderr, flush=True)
 
-    table = run_sweep(
-        args.scenario, [parse_grid(g) for g in args.grid], overrides, args.out, progress
-    )
-    keys = [parse_grid(g)[0] for g in args.grid]
+    grid = [parse_grid(g) for g in args.grid]
+    table = run_sweep(args.scenario, grid, overrides, args.out, progress)
+    keys = [key for key, _ in grid]
     cols = ["market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare", "mutual_gain",
             "trades", "revenue_of_sellers"]  # fmt: skip
     print(table.groupby(keys)[cols].mean().round(4).to_string())

@@ -41,12 +41,23 @@ class Prepared(NamedTuple):
     kernels: RoundKernels
 
 
+_LAST_DATASET: dict[str, Dataset] = {}
+
+
 def seed_data(scenario, seed: int) -> tuple[Dataset, Any, jax.Array]:
-    """Dataset and partition of one seed, and the key for everything after them."""
+    """Dataset and partition of one seed, and the key for everything after them.
+
+    The last dataset built is kept, so :func:`prepare` (which needs the first seed's input
+    shape) and that seed's :class:`MarketModel` load or generate it once.
+    """
     k_data, k_split, k_run = jax.random.split(jax.random.key(seed), 3)
     d = scenario.data
     options = dict(d.options) | ({"path": d.path} if d.path else {})
-    dataset = load_dataset(d.dataset, k_data, **options)
+    cache_key = repr((d.dataset, sorted(options.items()), seed))
+    if cache_key not in _LAST_DATASET:
+        _LAST_DATASET.clear()
+        _LAST_DATASET[cache_key] = load_dataset(d.dataset, k_data, **options)
+    dataset = _LAST_DATASET[cache_key]
     part = partition(
         d.split.name,
         k_split,

@@ -29,6 +29,7 @@ from paramarket_jax.economics import (
 from paramarket_jax.mechanisms import MECHANISMS, Knobs, Market, cap_bids, make_mechanism, settle
 from paramarket_jax.models.base import Model
 from paramarket_jax.population import AgentData, Population, Trainer
+from paramarket_jax.scenario import per_agent
 
 MARKET, SILOED, FEDAVG = 0, 1, 2
 MECHANISM_NAMES = MECHANISMS
@@ -124,8 +125,6 @@ class RoundKernels(NamedTuple):
 
 def economy_of(scenario) -> Economy:
     """The scenario's economic knobs as arrays."""
-    from paramarket_jax.scenario import per_agent
-
     e, n = scenario.economics, scenario.agents.n
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
     return Economy(
@@ -143,8 +142,6 @@ def economy_of(scenario) -> Economy:
 
 def strategy_of(scenario) -> StrategyParams:
     """The scenario's per-agent strategies as arrays."""
-    from paramarket_jax.scenario import per_agent
-
     s, n = scenario.strategies, scenario.agents.n
     return StrategyParams(
         kind=jnp.asarray([STRATEGIES.index(k) for k in per_agent(s.kind, n)], jnp.int32),
