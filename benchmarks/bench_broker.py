@@ -7,9 +7,14 @@ memory, both in MiB; rows are written by ``benchmarks.common.emit``). The model 
 reference probes' 64-128-128-10 MLP. Cases:
 
   ``align_all_pairs``: pairs/s of one jitted, vmapped ``align_pairs`` call over all
-      N*(N-1) pairs (optax Hungarian, until convergence) against a host loop of
+      N*(N-1) pairs, until convergence, with the default ``backend="auto"`` (the
+      assignment solver chosen per platform: scipy through ``jax.pure_callback`` on CPU,
+      optax's Hungarian elsewhere; ``solver`` names it) against a host loop of
       ``align(..., backend="scipy")`` (timed on at most 64 pairs, per pair).
-  ``align_all_pairs_vs_anchor``: the same call stopped at ``--anchor-sweeps`` against
+  ``align_all_pairs_<backend>``: the same call with the solver forced (``optax``,
+      ``callback``; ``--align-backends``, for N up to ``--align-backends-max-n``), same
+      baseline.
+  ``align_all_pairs_vs_anchor``: the default call stopped at ``--anchor-sweeps`` against
       ``match_jax`` of ``align_anchor.py`` (fixed sweeps), vmapped over the same pairs.
   ``valuation``: merged models scored per second (11 alphas x 256 validation rows, all
       N*(N-1) pairs, no alignment: the anchor's work) against ``bench_valuation`` of
@@ -46,17 +51,23 @@ def population(model, n: int, seed: int = 0):
     return jax.jit(jax.vmap(model.init))(jax.random.split(jax.random.key(seed), n))
 
 
-def bench_align(model, sizes, max_sweeps, scipy_pairs, anchor, anchor_sweeps, reps):
+def bench_align(
+    model, sizes, max_sweeps, scipy_pairs, anchor, anchor_sweeps, reps, backends, backends_max_n
+):
     spec, key = model.spec, jax.random.key(1)
+    solver = "scipy callback" if jax.default_backend() == "cpu" else "optax"
     for n in sizes:
         pop = population(model, n)
         buyers, sellers = broker.all_pairs(n)
         n_pairs = int(buyers.shape[0])
 
-        def run(pop, buyers, sellers, sweeps):
-            return broker.align_pairs(spec, pop, buyers, sellers, key, sweeps)
+        def run(pop, buyers, sellers, sweeps, backend="auto"):
+            return broker.align_pairs(spec, pop, buyers, sellers, key, sweeps, backend=backend)
 
         t = timeit(run, pop, buyers, sellers, max_sweeps, reps=reps)
+        forced = {}
+        for backend in backends if n <= backends_max_n else ():
+            forced[backend] = timeit(run, pop, buyers, sellers, max_sweeps, backend, reps=reps)
         k = min(n_pairs, scipy_pairs)
         host = jax.tree.map(np.asarray, pop)
 
@@ -69,19 +80,24 @@ def bench_align(model, sizes, max_sweeps, scipy_pairs, anchor, anchor_sweeps, re
         for b, s in zip(np.asarray(buyers)[:k], np.asarray(sellers)[:k], strict=True):
             scipy_align(b, s)
         per_pair = (time.perf_counter() - start) / k
-        emit(
-            BENCH,
-            "align_all_pairs",
-            n,
-            "pairs_per_s",
-            n_pairs / t,
-            f"align(backend='scipy') host loop over {k} pairs, per pair",
-            1 / per_pair,
-            pairs=n_pairs,
-            max_sweeps=max_sweeps,
-            seconds=t,
-            peak_mem_mb=peak_mem_mb(),
-        )
+        for case, backend, seconds in [("align_all_pairs", "auto", t)] + [
+            (f"align_all_pairs_{b}", b, s) for b, s in forced.items()
+        ]:
+            emit(
+                BENCH,
+                case,
+                n,
+                "pairs_per_s",
+                n_pairs / seconds,
+                f"align(backend='scipy') host loop over {k} pairs, per pair",
+                1 / per_pair,
+                pairs=n_pairs,
+                max_sweeps=max_sweeps,
+                backend=backend,
+                solver=solver if backend == "auto" else backend,
+                seconds=seconds,
+                peak_mem_mb=peak_mem_mb(),
+            )
         if anchor is None:
             continue
         t_ours = timeit(run, pop, buyers, sellers, anchor_sweeps, reps=reps)
@@ -162,6 +178,17 @@ def main():
     ap.add_argument("--max-sweeps", type=int, default=100)
     ap.add_argument("--scipy-pairs", type=int, default=64, help="pairs timed on the host loop")
     ap.add_argument("--anchor-sweeps", type=int, default=4, help="align_anchor's fixed sweeps")
+    ap.add_argument(
+        "--align-backends",
+        default="optax,callback",
+        help="jitted backends also timed with the solver forced (empty: none)",
+    )
+    ap.add_argument(
+        "--align-backends-max-n",
+        type=int,
+        default=16,
+        help="largest N timed with forced backends (optax on CPU: minutes at N=64)",
+    )
     ap.add_argument("--val-sizes", default="16,64", help="N for valuation without alignment")
     ap.add_argument("--val-aligned-sizes", default="8", help="N for valuation with alignment")
     ap.add_argument(
@@ -190,6 +217,8 @@ def main():
         align_anchor,
         args.anchor_sweeps,
         args.align_reps,
+        [b for b in args.align_backends.split(",") if b],
+        args.align_backends_max_n,
     )
     population_anchor = load_anchor(anchor_dir, "population_anchor")
     bench_value(

@@ -59,8 +59,9 @@ def naive_rate(n: int, steps: int) -> float:
                     o,
                     pop.learning_rate[i],
                     k,
-                    data.train_idx[i],
+                    data.train_start[i],
                     data.train_size[i],
+                    data.train_rows,
                     data.x_train,
                     data.y_train,
                 )

@@ -25,10 +25,44 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="paramarket", description="Simulate parameter markets of Flax models."
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=("batch", "mesa"),
+        default="batch",
+        help="batch: every seed (and every cell differing only in numeric knobs) in one "
+        "compiled call (default); mesa: step each seed's Mesa model round by round",
     )
+    parser.add_argument(
+        "--batch",
+        type=positive_int,
+        default=None,
+        metavar="RUNS",
+        help="most runs per compiled call of the batch engine (default: what fits memory)",
+    )
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line, exit code 2 (like every other bad input)."""
+
+    def error(self, message: str):
+        print(f"paramarket: error: {message} (see paramarket {self.prog.split()[-1]} --help)",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="paramarket", description="Simulate parameter markets of Flax models.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a scenario: market against siloed twins")
     run.add_argument(
@@ -50,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seeds", default=None, help="seeds to run, e.g. 0,1,2 or 0-4")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_options(run)
     sweep = sub.add_parser("sweep", help="run a grid of overrides x seeds into one folder")
     sweep.add_argument("scenario", help="bundled scenario name or TOML file")
     sweep.add_argument(
@@ -70,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--seeds", default=None, help="seeds of every cell, e.g. 0-4")
     sweep.add_argument("--out", required=True, help="sweep folder (resumes if it exists)")
+    add_engine_options(sweep)
     sub.add_parser("scenarios", help="list bundled scenarios")
     return parser
 
@@ -86,8 +122,8 @@ def cmd_run(args) -> int:
     from tqdm import tqdm
 
     from paramarket_jax import scenario as sc
-    from paramarket_jax.market.run import run_scenario
     from paramarket_jax.results import check_out_dir, write_run
+    from paramarket_jax.runs import run_scenario
 
     overrides = list(args.overrides)
     if args.seeds is not None:
@@ -98,7 +134,9 @@ def cmd_run(args) -> int:
     check_out_dir(out)
     total = scenario.train.rounds * len(scenario.seeds)
     with tqdm(total=total, desc="rounds", disable=args.quiet, file=sys.stderr) as bar:
-        result = run_scenario(scenario, progress=lambda: bar.update(1))
+        result = run_scenario(
+            scenario, engine=args.engine, max_batch=args.batch, progress=bar.update
+        )
     write_run(out, result.files())
     print_summary(scenario, result.summary)
     print(f"wrote {out}/")
@@ -148,7 +186,9 @@ def cmd_sweep(args) -> int:
         print(f"{'kept' if done else 'ran '} {name}", file=sys.stderr, flush=True)
 
     grid = [parse_grid(g) for g in args.grid]
-    table = run_sweep(args.scenario, grid, overrides, args.out, progress)
+    table = run_sweep(
+        args.scenario, grid, overrides, args.out, progress, engine=args.engine, max_batch=args.batch
+    )
     keys = [key for key, _ in grid]
     cols = ["market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare", "mutual_gain",
             "trades", "revenue_of_sellers"]  # fmt: skip

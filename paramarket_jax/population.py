@@ -51,11 +51,14 @@ class AgentData(NamedTuple):
     """Shared dataset arrays on the device plus each agent's index views into them.
 
     Minibatches and evaluation rows are index draws into the shared arrays, never
-    per-agent copies of the data.
+    per-agent copies of the data. Training shards are slices of one index array grouped
+    by owner, so memory grows as rows + N, never as N x rows.
 
     Attributes:
         x_train, y_train: (n_train, *input_shape) float32, (n_train,) int32.
-        train_idx: (N, L) int32, agent i's shard is ``train_idx[i, :train_size[i]]``.
+        train_rows: (R,) int32 indices into the training arrays, grouped by owner (padded
+            beyond the last shard; padding is never read).
+        train_start: (N,) int32, agent i's shard is ``train_rows[start[i]:][:size[i]]``.
         train_size: (N,) int32, shard lengths (>= 1).
         x_val, y_val, val_idx: validation arrays and (N, m_val) per-agent rows.
         x_test, y_test, test_idx: test arrays and (N, m_test) per-agent rows.
@@ -63,7 +66,8 @@ class AgentData(NamedTuple):
 
     x_train: jax.Array
     y_train: jax.Array
-    train_idx: jax.Array
+    train_rows: jax.Array
+    train_start: jax.Array
     train_size: jax.Array
     x_val: jax.Array
     y_val: jax.Array
@@ -73,12 +77,33 @@ class AgentData(NamedTuple):
     test_idx: jax.Array
 
 
-def agent_data(dataset, part) -> AgentData:
-    """Put a :class:`~paramarket_jax.data.Dataset` and its Partition on the device."""
+def row_capacity(part, n_train: int) -> int:
+    """Length to pad ``train_rows`` to, fixed by the dataset and N only (not by the draw).
+
+    Disjoint partitions own at most the whole training set; overlapping ones (such as
+    ``class_split``) at most N copies of it. Padding to that bound keeps one shape for every
+    seed and every value of ``d``, Dirichlet alpha or shard weights, so nothing recompiles.
+    """
+    total = int(np.asarray(part.train_size).sum())
+    return n_train if total <= n_train else n_train * len(part.train_size)
+
+
+def agent_data(dataset, part, capacity: int | None = None) -> AgentData:
+    """Put a :class:`~paramarket_jax.data.Dataset` and its Partition on the device.
+
+    Args:
+        dataset: the shared dataset.
+        part: its Partition among N agents.
+        capacity: pad ``train_rows`` to this length (default :func:`row_capacity`).
+    """
+    rows = np.asarray(part.train_rows, np.int32)
+    capacity = capacity or row_capacity(part, len(dataset.y_train))
+    rows = np.concatenate([rows, np.zeros(capacity - len(rows), np.int32)])
     return AgentData(
         x_train=jnp.asarray(dataset.x_train, jnp.float32),
         y_train=jnp.asarray(dataset.y_train, jnp.int32),
-        train_idx=jnp.asarray(part.train_idx, jnp.int32),
+        train_rows=jnp.asarray(rows),
+        train_start=jnp.asarray(part.train_start, jnp.int32),
         train_size=jnp.asarray(part.train_size, jnp.int32),
         x_val=jnp.asarray(dataset.x_val, jnp.float32),
         y_val=jnp.asarray(dataset.y_val, jnp.int32),
@@ -94,19 +119,22 @@ def agent_keys(key: jax.Array, n: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n))
 
 
-def sample_batch(key: jax.Array, shard: jax.Array, size: jax.Array, batch_size: int) -> jax.Array:
+def sample_batch(
+    key: jax.Array, rows: jax.Array, start: jax.Array, size: jax.Array, batch_size: int
+) -> jax.Array:
     """Draw ``batch_size`` rows uniformly, with replacement, from one agent's shard.
 
     Args:
         key: the agent's key for this step.
-        shard: (L,) int32 padded shard indices; only the first ``size`` are read.
+        rows: (R,) int32 training rows of every agent, grouped by owner.
+        start: () int32 where this agent's shard begins in ``rows``.
         size: () int32 shard length.
         batch_size: static minibatch size.
 
     Returns:
         (batch_size,) int32 indices into the shared training arrays.
     """
-    return shard[jax.random.randint(key, (batch_size,), 0, size)]
+    return rows[start + jax.random.randint(key, (batch_size,), 0, size)]
 
 
 class Trainer(NamedTuple):
@@ -120,7 +148,8 @@ class Trainer(NamedTuple):
         reset_optimizer: ``(pop, mask (N,) bool) -> pop`` with fresh optimizer states where
             ``mask``.
         train_one: the unbatched per-agent kernel
-            ``(params, opt_state, lr, key, shard, size, x, y, steps) -> (params, opt_state, loss)``.
+            ``(params, opt_state, lr, key, start, size, rows, x, y, steps)
+            -> (params, opt_state, loss)``.
         loss: ``(params, x, y) -> ()`` mean cross-entropy of one model.
     """
 
@@ -160,11 +189,11 @@ def make_trainer(model: Model, optimizer: str = "adam", batch_size: int = 32) ->
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, jnp.mean(jnp.argmax(logits, -1) == y)
 
-    def train_one(params, opt_state, lr, key, shard, size, x, y, steps):
+    def train_one(params, opt_state, lr, key, start, size, rows, x, y, steps):
         def step(carry, k):
             p, o = carry
-            rows = sample_batch(k, shard, size, batch_size)
-            loss, grads = jax.value_and_grad(loss_fn)(p, x[rows], y[rows])
+            batch = sample_batch(k, rows, start, size, batch_size)
+            loss, grads = jax.value_and_grad(loss_fn)(p, x[batch], y[batch])
             updates, o = tx.update(grads, o, p)
             updates = jax.tree.map(lambda u: lr * u, updates)
             return (optax.apply_updates(p, updates), o), loss
@@ -181,14 +210,15 @@ def make_trainer(model: Model, optimizer: str = "adam", batch_size: int = 32) ->
 
     def train(pop, key, data, steps):
         n = pop.learning_rate.shape[0]
-        per_agent = jax.vmap(train_one, (0, 0, 0, 0, 0, 0, None, None, None))
+        per_agent = jax.vmap(train_one, (0, 0, 0, 0, 0, 0, None, None, None, None))
         params, opt_state, losses = per_agent(
             pop.params,
             pop.opt_state,
             pop.learning_rate,
             agent_keys(key, n),
-            data.train_idx,
+            data.train_start,
             data.train_size,
+            data.train_rows,
             data.x_train,
             data.y_train,
             steps,

@@ -24,21 +24,97 @@ TRADE_COLUMNS = [
 ]  # fmt: skip
 
 
-def rounds_table(market) -> pd.DataFrame:
-    """One row per round x agent of one seed, from the model's Mesa DataCollector."""
-    df = market.datacollector.get_agent_vars_dataframe().reset_index()
-    agent = df["AgentID"].map({a.unique_id: a.index for a in market.traders})
-    out = pd.DataFrame({"seed": market.seed_value, "round": df["Step"] - 1, "agent": agent})
-    for col in ROUND_COLUMNS:
-        out[col] = df[col].to_numpy()
-    return out.astype({"seed": "int64", "round": "int64", "agent": "int64", "trades": "int64"})
+def rounds_table(
+    records, seeds, initial_cash: float, twin_names=("market", "siloed")
+) -> pd.DataFrame:
+    """One row per seed x round x agent, built from round records in bulk.
+
+    Args:
+        records: a :class:`~paramarket_jax.round.RoundRecord` of host arrays, every leaf
+            with leading axes (S seeds, R rounds).
+        seeds: the S seed values.
+        initial_cash: every agent's cash before round 0 (utility is cash minus it).
+        twin_names: what each index of the records' twin axis holds
+            (``MarketSpec.twin_names``); columns of a missing twin are NaN.
+    """
+    r = records
+    s_n, r_n, _, n = np.shape(r.test_acc)
+    f64 = lambda a: np.asarray(a, np.float64).reshape(-1)  # noqa: E731
+    nan = np.full(s_n * r_n * n, np.nan)
+
+    def twin(a, name):
+        if name not in twin_names:
+            return nan
+        return f64(np.asarray(a)[:, :, list(twin_names).index(name)])
+
+    cash, siloed_cash = twin(r.cash, "market"), twin(r.cash, "siloed")
+    columns = {
+        "seed": np.repeat(np.asarray(seeds, np.int64), r_n * n),
+        "round": np.tile(np.repeat(np.arange(r_n, dtype=np.int64), n), s_n),
+        "agent": np.tile(np.arange(n, dtype=np.int64), s_n * r_n),
+        "loss": twin(r.test_loss, "market"),
+        "accuracy": twin(r.test_acc, "market"),
+        "val_accuracy": twin(r.val_acc, "market"),
+        "siloed_loss": twin(r.test_loss, "siloed"),
+        "siloed_accuracy": twin(r.test_acc, "siloed"),
+        "fedavg_accuracy": twin(r.test_acc, "fedavg"),
+        "central_accuracy": f64(r.central_acc),
+        "trades": np.asarray(r.trade_count, np.int64).reshape(-1),
+        "revenue": twin(r.revenue, "market"),
+        "cost": twin(r.cost, "market"),
+        "payment": f64(r.flows.payment),
+        "receipt": f64(r.flows.receipt),
+        "fees": f64(r.flows.fees),
+        "cash": cash,
+        "utility": cash - float(initial_cash),
+        "siloed_revenue": twin(r.revenue, "siloed"),
+        "siloed_cash": siloed_cash,
+        "siloed_utility": siloed_cash - float(initial_cash),
+    }
+    assert list(columns)[3:] == ROUND_COLUMNS
+    return pd.DataFrame(columns)
 
 
-def trades_table(market) -> pd.DataFrame:
-    """One row per settled trade of one seed."""
-    df = pd.DataFrame(market.trade_log, columns=TRADE_COLUMNS)
+def trades_table(records, seeds) -> pd.DataFrame:
+    """One row per settled trade, ordered by seed, round and buyer.
+
+    Args:
+        records: round records of host arrays with leading axes (S seeds, R rounds).
+        seeds: the S seed values.
+    """
+    t = records.trades
+    mask = np.asarray(t.mask, bool)
+    s_idx, r_idx, buyer = np.nonzero(mask)
+    df = pd.DataFrame(
+        {
+            "seed": np.asarray(seeds, np.int64)[s_idx],
+            "round": r_idx.astype(np.int64),
+            "buyer": buyer.astype(np.int64),
+            "seller": np.asarray(t.seller)[mask].astype(np.int64),
+        }
+    )
+    for col in ("alpha", "predicted_gain", "realized_gain", "value", "realized_value"):
+        df[col] = np.asarray(getattr(t, col), np.float64)[mask]
     df["estimation_error"] = df["value"] - df["realized_value"]
-    return df.astype({"seed": "int64", "round": "int64", "buyer": "int64", "seller": "int64"})
+    for col in ("reservation", "bid", "ask", "price", "fee"):
+        df[col] = np.asarray(getattr(t, col), np.float64)[mask]
+    return df[TRADE_COLUMNS]
+
+
+def check_finite_losses(records, seeds, learning_rate) -> None:
+    """Raise ParamarketError naming the first round and seed whose loss is not finite."""
+    bad = ~np.isfinite(np.asarray(records.test_loss)).reshape(*np.shape(records.test_loss)[:2], -1)
+    if bad.any():
+        s, r = (int(v[0]) for v in np.nonzero(bad.any(-1)))
+        raise diverged(r, seeds[s], learning_rate)
+
+
+def diverged(round_index: int, seed: int, learning_rate) -> ParamarketError:
+    """The error for a run whose loss stopped being finite."""
+    return ParamarketError(
+        f"training diverged (non-finite loss) at round {round_index}, seed {seed}; "
+        f"lower train.learning_rate (now {learning_rate})"
+    )
 
 
 def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:

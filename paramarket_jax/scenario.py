@@ -13,6 +13,7 @@ from typing import Any
 
 import tomli_w
 
+from paramarket_jax.broker.merge import PAPER_ALPHAS
 from paramarket_jax.economics import QUALITIES, REVENUES, STRATEGIES
 from paramarket_jax.errors import ParamarketError
 
@@ -23,7 +24,6 @@ SCENARIO_DIR = next(
     (d for d in (_HERE / "scenarios", _HERE.parent / "scenarios") if d.is_dir()),
     _HERE / "scenarios",
 )
-PAPER_ALPHAS = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
 
 
 # ---- field rules: (description of allowed values, predicate) ----
@@ -93,9 +93,9 @@ def _optimizers():
 
 
 def _mechanisms():
-    from paramarket_jax.market.round import MECHANISM_NAMES
+    from paramarket_jax.mechanisms import MECHANISMS
 
-    return MECHANISM_NAMES
+    return MECHANISMS
 
 
 # ---- sections ----
@@ -118,6 +118,7 @@ class SplitConfig:
 class DataConfig:
     dataset: str = "digits"
     path: str = ""
+    seed: int = 0
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
 
@@ -192,13 +193,16 @@ class StrategiesConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BaselinesConfig:
+    siloed: bool = True
     centralized: bool = False
     fedavg: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Scenario:
-    """A whole market run. Every random choice flows from each seed in ``seeds``."""
+    """A whole market run. Every random choice flows from each seed in ``seeds``, except
+    the dataset itself (its generation and train/validation/test carving), which every
+    seed shares and ``data.seed`` draws, so that seeds stack into one batched call."""
 
     name: str = "custom"
     description: str = ""
@@ -224,6 +228,7 @@ RULES: dict[str, tuple] = {
     "agents.n": _int(2),
     "data.dataset": _choice(_datasets),
     "data.path": STR,
+    "data.seed": _int(0),
     "data.split.name": _choice(_partitioners),
     "data.split.eval_size": _int(1),
     "data.split.eval_mix": ("one of shard, global", lambda v: v in ("shard", "global")),
@@ -271,6 +276,7 @@ RULES: dict[str, tuple] = {
     "strategies.grid": ALPHAS,
     "strategies.eta": _real("a number > 0", lambda v: v > 0),
     "strategies.explore": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "baselines.siloed": BOOL,
     "baselines.centralized": BOOL,
     "baselines.fedavg": BOOL,
 }
@@ -295,7 +301,7 @@ OPEN_TABLES = {
     "model": ("name", _models),
     "mechanism": ("name", _mechanisms),
 }
-NOT_OPTIONS = {"data": {"path"}}
+NOT_OPTIONS = {"data": {"path", "seed"}}
 # keys that take one value for every agent or a list with one value per agent
 PER_AGENT = {
     "economics.value_per_quality",
@@ -392,37 +398,6 @@ def from_dict(table: Mapping[str, Any]) -> Scenario:
                 f"scenario key {key!r} must have 1 or agents.n = {n} entries, got {len(value)}"
             )
     return scenario
-
-
-# Keys that only change numbers fed to the compiled kernels (or the host-side schedule and
-# data draw): scenarios that differ only in these share one compilation.
-NUMERIC_KEYS = {
-    "name", "description", "seeds", "train.learning_rate", "trading.start", "trading.every",
-    "mechanism.reserve", "mechanism.beta", "mechanism.posted", "economics.value_per_quality",
-    "economics.market_size", "economics.gamma", "economics.outside_option",
-    "economics.horizon", "economics.step_cost",
-    "economics.query_fee", "economics.trade_fee", "economics.fee_share",
-    "economics.initial_cash", "strategies.kind", "strategies.shade", "strategies.markup",
-    "strategies.eta", "strategies.explore",
-}  # fmt: skip
-
-
-def static_key(scenario: Scenario) -> str:
-    """The scenario without its numeric knobs, as TOML: equal keys compile identically."""
-    table = to_dict(scenario)
-    for key in NUMERIC_KEYS:
-        *path, last = key.split(".")
-        node = table
-        for part in path:
-            node = node[part]
-        node.pop(last, None)
-    # partitioner options only change which rows each agent owns: shards are padded to
-    # the whole training set, so every value shares one compilation
-    split = table["data"]["split"]
-    for option in list(split):
-        if option not in {f.name for f in dataclasses.fields(SplitConfig)}:
-            split.pop(option)
-    return tomli_w.dumps(table)
 
 
 def per_agent(values: tuple, n: int) -> list:

@@ -1,8 +1,9 @@
 """Sweeps: a grid of scenario overrides x seeds into one folder of runs plus one table.
 
 Each cell is an ordinary run folder (written atomically, so a cell is either complete or
-absent); an interrupted sweep resumes by skipping complete cells. Cells that differ only
-in numeric knobs reuse the compiled kernels (see ``market.model.prepare``).
+absent); an interrupted sweep resumes by skipping complete cells. Cells that share a
+``MarketSpec``, a dataset, rounds and seeds (they differ only in numeric knobs) run
+together through the batch path: every seed of every such cell in one compiled call.
 """
 
 from __future__ import annotations
@@ -83,7 +84,36 @@ def sweep_table(out: pathlib.Path, planned) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_sweep(base: str, grid, overrides, out: str | os.PathLike, progress=None) -> pd.DataFrame:
+def groups(scenarios: list[sc.Scenario]):
+    """Indices of scenarios that can share one batch call, with their experiments.
+
+    Yields lists of (index, Experiment): one dataset is loaded per distinct data setting,
+    and cells are grouped by spec, rounds and seeds.
+    """
+    from paramarket_jax.experiment import build, dataset_key, load_shared_dataset
+
+    datasets: dict[tuple, object] = {}
+    grouped: dict[tuple, list] = {}
+    for i, scenario in enumerate(scenarios):
+        dkey = dataset_key(scenario)
+        if dkey not in datasets:
+            datasets[dkey] = load_shared_dataset(scenario)
+        exp = build(scenario, datasets[dkey])
+        key = (dkey, exp.spec, scenario.train.rounds, tuple(scenario.seeds))
+        grouped.setdefault(key, []).append((i, exp))
+    yield from grouped.values()
+
+
+def run_sweep(
+    base: str,
+    grid,
+    overrides,
+    out: str | os.PathLike,
+    progress=None,
+    *,
+    engine: str = "batch",
+    max_batch: int | None = None,
+) -> pd.DataFrame:
     """Run every missing cell of the grid and (re)write ``out/sweep.parquet``.
 
     Args:
@@ -92,20 +122,36 @@ def run_sweep(base: str, grid, overrides, out: str | os.PathLike, progress=None)
         overrides: ``key=value`` overrides applied to every cell.
         out: the sweep folder (created if missing; complete cells are kept).
         progress: optional callable(cell name, done) after each cell.
+        engine: ``batch`` (cells differing only in numeric knobs share one compiled call)
+            or ``mesa`` (each cell's seeds stepped through the Mesa model).
+        max_batch: most runs per compiled call of the batch path.
     """
-    from paramarket_jax.market.run import run_scenario
     from paramarket_jax.results import write_run
+    from paramarket_jax.runs import ENGINES, run_cells, run_scenario
 
+    if engine not in ENGINES:
+        raise ParamarketError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
     planned = plan(base, grid, overrides)
     root = pathlib.Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+    todo = []
     for assignment, scenario in planned:
         folder = root / cell_name(assignment)
-        done = (folder / "summary.json").exists()
-        if not done:
-            write_run(folder, run_scenario(scenario).files())
-        if progress is not None:
-            progress(folder.name, done)
+        if (folder / "summary.json").exists():
+            if progress is not None:
+                progress(folder.name, True)
+        else:
+            todo.append((folder, scenario))
+    root.mkdir(parents=True, exist_ok=True)
+    for group in groups([scenario for _, scenario in todo]):
+        if engine == "batch":
+            outcomes = run_cells([exp for _, exp in group], max_batch=max_batch)
+        else:
+            outcomes = [run_scenario(exp.scenario, engine="mesa") for _, exp in group]
+        for (i, _), result in zip(group, outcomes, strict=True):
+            folder = todo[i][0]
+            write_run(folder, result.files())
+            if progress is not None:
+                progress(folder.name, False)
     table = sweep_table(root, planned)
     tmp = root / ".sweep.parquet.tmp"
     table.to_parquet(tmp, index=False)

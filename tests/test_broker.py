@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from paramarket_jax import broker
+from paramarket_jax.broker.align import SOLVERS, take
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.models import (
     apply_permutation,
@@ -82,19 +83,13 @@ def test_alignment_recovers_planted_permutation(name):
         return planted, apply_permutation(spec, planted, buyer)
 
     planted, seller = plant(jax.random.key(1), buyer)
-    backends = ("optax", "scipy") if name == "mlp" else ("optax",)
+    # The default (the platform's solver) everywhere; both forced solvers and the host loop
+    # on the MLP (on unrelated models too: test_weight_matching_same_on_every_backend).
+    backends = broker.BACKENDS if name == "mlp" else ("auto",)
     for backend in backends:
         perms = broker.align(spec, buyer, seller, jax.random.key(2), backend=backend)
         for g, p in planted.items():
             np.testing.assert_array_equal(perms[g], np.argsort(p), err_msg=f"{backend} {g}")
-    if name == "mlp":
-        # Unrelated models: the jitted Hungarian descent and scipy's host loop, same key and
-        # so the same group orders, reach the same local optimum.
-        other = random_params(model, jax.random.key(3))
-        found = [broker.align(spec, buyer, other, jax.random.key(4), backend=b) for b in backends]
-        for g in planted:
-            np.testing.assert_array_equal(found[0][g], found[1][g], err_msg=g)
-        assert any(not np.array_equal(found[0][g], np.arange(len(found[0][g]))) for g in planted)
     # The aligned seller is the buyer, and so is their merge at every alpha, on all layers
     # or on a subset.
     first = sorted(flatten(buyer))[0].rsplit("/", 1)[0]
@@ -109,6 +104,94 @@ def test_alignment_recovers_planted_permutation(name):
     assert leaves_equal(back, buyer)
     assert leaves_equal(every, jax.tree.map(lambda x: np.stack([x] * 3), buyer))
     assert leaves_equal(part, buyer)
+
+
+def test_hungarian_solvers_agree():
+    """scipy through the callback == optax's Hungarian, alone, batched and vmapped in jit."""
+    from scipy.optimize import linear_sum_assignment
+
+    sims = jax.random.normal(jax.random.key(0), (2, 3, 12, 12))  # continuous: no ties
+    single = {s: jax.jit(lambda m, s=s: broker.hungarian(m, s)) for s in SOLVERS}
+    nested = {s: jax.jit(jax.vmap(jax.vmap(single[s]))) for s in SOLVERS}
+    leading = {s: jax.jit(lambda m, s=s: broker.hungarian(m, s)) for s in SOLVERS}
+    want = np.array([[linear_sum_assignment(m, maximize=True)[1] for m in r] for r in sims])
+    for s in SOLVERS:
+        got = [nested[s](sims), leading[s](sims), single[s](sims[1, 2])]
+        assert all(g.dtype == jnp.int32 for g in got), s
+        for g, w in zip(got, (want, want, want[1, 2]), strict=True):
+            np.testing.assert_array_equal(g, w, err_msg=s)
+
+    # ``where``: the callback skips the other matrices (identity), also when only ``where``
+    # is batched; optax solves every one.
+    live = jnp.array([True, False, True])
+    skip = jax.jit(jax.vmap(lambda m, w: broker.hungarian(m, "callback", w), (None, 0)))
+    got = np.asarray(skip(sims[0, 0], live))
+    np.testing.assert_array_equal(got[[0, 2]], want[0, [0, 0]])
+    np.testing.assert_array_equal(got[1], np.arange(12))
+    optax_where = broker.hungarian(sims[0], "optax", live)
+    np.testing.assert_array_equal(optax_where, want[0])
+
+    # a non-finite similarity (a diverged model) gives a permutation, not a host error
+    bad = sims[0, 0].at[3].set(jnp.nan).at[5, 5].set(jnp.inf)
+    assert sorted(np.asarray(single["callback"](bad)).tolist()) == list(range(12))
+
+    # ``auto`` keeps only the platform's branch when lowered: the callback for CPU, optax's
+    # while loop for an accelerator (lowered here for CUDA too, whatever this machine is: a
+    # callback could only be lowered for this machine's own platform).
+    cpu = jax.default_backend() == "cpu"
+    text = single["auto"].lower(sims[0, 0]).as_text()
+    assert ("callback" in text) == cpu and ("while" in text) != cpu, text
+    text = single["auto"].trace(sims[0, 0]).lower(lowering_platforms=("cuda",)).as_text()
+    assert "callback" not in text and "while" in text
+    with pytest.raises(ParamarketError, match="solver"):
+        broker.hungarian(sims[0, 0], "scipy")
+
+
+def test_weight_matching_same_on_every_backend(mlp):
+    """Unrelated models, same key and so the same group orders: every backend (solver in the
+    jitted descent, or scipy's host loop) reaches the same local optimum, per pair."""
+    spec = mlp.spec
+    pop = random_params(mlp, jax.random.key(3), 3)
+    buyers, sellers = broker.all_pairs(3)
+    key = jax.random.key(4)
+    found = {
+        b: broker.align_pairs(spec, pop, buyers, sellers, key, backend=b) for b in broker.BACKENDS
+    }
+    for b in broker.BACKENDS:
+        assert leaves_equal(found[b], found["scipy"]), b
+    moved = [not np.array_equal(p, np.arange(p.shape[-1])) for p in jax.tree.leaves(found["auto"])]
+    assert any(moved)
+    # one pair through align: the same perms as its row of align_pairs
+    one = broker.align(spec, take(pop, 1), take(pop, 0), key, backend="callback")
+    assert leaves_equal(one, {g: p[2] for g, p in found["optax"].items()})
+    with pytest.raises(ParamarketError, match="backend"):
+        broker.align_pairs(spec, pop, buyers, sellers, key, backend="jax")
+
+
+def test_align_pairs_skips_converged_pairs(mlp, monkeypatch):
+    """30 pairs: once at most 8 are live, sweeps run on those 8 (gathered, then scattered
+    back); the perms are the host loop's, pair by pair."""
+    import sys
+
+    module = sys.modules["paramarket_jax.broker.align"]
+    assert module._buckets(30) == [30, 8]
+    batches = []
+    host = module._lsa_host
+
+    def counted(sim, where):
+        batches.append((sim.shape[0], int(np.sum(where))))
+        return host(sim, where)
+
+    monkeypatch.setattr(module, "_lsa_host", counted)
+    spec = mlp.spec
+    pop = random_params(mlp, jax.random.key(11), 6)
+    buyers, sellers = broker.all_pairs(6)
+    key = jax.random.key(12)
+    got = broker.align_pairs(spec, pop, buyers, sellers, key, backend="callback")
+    want = broker.align_pairs(spec, pop, buyers, sellers, key, backend="scipy")
+    assert leaves_equal(got, want)
+    assert batches[0] == (30, 30) and (8, batches[-1][1]) in batches, batches
+    assert all(live <= size for size, live in batches)
 
 
 def test_align_pairs_is_one_jitted_call(mlp):

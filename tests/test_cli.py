@@ -88,14 +88,7 @@ def test_scenarios_lists_every_bundled_scenario(capsys):
         (["--set", "model.widths"], "key=value"),
         (["--seeds", "a,b"], "--seeds"),
         (
-            [
-                "--set",
-                "train.learning_rate=1e6",
-                "--set",
-                "train.rounds=1",
-                "--set",
-                "baselines.centralized=false",
-            ],
+            ["--set", "train.learning_rate=1e6", "--seeds", "0,1", *SMALL],
             "diverged",
         ),
     ],
@@ -155,9 +148,42 @@ def test_sweep_rejects_a_bad_cell_before_running(tmp_path, capsys):
 
 def test_run_creates_missing_parent_folders(tmp_path, capsys):
     out = tmp_path / "results" / "deep" / "run"
-    assert main(["run", "--out", str(out), *SMALL]) == 0
+    assert main(["run", "--out", str(out), "--seeds", "0,1", *SMALL]) == 0
     assert (out / "summary.json").exists()
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["run", "--out", str(blocker / "run"), *SMALL]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_run_goes_through_one_compiled_call_for_every_seed(tmp_path, capsys, monkeypatch):
+    from paramarket_jax import batch
+
+    calls = []
+    real = batch.simulate_runs
+
+    def counting(*args):
+        calls.append(args[5].shape[0])  # keys: one per run
+        return real(*args)
+
+    monkeypatch.setattr(batch, "simulate_runs", counting)
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--seeds", "0-1", *SMALL]) == 0
+    assert calls == [2]
+    rounds = pd.read_parquet(out / "rounds.parquet")
+    assert sorted(rounds["seed"].unique()) == [0, 1]
+
+
+def test_mesa_engine_writes_the_same_tables(tmp_path, capsys):
+    a, b = tmp_path / "batch", tmp_path / "mesa"
+    assert main(["run", "--out", str(a), "--seeds", "0,1", *SMALL]) == 0
+    assert main(["run", "--out", str(b), "--seeds", "0,1", "--engine", "mesa", *SMALL]) == 0
+    for name in ("rounds.parquet", "trades.parquet"):
+        x, y = pd.read_parquet(a / name), pd.read_parquet(b / name)
+        assert list(x.columns) == list(y.columns) and len(x) == len(y)
+        pd.testing.assert_frame_equal(x, y, check_exact=False, rtol=2e-5, atol=2e-6)
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--out", str(tmp_path / "c"), "--engine", "gpu", *SMALL])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "--engine" in err
+    assert "batch" in err and "mesa" in err and not (tmp_path / "c").exists()

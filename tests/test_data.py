@@ -265,19 +265,19 @@ def test_partition_is_well_formed(digits, name):
     n_agents = 3
     part = partition(name, key(5), digits, n_agents, eval_size=100)
     n_train = len(digits.y_train)
-    assert part.train_idx.dtype == part.train_size.dtype == np.int32
-    assert part.train_idx.shape == (n_agents, part.train_size.max())
+    assert part.train_rows.dtype == part.train_size.dtype == part.train_start.dtype == np.int32
+    assert part.train_rows.shape == (part.train_size.sum(),)
+    np.testing.assert_array_equal(part.train_start, np.cumsum(part.train_size) - part.train_size)
     assert part.val_idx.shape == part.test_idx.shape == (n_agents, 100)
     assert part.val_idx.dtype == part.test_idx.dtype == np.int32
     assert part.train_size.min() >= 1
-    assert part.train_idx.min() >= 0 and part.train_idx.max() < n_train
+    assert part.train_rows.min() >= 0 and part.train_rows.max() < n_train
     assert part.val_idx.min() >= 0 and part.val_idx.max() < len(digits.y_val)
     assert part.test_idx.min() >= 0 and part.test_idx.max() < len(digits.y_test)
     shards = []
-    for row, size in zip(part.train_idx, part.train_size, strict=True):
-        shard, padding = row[:size], row[size:]
-        assert len(np.unique(shard)) == size
-        assert np.all(padding == shard[0])
+    for i, size in enumerate(part.train_size):
+        shard = part.shard(i)
+        assert len(shard) == size and len(np.unique(shard)) == size
         shards.append(shard)
     if name in DISJOINT:
         everything = np.concatenate(shards)
@@ -296,7 +296,7 @@ def test_class_split_two_agents(digits):
     y = digits.y_train
     counts = np.bincount(y, minlength=10)
     for agent, own in ((0, range(5)), (1, range(5, 10))):
-        held = np.bincount(y[part.train_idx[agent, : part.train_size[agent]]], minlength=10)
+        held = np.bincount(y[part.shard(agent)], minlength=10)
         for c in range(10):
             expected = counts[c] if c in own else max(1, round(0.1 * counts[c]))
             assert held[c] == expected
@@ -313,7 +313,7 @@ def test_eval_subsets_follow_train_histogram(digits):
     part = partition("shards", key(2), digits, 10, shards_per_agent=1, eval_size=60)
     y = digits.y_train
     for i in range(10):
-        train = np.bincount(y[part.train_idx[i, : part.train_size[i]]], minlength=10)
+        train = np.bincount(y[part.shard(i)], minlength=10)
         assert (train > 0).sum() < 10
         for labels, idx in ((digits.y_val, part.val_idx[i]), (digits.y_test, part.test_idx[i])):
             drawn = np.bincount(labels[idx], minlength=10)

@@ -1,13 +1,18 @@
-"""The market round: bookkeeping, siloed twins, schedule, Mesa views, no recompiles."""
+"""The pure market round: bookkeeping, siloed twins, schedule, the Mesa view, the batch path,
+no recompiles."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 
+from paramarket_jax import batch
+from paramarket_jax import round as market_round
 from paramarket_jax import scenario as sc
-from paramarket_jax.market.model import MarketModel, prepare
-from paramarket_jax.market.run import run_scenario
-from paramarket_jax.results import rounds_table, trades_table
+from paramarket_jax.experiment import build, seed_data
+from paramarket_jax.market.model import MarketModel
+from paramarket_jax.runs import result_of, run_scenario
 
 SHRINK = [
     "train.local_steps=3",
@@ -17,89 +22,189 @@ SHRINK = [
     "broker.alphas=[0.25, 0.5, 0.75]",
     "train.learning_rate=0.05",
 ]
+THREE = [
+    *SHRINK,
+    "agents.n=3",
+    "trading.start=1",
+    "trading.every=2",
+    "train.rounds=5",
+    "baselines.fedavg=true",
+    "baselines.centralized=false",
+]
 
 
 @pytest.fixture(scope="module")
-def prepared():
-    """One compiled 3-agent scenario shared by the tests (rounds and seeds vary freely)."""
-    s = sc.load(
-        "paper_two_agent",
-        [
-            *SHRINK,
-            "agents.n=3",
-            "trading.start=1",
-            "trading.every=2",
-            "train.rounds=5",
-            "baselines.fedavg=true",
-            "baselines.centralized=false",
-        ],
-    )
-    return prepare(s)
+def experiment():
+    """One 3-agent scenario shared by the tests (one spec: compiled once)."""
+    return build(sc.load("paper_two_agent", [*THREE, "seeds=[0, 1]"]))
 
 
-def test_round_bookkeeping(prepared):
-    market = MarketModel(prepared, seed=0)
-    market.run()
-    rounds, trades = rounds_table(market), trades_table(market)
-    n = prepared.scenario.agents.n
-    assert len(rounds) == 5 * n and sorted(rounds["agent"].unique()) == list(range(n))
+@pytest.fixture(scope="module")
+def batch_result(experiment):
+    return result_of(experiment, batch.run_cells([experiment]).records[0])
+
+
+def test_round_bookkeeping(experiment, batch_result):
+    rounds, trades = batch_result.rounds, batch_result.trades
+    n = experiment.spec.n
+    assert len(rounds) == 2 * 5 * n and sorted(rounds["agent"].unique()) == list(range(n))
     # trades happen only on the schedule (start 1, every 2), never with oneself
-    assert set(trades["round"]) <= {2, 4}
+    assert set(trades["round"]) <= {2, 4} and len(trades) > 0
     assert (trades["buyer"] != trades["seller"]).all()
     assert (trades["predicted_gain"] > 0).all()  # take_it buys iff the gain is positive
     assert (trades["price"] == 0).all()  # and pays nothing
     assert trades["alpha"].isin([0.25, 0.5, 0.75]).all()
     # each agent's cumulative trade count matches the trade log
-    last = rounds[rounds["round"] == 4].set_index("agent")["trades"]
-    for agent in range(n):
-        assert last[agent] == (trades["buyer"] == agent).sum()
+    last = rounds[rounds["round"] == 4].set_index(["seed", "agent"])["trades"]
+    for (seed, agent), count in last.items():
+        t = trades[trades["seed"] == seed]
+        assert count == (t["buyer"] == agent).sum()
     # before any trade the market and its siloed twin are the same models
     first = rounds[rounds["round"] < 2]
     np.testing.assert_array_equal(first["accuracy"], first["siloed_accuracy"])
     assert rounds["fedavg_accuracy"].notna().all() and rounds["central_accuracy"].isna().all()
-    # Mesa agents are views of the population's arrays
-    agent = market.traders[1]
-    assert agent.accuracy == float(market.metrics.test_acc[0, 1])
-    assert agent.siloed_accuracy == float(market.metrics.test_acc[1, 1])
-    assert market.datacollector.get_model_vars_dataframe().shape[0] == 5
 
 
-def test_without_trades_the_market_is_its_siloed_twin():
-    s = sc.load("paper_two_agent", [*SHRINK, "trading.start=99", "train.rounds=2"])
-    result = run_scenario(s)
+def test_mesa_view_and_batch_path_give_the_same_tables(experiment, batch_result):
+    """The Mesa model steps the same jitted round the batch path scans and vmaps."""
+    records = []
+    for seed in experiment.scenario.seeds:
+        market = MarketModel(experiment, seed)
+        market.run()
+        records.append(market.records())
+        # the Mesa agents are views of the round's record
+        agent = market.traders[1]
+        assert agent.accuracy == float(market.record.test_acc[0, 1])
+        assert agent.siloed_accuracy == float(market.record.test_acc[1, 1])
+        assert market.datacollector.get_model_vars_dataframe().shape[0] == 5
+        assert len(market.datacollector.get_agent_vars_dataframe()) == 5 * 3
+    mesa = result_of(experiment, jax.tree.map(lambda *x: np.stack(x), *records))
+    assert_same_tables(mesa.rounds, batch_result.rounds)
+    assert_same_tables(mesa.trades, batch_result.trades)
+
+
+def assert_same_tables(a: pd.DataFrame, b: pd.DataFrame):
+    """Same rows, columns and discrete values; floats equal up to float32 rounding (XLA
+    fuses the scanned, vmapped round differently from the stepped one)."""
+    assert list(a.columns) == list(b.columns) and len(a) == len(b)
+    for col in a.columns:
+        if a[col].dtype.kind in "iub":
+            np.testing.assert_array_equal(a[col], b[col], err_msg=col)
+        else:
+            np.testing.assert_allclose(a[col], b[col], rtol=2e-5, atol=2e-6, err_msg=col)
+
+
+def knobs(experiment, *overrides):
+    """The fixture's market with other numeric knobs: same spec, so nothing recompiles."""
+    scenario = sc.load("paper_two_agent", [*THREE, "seeds=[0, 1]", *overrides])
+    return build(scenario, experiment.dataset)
+
+
+def test_without_trades_the_market_is_its_siloed_twin(experiment, compiles):
+    quiet = knobs(experiment, "trading.start=99")
+    assert quiet.spec == experiment.spec
+    with compiles() as events:
+        result = result_of(quiet, batch.run_cells([quiet]).records[0])
+    assert events == []
     assert len(result.trades) == 0
     np.testing.assert_array_equal(result.rounds["accuracy"], result.rounds["siloed_accuracy"])
     np.testing.assert_array_equal(result.rounds["loss"], result.rounds["siloed_loss"])
     assert not result.summary["mutual_gain"]
 
 
-def test_same_seed_same_numbers_and_seeds_differ(prepared):
-    a, b, c = (MarketModel(prepared, seed) for seed in (3, 3, 4))
-    for m in (a, b, c):
-        for _ in range(3):
-            m.step()
-    ta, tb, tc = (rounds_table(m) for m in (a, b, c))
-    np.testing.assert_array_equal(ta["accuracy"], tb["accuracy"])
-    assert trades_table(a).drop(columns="seed").equals(trades_table(b).drop(columns="seed"))
-    assert not np.array_equal(ta["loss"], tc["loss"])
+def test_same_seed_same_numbers_and_seeds_differ(experiment, batch_result):
+    twice = batch.run_cells([knobs(experiment, "seeds=[1, 1]")]).records[0]
+    for leaf in jax.tree.leaves(twice):
+        np.testing.assert_array_equal(leaf[0], leaf[1])
+    rounds = batch_result.rounds
+    market_loss = np.asarray(twice.test_loss[0][:, 0, :], np.float64).ravel()
+    np.testing.assert_array_equal(rounds[rounds["seed"] == 1]["loss"], market_loss)
+    assert not np.array_equal(rounds[rounds["seed"] == 0]["loss"], market_loss)
 
 
-def test_no_recompilation_after_the_first_rounds(prepared, compiles):
-    market = MarketModel(prepared, seed=1)
-    market.step()  # round 0: train + evaluate compile
-    market.step()  # round 1 is not a trading round (every=2)
-    market.step()  # round 2 trades: the trade kernel compiles
+def test_jit_equals_no_jit(experiment):
+    data, key = seed_data(experiment, 0)
+    spec, params = experiment.spec, experiment.params
+    state = market_round.init_jit(spec, params, data, key)
+    r = jnp.asarray(2, jnp.int32)  # a trading round
+    _, jitted = market_round.step_jit(spec, params, data, state, key, r)
+    with jax.disable_jit():
+        _, eager = market_round.step(spec, params, data, state, key, r)
+    assert bool(jitted.traded) and bool(eager.traded)
+    for u, v in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+
+
+def test_no_recompilation_after_the_first_round(experiment, compiles):
+    market = MarketModel(experiment, seed=1)
+    market.step()  # round 0 compiles the round (both branches of the schedule's cond)
     with compiles() as events:
-        market.step()
-        market.step()
-        jax.block_until_ready(market.twins)
+        for _ in range(4):  # a trading round among them
+            market.step()
+        jax.block_until_ready(market.state)
     assert events == []
-    # a new seed reuses every compiled kernel (shards are padded to one width)
+    # a new seed reuses the compiled round (training rows are padded to one length)
     with compiles() as events:
-        other = MarketModel(prepared, seed=2)
+        other = MarketModel(experiment, seed=2)
         for _ in range(3):
             other.step()
     assert events == [], events
+
+
+def test_a_second_cell_of_numeric_knobs_compiles_nothing(experiment, compiles):
+    """Learning rate, prices, powers, fees, schedule, d and seeds are all traced."""
+    second = knobs(
+        experiment,
+        "train.learning_rate=0.03",
+        "mechanism.beta=0.9",
+        "mechanism.reserve=0.01",
+        "mechanism.posted=0.2",
+        "economics.gamma=3.0",
+        "economics.trade_fee=0.001",
+        "economics.value_per_quality=[1, 2, 3]",
+        "trading.start=0",
+        "data.split.d=0.3",
+        "seeds=[5, 6]",
+    )
+    with compiles() as events:
+        out = batch.run_cells([second])
+    assert events == [], events
+    assert out.calls == 1 and out.records[0].test_acc.shape == (2, 5, 3, 3)
+    assert bool(out.records[0].traded[0, 0])  # trading now starts at round 0
+
+
+def test_every_seed_runs_in_one_compiled_call(experiment, compiles):
+    out = batch.run_cells([experiment])
+    assert out.calls == 1 and out.chunk == 2
+    # three seeds at two runs a call: two calls, the last one padded, one compilation
+    three = knobs(experiment, "seeds=[0, 1, 2]")
+    with compiles() as events:
+        chunked = batch.run_cells([three], max_batch=2)
+    assert events == [] and chunked.calls == 2 and chunked.records[0].test_acc.shape[0] == 3
+    leaves = zip(jax.tree.leaves(out.records[0]), jax.tree.leaves(chunked.records[0]), strict=True)
+    for u, v in leaves:
+        np.testing.assert_array_equal(u, v[:2])
+
+
+def test_cells_with_different_knobs_differ_and_match_their_own_runs(experiment):
+    a = knobs(experiment, "seeds=[0]")
+    b = knobs(experiment, "seeds=[0]", "train.learning_rate=0.02")
+    together = batch.run_cells([a, b]).records  # the learning rate gets a batch axis
+    alone = batch.run_cells([experiment]).records[0]
+    np.testing.assert_allclose(together[0].test_loss[0], alone.test_loss[0], rtol=2e-5)
+    assert not np.allclose(together[1].test_loss[0], alone.test_loss[0])
+
+
+def test_siloed_twin_off_leaves_its_columns_empty():
+    s = sc.load(
+        "paper_two_agent",
+        [*SHRINK, "train.rounds=2", "trading.start=1", "baselines.siloed=false",
+         "baselines.fedavg=true", "baselines.centralized=false"],
+    )  # fmt: skip
+    result = run_scenario(s)
+    assert result.rounds["siloed_accuracy"].isna().all()
+    assert result.rounds["fedavg_accuracy"].between(0, 1).all()
+    assert result.rounds["accuracy"].between(0, 1).all()
 
 
 def test_centralized_baseline_and_alignment_off():
@@ -125,14 +230,21 @@ def test_every_bundled_scenario_runs_a_shrunk_round(name):
     assert result.summary["rounds"] == 2
 
 
-def test_chunked_valuation_gives_the_same_market():
+def test_chunked_valuation_gives_the_same_market(experiment, batch_result):
     """broker.batch_size bounds memory; numbers change by float rounding at most."""
-    base = [*SHRINK, "agents.n=3", "train.rounds=2", "trading.start=1",
-            "baselines.centralized=false"]  # fmt: skip
-    whole = run_scenario(sc.load("paper_two_agent", base))
-    chunked = run_scenario(sc.load("paper_two_agent", [*base, "broker.batch_size=2"]))
-    assert len(whole.trades) > 0
-    np.testing.assert_allclose(whole.trades["predicted_gain"], chunked.trades["predicted_gain"],
-                               atol=1e-6,
-                               rtol=1e-5)  # fmt: skip
-    np.testing.assert_allclose(whole.rounds["accuracy"], chunked.rounds["accuracy"])
+    chunked = knobs(experiment, "broker.batch_size=2")
+    result = result_of(chunked, batch.run_cells([chunked]).records[0])
+    assert len(batch_result.trades) > 0
+    assert_same_tables(result.trades, batch_result.trades)
+    assert_same_tables(result.rounds, batch_result.rounds)
+
+
+def test_the_round_and_the_batch_path_import_no_mesa():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import paramarket_jax.batch, paramarket_jax.runs, paramarket_jax.sweep;"
+        "assert 'mesa' not in sys.modules, 'mesa imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

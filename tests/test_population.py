@@ -32,13 +32,13 @@ def synthetic_data(n_agents, seed=7):
     x = jax.random.normal(kx, (n_train, D))
     y = jax.random.randint(ky, (n_train,), 0, C)
     sizes = np.array([5 + 7 * (i % 4) for i in range(n_agents)], np.int32)
-    width = int(sizes.max())
-    idx = np.zeros((n_agents, width), np.int32)
-    for i in range(n_agents):
-        rows = (np.arange(sizes[i]) * (i + 3) + i) % n_train
-        idx[i] = np.concatenate([rows, np.full(width - sizes[i], rows[0])])
+    starts = (np.cumsum(sizes) - sizes).astype(np.int32)
+    shards = [(np.arange(sizes[i]) * (i + 3) + i) % n_train for i in range(n_agents)]
+    rows = np.concatenate([*shards, np.zeros(7, np.int64)]).astype(np.int32)  # padded
     ev = np.tile(np.arange(10, dtype=np.int32), (n_agents, 1))
-    return AgentData(x, y, jnp.asarray(idx), jnp.asarray(sizes), x, y, ev, x, y, ev)
+    return AgentData(
+        x, y, jnp.asarray(rows), jnp.asarray(starts), jnp.asarray(sizes), x, y, ev, x, y, ev
+    )
 
 
 def leaves_equal(a, b):
@@ -85,9 +85,9 @@ def test_population_of_one_matches_an_agent_trained_alone(model):
     params = model.init(jax.random.fold_in(key, 0))
     tx = optax.sgd(lr)
     opt = tx.init(params)
-    shard, size = data.train_idx[0], data.train_size[0]
+    start, size = data.train_start[0], data.train_size[0]
     for k in jax.random.split(jax.random.fold_in(jax.random.key(12), 0), STEPS):
-        rows = shard[jax.random.randint(k, (B,), 0, size)]
+        rows = data.train_rows[start + jax.random.randint(k, (B,), 0, size)]
 
         def loss(p, rows=rows):
             logits = model.apply(p, data.x_train[rows])
@@ -119,19 +119,19 @@ def test_second_call_does_not_recompile(model, compiles):
 
 
 def test_shard_sampling_never_reads_another_agents_rows():
-    n, width = 6, 9
-    sizes = jnp.array([1, 2, 3, 5, 8, 9], jnp.int32)
-    # agent i owns rows 100*i .. 100*i+size-1; padding holds other agents' rows as bait
-    idx = jnp.array(
-        [
-            [100 * i + j if j < sizes[i] else 100 * ((i + 1) % n) for j in range(width)]
-            for i in range(n)
-        ],
-        jnp.int32,
-    )
+    n = 6
+    sizes = np.array([1, 2, 3, 5, 8, 9], np.int32)
+    starts = (np.cumsum(sizes) - sizes).astype(np.int32)
+    # agent i owns rows 100*i .. 100*i+size-1, stored one shard after another; the padding
+    # at the end holds another agent's rows as bait
+    rows = np.concatenate([100 * i + np.arange(sizes[i]) for i in range(n)] + [np.full(5, 100)])
     keys = agent_keys(jax.random.key(0), n)
-    draws = jax.vmap(jax.vmap(sample_batch, (0, None, None, None)), (0, 0, 0, None))(
-        jax.vmap(lambda k: jax.random.split(k, 200))(keys), idx, sizes, 16
+    draws = jax.vmap(jax.vmap(sample_batch, (0, None, None, None, None)), (0, None, 0, 0, None))(
+        jax.vmap(lambda k: jax.random.split(k, 200))(keys),
+        jnp.asarray(rows, jnp.int32),
+        jnp.asarray(starts),
+        jnp.asarray(sizes),
+        16,
     )
     draws = np.asarray(draws)
     for i in range(n):

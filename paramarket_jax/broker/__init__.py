@@ -13,10 +13,12 @@ from paramarket_jax.broker.value import (
     all_candidates,
     all_pairs,
     loss_and_accuracy,
+    merge_settled,
     merge_trades,
     sample_candidates,
     value_candidates,
     value_pairs,
+    value_with_perms,
 )
 
 __all__ = [
@@ -34,9 +36,11 @@ __all__ = [
     "merge",
     "merge_alphas",
     "merge_many",
+    "merge_settled",
     "merge_trades",
     "sample_candidates",
     "select_layers",
     "value_candidates",
     "value_pairs",
+    "value_with_perms",
 ]

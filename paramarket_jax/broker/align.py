@@ -20,7 +20,11 @@ from paramarket_jax.models.spec import (
     permute_param,
 )
 
-BACKENDS = ("optax", "scipy")
+# ``auto``: jitted, the assignment solver chosen per platform when lowered (scipy through a
+# callback on CPU, optax's Hungarian elsewhere); ``optax`` / ``callback``: jitted, that
+# solver on every platform; ``scipy``: a host loop over steps and pairs, for comparison.
+BACKENDS = ("auto", "optax", "callback", "scipy")
+SOLVERS = ("auto", "optax", "callback")  # the jitted backends: solvers of hungarian()
 # A coordinate step counts as an improvement only above this relative margin, so float
 # round-off between equally good assignments cannot keep the descent going.
 RTOL = 1e-6
@@ -71,27 +75,89 @@ def similarity(
     return sim
 
 
-def hungarian(sim: jax.Array) -> jax.Array:
-    """Exact maximum-similarity assignment, jittable and vmappable (optax's Hungarian).
+def hungarian(sim: jax.Array, solver: str = "auto", where: jax.Array | None = None) -> jax.Array:
+    """Exact maximum-similarity assignment, jittable and vmappable.
+
+    Both solvers return the same perm wherever the optimum is unique (no ties); they
+    differ in cost per platform: optax's Hungarian is an XLA while-loop, 4-9x slower than
+    scipy's C++ solver on CPU, while a callback on an accelerator costs a device-host
+    round trip per call.
 
     Args:
-        sim: (n, n) similarity matrix.
+        sim: (..., n, n) similarity matrix (vmap or leading axes for a batch).
+        solver: ``optax`` (``optax.assignment.hungarian_algorithm`` inside the
+            computation), ``callback`` (scipy's ``linear_sum_assignment`` through
+            ``jax.pure_callback``; under vmap one host call solves the whole batch), or
+            ``auto``: ``jax.lax.platform_dependent`` keeps the callback when lowered for
+            CPU and optax for any other platform, so one traced function (jit, vmap,
+            ``while_loop``, AOT lowering) uses the faster solver wherever it is compiled.
+        where: optional bool, broadcast against ``sim.shape[:-2]``: only the matrices
+            where it is True need solving. The callback skips the others (their perm is
+            the identity); optax solves every matrix.
 
     Returns:
-        (n,) int32 perm with ``perm[row] = col``, maximising ``sim[arange(n), perm].sum()``.
+        (..., n) int32 perm with ``perm[row] = col``, maximising ``sim[arange(n), perm].sum()``
+        (wherever ``where`` is True).
     """
+    where = jnp.ones((), bool) if where is None else jnp.asarray(where, bool)
+    if solver == "optax":
+        return _hungarian_optax(sim, where)
+    if solver == "callback":
+        return _hungarian_callback(sim, where)
+    if solver != "auto":
+        raise unknown("assignment solver", solver, SOLVERS)
+    return jax.lax.platform_dependent(sim, where, cpu=_hungarian_callback, default=_hungarian_optax)
+
+
+def _hungarian_optax(sim: jax.Array, where: jax.Array) -> jax.Array:
+    del where  # a vmapped while_loop runs until its slowest member is done anyway
+    if sim.ndim > 2:
+        return jax.vmap(_hungarian_optax, (0, None))(sim, None)
     # optax minimises and returns (rows, cols) ordered by column: invert to perm[row] = col.
     rows, cols = optax.assignment.hungarian_algorithm(-sim)
     n = sim.shape[0]
     return jnp.zeros(n, jnp.int32).at[rows].set(cols.astype(jnp.int32))
 
 
-def _step(spec, members, local, a, b, perms):
+def _hungarian_callback(sim: jax.Array, where: jax.Array) -> jax.Array:
+    out = jax.ShapeDtypeStruct(sim.shape[:-1], jnp.int32)
+    where = jnp.broadcast_to(where, sim.shape[:-2])
+    # expand_dims: under (nested) vmap the callback gets every batch axis in front, once
+    # (size 1 where an argument is not batched).
+    return jax.pure_callback(_lsa_host, out, sim, where, vmap_method="expand_dims")
+
+
+def _lsa_host(sim, where) -> np.ndarray:
+    """Host side of the callback: scipy's solver on each (n, n) matrix of a (..., n, n) batch.
+
+    Only the matrices marked in ``where`` are solved, one at a time in their own dtype (no
+    copy of the whole batch). Non-finite entries (a diverged model) are clamped so scipy
+    does not raise inside the computation; the descent's score test then decides as it
+    would for optax's answer.
+    """
+    sim, where = np.asarray(sim), np.asarray(where, bool)
+    n = sim.shape[-1]
+    # Under vmap either argument may hold size-1 axes where the other is batched.
+    batch = np.broadcast_shapes(sim.shape[:-2], where.shape)
+    flat = np.broadcast_to(sim, (*batch, n, n)).reshape(-1, n, n)
+    perms = np.broadcast_to(np.arange(n, dtype=np.int32), flat.shape[:2]).copy()
+    for i in np.flatnonzero(np.broadcast_to(where, batch)):
+        m = flat[i]
+        if not np.isfinite(m).all():
+            big = np.finfo(np.float32).max
+            m = np.nan_to_num(m.astype(np.float64), nan=-big, posinf=big, neginf=-big)
+        perms[i] = linear_sum_assignment(m, maximize=True)[1]
+    return perms.reshape(*batch, n)
+
+
+def _step(spec, members, solver, local, a, b, perms, live):
     """One coordinate step for one pair: re-solve group ``members[local]`` if that improves.
 
     All ``members`` have one size, so they share one compiled Hungarian solver; only the
     similarity is chosen per group. The new assignment replaces the old one only if its
     score is higher by more than ``RTOL`` (relative), so the descent is monotone and ends.
+    A pair that is not ``live`` (already converged) keeps its perms; the callback solver
+    skips its assignment.
     """
     if len(members) == 1:
         sim = similarity(spec, members[0], a, b, perms)
@@ -99,11 +165,11 @@ def _step(spec, members, local, a, b, perms):
         branches = [partial(similarity, spec, g) for g in members]
         sim = jax.lax.switch(local, branches, a, b, perms)
     old = jnp.stack([perms[g] for g in members])[local]
-    new = hungarian(sim)
+    new = hungarian(sim, solver, where=live)
     rows = jnp.arange(sim.shape[0])
     old_score, new_score = sim[rows, old].sum(), sim[rows, new].sum()
     tol = RTOL * jnp.maximum(jnp.abs(old_score), jnp.abs(new_score))
-    improved = new_score > old_score + tol
+    improved = live & (new_score > old_score + tol)
     chosen = jnp.where(improved, new, old)
     out = dict(perms)
     for i, g in enumerate(members):
@@ -111,13 +177,19 @@ def _step(spec, members, local, a, b, perms):
     return out, improved
 
 
-def _align_batch(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps):
+def _align_batch(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps, solver="auto"):
     """Weight matching for P pairs at once: (P, ...) flat params -> perms (P, size) each.
 
     The sweep counter and the group order (drawn from ``fold_in(key, sweep)``) are shared
     by all pairs, so ``lax.switch`` picks one group per step instead of running all of
     them; a pair whose last sweep improved nothing is frozen (it is a fixed point of
-    coordinate descent in any order) and the loop ends when every pair is frozen.
+    coordinate descent in any order) and the loop ends when every pair is frozen. The
+    pairs' assignments of one step are one batched :func:`hungarian` call with ``solver``
+    (with the callback: one host call per step for all P pairs).
+
+    Frozen pairs cost nothing once few pairs are left: each sweep runs on the smallest of
+    a few static batch sizes (:func:`_buckets`: P, P/4, P/16) that holds the live pairs,
+    gathered in front and scattered back (a ``lax.switch`` over the sizes).
     """
     spec = thaw(frozen)
     groups = sorted(spec.sizes)
@@ -132,19 +204,36 @@ def _align_batch(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps):
     members = [[g for g in groups if spec.sizes[g] == n] for n in sizes]
     branch_of = jnp.array([sizes.index(spec.sizes[g]) for g in groups], jnp.int32)
     local_of = jnp.array([members[sizes.index(spec.sizes[g])].index(g) for g in groups], jnp.int32)
-    branches = [partial(_step, spec, m) for m in members]
+    branches = [partial(_step, spec, m, solver) for m in members]
 
-    def sweep(order, a, b, perms):
+    def sweep(order, a, b, perms, live):
         # A loop, not an unrolled sweep: every group's branch is compiled once, not G times.
         def step(t, carry):
             perms, changed = carry
-            g = order[t]
-            perms, improved = jax.lax.switch(branch_of[g], branches, local_of[g], a, b, perms)
+            g, i = branch_of[order[t]], local_of[order[t]]
+            perms, improved = jax.lax.switch(g, branches, i, a, b, perms, live)
             return perms, changed | improved
 
         return jax.lax.fori_loop(0, len(groups), step, (perms, jnp.zeros((), bool)))
 
-    batched_sweep = jax.vmap(sweep, in_axes=(None, 0, 0, 0))
+    batched_sweep = jax.vmap(sweep, in_axes=(None, 0, 0, 0, 0))
+
+    def sweep_all(order, active, perms):
+        # Converged pairs keep their perms (and the callback skips their assignments).
+        return batched_sweep(order, buyer_flat, seller_flat, perms, active)
+
+    def sweep_live(k, order, active, perms):
+        # The live pairs in front, padded with out-of-range indices: gathered clipped,
+        # masked out of the sweep, dropped on the way back.
+        idx = jnp.nonzero(active, size=k, fill_value=n_pairs)[0]
+        live = idx < n_pairs
+        a, b, p = (take(t, jnp.minimum(idx, n_pairs - 1)) for t in (buyer_flat, seller_flat, perms))
+        new, changed = batched_sweep(order, a, b, p, live)
+        perms = jax.tree.map(lambda x, y: x.at[idx].set(y, mode="drop"), perms, new)
+        return perms, jnp.zeros(n_pairs, bool).at[idx].set(changed, mode="drop")
+
+    buckets = _buckets(n_pairs)
+    sweeps = [sweep_all] + [partial(sweep_live, k) for k in buckets[1:]]
 
     def cond(carry):
         count, active, _ = carry
@@ -153,21 +242,34 @@ def _align_batch(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps):
     def body(carry):
         count, active, perms = carry
         order = jax.random.permutation(jax.random.fold_in(key, count), len(groups))
-        new, changed = batched_sweep(order, buyer_flat, seller_flat, perms)
-        perms = jax.tree.map(lambda n, o: jnp.where(active[:, None], n, o), new, perms)
-        return count + 1, active & changed, perms
+        n_live = active.sum()
+        bucket = sum((n_live <= k).astype(jnp.int32) for k in buckets[1:])
+        if len(sweeps) == 1:
+            perms, changed = sweep_all(order, active, perms)
+        else:
+            perms, changed = jax.lax.switch(bucket, sweeps, order, active, perms)
+        return count + 1, changed, perms
 
     carry = (jnp.zeros((), jnp.int32), jnp.ones(n_pairs, bool), perms0)
     return jax.lax.while_loop(cond, body, carry)[2]
 
 
-def _align_one(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps):
+def _buckets(n_pairs: int, factor: int = 4, smallest: int = 8, most: int = 3) -> list[int]:
+    """Static batch sizes of :func:`_align_batch`'s sweeps: P, then P/4, P/16 (rounded up)
+    while they are at least ``smallest``; at most ``most`` of them (each is compiled)."""
+    out = [n_pairs]
+    while len(out) < most and -(-out[-1] // factor) >= smallest:
+        out.append(-(-out[-1] // factor))
+    return out
+
+
+def _align_one(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps, solver="auto"):
     a, b = (jax.tree.map(lambda x: x[None], p) for p in (buyer_flat, seller_flat))
-    perms = _align_batch(frozen, a, b, key, max_sweeps)
+    perms = _align_batch(frozen, a, b, key, max_sweeps, solver)
     return {g: p[0] for g, p in perms.items()}
 
 
-_align_one_jit = jax.jit(_align_one, static_argnums=0)
+_align_one_jit = jax.jit(_align_one, static_argnums=(0, 5))
 
 
 def _align_scipy(spec, buyer_params, seller_params, key, max_sweeps):
@@ -207,7 +309,7 @@ def align(
     key: jax.Array,
     *,
     max_sweeps: int | jax.Array = 100,
-    backend: str = "optax",
+    backend: str = "auto",
 ) -> dict[str, jax.Array]:
     """Permutations that align the seller's hidden units to the buyer's (weight matching).
 
@@ -216,7 +318,7 @@ def align(
     on the similarity of every parameter it touches (the other groups' current
     permutations applied); it stops after a sweep that improves nothing, or ``max_sweeps``.
 
-    With ``backend="optax"`` this is traceable (jit, vmap; ``max_sweeps`` may be traced);
+    Every backend but ``scipy`` is traceable (jit, vmap; ``max_sweeps`` may be traced);
     under a vmap with a batched ``key`` every step evaluates all groups, so prefer
     :func:`align_pairs` for many pairs. ``backend="scipy"`` is a host loop for comparison.
 
@@ -226,7 +328,11 @@ def align(
         seller_params: the seller's parameter pytree, same structure.
         key: drives the order of the groups in each sweep.
         max_sweeps: most sweeps over all groups (the paper's code: 300).
-        backend: ``optax`` (jittable Hungarian) or ``scipy`` (host loop).
+        backend: ``auto`` (jittable; each step's assignment solved by scipy through a
+            callback where the computation is lowered for CPU, by optax's Hungarian
+            elsewhere), ``optax`` or ``callback`` (jittable, that solver on every
+            platform; see :func:`hungarian`), or ``scipy`` (host loop). All give the same
+            perms when no assignment has ties.
 
     Returns:
         name -> (size,) int32 perms; ``apply_permutation(spec, perms, seller_params)`` is the
@@ -234,10 +340,11 @@ def align(
     """
     if backend == "scipy":
         return _align_scipy(spec, buyer_params, seller_params, key, max_sweeps)
-    if backend != "optax":
+    if backend not in SOLVERS:
         raise unknown("alignment backend", backend, BACKENDS)
     sweeps = jnp.asarray(max_sweeps, jnp.int32)
-    return _align_one_jit(freeze(spec), flatten(buyer_params), flatten(seller_params), key, sweeps)
+    a, b = flatten(buyer_params), flatten(seller_params)
+    return _align_one_jit(freeze(spec), a, b, key, sweeps, backend)
 
 
 def align_pairs(
@@ -249,12 +356,12 @@ def align_pairs(
     max_sweeps: int | jax.Array = 100,
     *,
     batch_size: int | None = None,
-    backend: str = "optax",
+    backend: str = "auto",
 ) -> dict[str, jax.Array]:
     """Align seller ``sellers[p]`` to buyer ``buyers[p]`` for every candidate pair at once.
 
-    One jittable call (``backend="optax"``): pairs are vmapped and share the group order of
-    each sweep (drawn from ``key``), so pair p gets the perms of
+    One jittable call (every backend but ``scipy``): pairs are vmapped and share the group
+    order of each sweep (drawn from ``key``), so pair p gets the perms of
     ``align(spec, buyer, seller, key)`` up to float round-off in near-ties.
 
     Args:
@@ -266,7 +373,8 @@ def align_pairs(
         max_sweeps: most sweeps over all groups.
         batch_size: align at most this many pairs at a time (``lax.map`` over chunks) to
             bound memory; None aligns all P together.
-        backend: ``optax``, or ``scipy`` for a host loop over pairs (not jittable).
+        backend: ``auto``, ``optax`` or ``callback`` (jittable; see :func:`align`), or
+            ``scipy`` for a host loop over pairs (not jittable).
 
     Returns:
         name -> (P, size) int32 perms; vmap :func:`aligned` over pairs to permute sellers.
@@ -284,24 +392,25 @@ def align_pairs(
             for b, s in zip(np.asarray(buyers), np.asarray(sellers), strict=True)
         ]
         return {g: jnp.stack([r[g] for r in rows]) for g in spec.sizes}
-    if backend != "optax":
+    if backend not in SOLVERS:
         raise unknown("alignment backend", backend, BACKENDS)
     idx = (jnp.asarray(buyers, jnp.int32), jnp.asarray(sellers, jnp.int32))
     sweeps = jnp.asarray(max_sweeps, jnp.int32)
-    return _align_pairs_jit(freeze(spec), flatten(pop_params), idx, key, sweeps, batch_size)
+    flat = flatten(pop_params)
+    return _align_pairs_jit(freeze(spec), flat, idx, key, sweeps, batch_size, backend)
 
 
-def _align_pairs(frozen: Frozen, flat, idx, key, max_sweeps, batch_size):
+def _align_pairs(frozen: Frozen, flat, idx, key, max_sweeps, batch_size, solver="auto"):
     def chunk(pair_idx):
         b, s = pair_idx
         a = jax.tree.map(lambda x: x[b], flat)
         c = jax.tree.map(lambda x: x[s], flat)
-        return _align_batch(frozen, a, c, key, max_sweeps)
+        return _align_batch(frozen, a, c, key, max_sweeps, solver)
 
     return map_chunks(chunk, idx, batch_size)
 
 
-_align_pairs_jit = jax.jit(_align_pairs, static_argnums=(0, 5))
+_align_pairs_jit = jax.jit(_align_pairs, static_argnums=(0, 5, 6))
 
 
 def aligned(spec: PermutationSpec, perms: Mapping[str, jax.Array], seller_params):
@@ -322,7 +431,7 @@ def align_to(
     key: jax.Array,
     *,
     max_sweeps: int | jax.Array = 100,
-    backend: str = "optax",
+    backend: str = "auto",
 ):
     """The seller's parameters aligned to the buyer's (:func:`align` then :func:`aligned`)."""
     perms = align(spec, buyer_params, seller_params, key, max_sweeps=max_sweeps, backend=backend)

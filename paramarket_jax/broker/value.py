@@ -132,10 +132,20 @@ def _score(model, layers, alphas, buyer, sellers, x, y):
 
 
 def _aligned_sellers(spec, align_on, buyers_flat, sellers_flat, key, max_sweeps):
-    """Flat (P, ...) sellers -> (P, ...) sellers in their buyers' bases (or as they are)."""
+    """Flat (P, ...) sellers -> (P, ...) sellers in their buyers' bases, and the perms.
+
+    Without alignment the sellers come back as they are and the perms are empty.
+    """
     if not align_on:
-        return sellers_flat
+        return sellers_flat, {}
     perms = _align_batch(freeze(spec), buyers_flat, sellers_flat, key, max_sweeps)
+    return _permute(spec, perms, sellers_flat), perms
+
+
+def _permute(spec, perms, sellers_flat):
+    """Apply per-pair perms (name -> (P, size)) to flat (P, ...) sellers."""
+    if not perms:
+        return sellers_flat
     permute = jax.vmap(lambda p, s: flatten(apply_permutation(spec, p, unflatten(s))))
     return permute(perms, sellers_flat)
 
@@ -165,22 +175,108 @@ def _value(
         buyers = take(flat, b_ids)
         sellers = take(flat, c_ids.reshape(-1))
         repeated = jax.tree.map(lambda v: jnp.repeat(v, k, axis=0), buyers)
-        sellers = _aligned_sellers(model.spec, align_on, repeated, sellers, key, max_sweeps)
+        sellers, perms = _aligned_sellers(model.spec, align_on, repeated, sellers, key, max_sweeps)
         sellers = jax.tree.map(lambda v: v.reshape(n_b, k, *v.shape[1:]), sellers)
+        perms = jax.tree.map(lambda v: v.reshape(n_b, k, *v.shape[1:]), perms)
         rows = val_idx[b_ids]  # (B, m)
         score = jax.vmap(
             lambda b, s, x, y: _score(model, layers, alphas, unflatten(b), unflatten(s), x, y)
         )
-        return score(buyers, sellers, x_val[rows], y_val[rows])
+        return score(buyers, sellers, x_val[rows], y_val[rows]), perms
 
-    best_alpha, before, after, gain, acc = map_chunks(chunk, (ids, cands), batch_size)
+    scores, perms = map_chunks(chunk, (ids, cands), batch_size)
+    best_alpha, before, after, gain, acc = scores
     buyer = jnp.repeat(ids, cands.shape[1])
-    return Valuation(
+    val = Valuation(
         buyer, cands.reshape(-1), *(v.reshape(-1) for v in (best_alpha, before, after, gain, acc))
     )
+    return val, perms
 
 
-_value_jit = jax.jit(_value, static_argnums=(0, 1, 2, 3))
+def value_with_perms(
+    model: Model,
+    pop_params,
+    x_val,
+    y_val,
+    val_idx,
+    candidates,
+    key,
+    alphas,
+    *,
+    align: bool,
+    layers: tuple[str, ...] | None,
+    max_sweeps,
+    batch_size: int | None,
+):
+    """:func:`value_candidates` for callers already inside a trace (the market round).
+
+    Besides the scores it returns the permutations found for every pair (small int arrays,
+    not weights), so the trades that settle merge exactly what was scored without aligning
+    again (:func:`merge_settled`).
+
+    Returns:
+        (Valuation with P = N * K entries, perms: name -> (N, K, size) int32, empty without
+        alignment).
+    """
+    ids = jnp.arange(candidates.shape[0], dtype=jnp.int32)
+    return _value(
+        model, bool(align), layers, batch_size, pop_params, x_val, y_val, val_idx, ids,
+        candidates, key, alphas, max_sweeps,
+    )  # fmt: skip
+
+
+def merge_settled(
+    spec: PermutationSpec,
+    pop_params,
+    sellers,
+    alphas,
+    mask,
+    perms,
+    *,
+    layers: tuple[str, ...] | None = None,
+    batch_size: int | None = None,
+):
+    """Settled trades merged with the permutations found during valuation.
+
+    Args:
+        spec: the model's permutation spec.
+        pop_params: population parameter pytree, leading axis N (the pre-trade population:
+            settlement is simultaneous).
+        sellers: (N,) int seller of buyer i (ignored where ``mask`` is False).
+        alphas: (N,) float seller weight of each trade.
+        mask: (N,) bool, True where buyer i's trade settled.
+        perms: name -> (N, size) int32 perms of seller i's units into buyer i's basis (empty:
+            merge raw weights).
+        layers: prefix or glob patterns of the traded layers; None trades the whole model.
+        batch_size: buyers per chunk; None does all in one vmap.
+
+    Returns:
+        New population params; buyers without a trade keep theirs exactly.
+    """
+    flat = flatten(pop_params)
+    n = sellers.shape[0]
+    ids = jnp.arange(n, dtype=jnp.int32)
+    sellers = jnp.where(mask, jnp.clip(sellers, 0, n - 1), ids)
+
+    def chunk(idx):
+        b_ids, s_ids, a, m, p = idx
+        buyers = take(flat, b_ids)
+        aligned = _permute(spec, p, take(flat, s_ids))
+
+        def one(b, s, alpha, keep):
+            merged = flatten(merge(unflatten(b), unflatten(s), alpha, layers))
+            return jax.tree.map(lambda u, v: jnp.where(keep, u, v), merged, b)
+
+        return jax.vmap(one)(buyers, aligned, a, m)
+
+    return unflatten(map_chunks(chunk, (ids, sellers, alphas, mask, perms), batch_size))
+
+
+def _value_jit(*args):
+    return _value_scores_jit(*args)[0]
+
+
+_value_scores_jit = jax.jit(_value, static_argnums=(0, 1, 2, 3))
 
 
 def _check_rows(pop_params, val_idx, rows, what: str) -> None:
@@ -322,21 +418,17 @@ def _merge_trades(
     n = sellers.shape[0]
     ids = jnp.arange(n, dtype=jnp.int32)
     # Buyers without a trade align to themselves: cheap, fixed shapes, result discarded.
-    sellers = jnp.where(mask, jnp.clip(sellers, 0, n - 1), ids)
+    pick = jnp.where(mask, jnp.clip(sellers, 0, n - 1), ids)
 
     def chunk(idx):
-        b_ids, s_ids, a, m = idx
-        buyers = take(flat, b_ids)
-        aligned = _aligned_sellers(spec, align_on, buyers, take(flat, s_ids), key, max_sweeps)
+        b_ids, s_ids = idx
+        _, perms = _aligned_sellers(
+            spec, align_on, take(flat, b_ids), take(flat, s_ids), key, max_sweeps
+        )
+        return perms
 
-        def one(b, s, alpha, keep):
-            merged = flatten(merge(unflatten(b), unflatten(s), alpha, layers))
-            return jax.tree.map(lambda u, v: jnp.where(keep, u, v), merged, b)
-
-        return jax.vmap(one)(buyers, aligned, a, m)
-
-    out = map_chunks(chunk, (ids, sellers, alphas, mask), batch_size)
-    return unflatten(out)
+    perms = map_chunks(chunk, (ids, pick), batch_size)
+    return merge_settled(spec, pop, pick, alphas, mask, perms, layers=layers, batch_size=batch_size)
 
 
 _merge_trades_jit = jax.jit(_merge_trades, static_argnums=(0, 1, 2, 3))

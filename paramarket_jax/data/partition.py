@@ -25,19 +25,29 @@ DEFAULT_EVAL_SIZE = 256
 class Partition(NamedTuple):
     """Each agent's training shard and its own validation and test subsets.
 
+    Shards are slices of one index array grouped by owner, so memory grows as the rows
+    owned plus N, never as N x rows.
+
     Attributes:
-        train_idx: (N, L) int32 indices into Dataset.x_train; row i holds agent i's shard,
-            padded beyond train_size[i] with the shard's own first index.
-        train_size: (N,) int32 >= 1, the number of real entries in each row of train_idx.
+        train_rows: (R,) int32 indices into Dataset.x_train, every shard one after another
+            (R = total shard size; shards may overlap, so R can exceed the training set).
+        train_start: (N,) int32, agent i's shard is ``train_rows[start[i]:start[i] + size[i]]``.
+        train_size: (N,) int32 >= 1, shard lengths.
         val_idx: (N, m_val) int32 indices into Dataset.x_val, stratified by the agent's
             train class histogram.
         test_idx: (N, m_test) int32 indices into Dataset.x_test, stratified the same way.
     """
 
-    train_idx: np.ndarray
+    train_rows: np.ndarray
+    train_start: np.ndarray
     train_size: np.ndarray
     val_idx: np.ndarray
     test_idx: np.ndarray
+
+    def shard(self, i: int) -> np.ndarray:
+        """Agent i's training rows (indices into Dataset.x_train)."""
+        start = int(self.train_start[i])
+        return self.train_rows[start : start + int(self.train_size[i])]
 
 
 # ---- helpers ----
@@ -294,12 +304,11 @@ def eval_subsets(key: jax.Array, histograms: np.ndarray, labels: np.ndarray, m: 
     return np.stack(rows).astype(np.int32)
 
 
-def _pad(shards: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(N, L) int32 rows padded with each row's own first index, and (N,) int32 sizes."""
+def _concat(shards: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(R,) int32 rows grouped by owner, (N,) int32 starts and (N,) int32 sizes."""
     sizes = np.array([len(shard) for shard in shards], dtype=np.int32)
-    width = int(sizes.max())
-    rows = [np.concatenate([s, np.full(width - len(s), s[0], dtype=s.dtype)]) for s in shards]
-    return np.stack(rows).astype(np.int32), sizes
+    starts = (np.cumsum(sizes) - sizes).astype(np.int32)
+    return np.concatenate(shards).astype(np.int32), starts, sizes
 
 
 EVAL_MIXES = ("shard", "global")
@@ -354,10 +363,8 @@ def partition(
     else:
         histograms = np.stack([np.bincount(labels[p], minlength=k) for p in pieces])
     size = eval_size or DEFAULT_EVAL_SIZE
-    train_idx, train_size = _pad(pieces)
     return Partition(
-        train_idx,
-        train_size,
+        *_concat(pieces),
         eval_subsets(k_val, histograms, np.asarray(dataset.y_val), min(size, len(dataset.y_val))),
         eval_subsets(
             k_test, histograms, np.asarray(dataset.y_test), min(size, len(dataset.y_test))

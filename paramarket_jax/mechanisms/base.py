@@ -146,11 +146,13 @@ def best_per_row(score: jax.Array, ok: jax.Array) -> jax.Array:
 
     Args:
       score: (N, N) float, what a buyer maximises over sellers.
-      ok: (N, N) bool, allowed entries; a row without any gets an all-False row.
+      ok: (N, N) bool, allowed entries; a row without any gets an all-False row. A
+        non-finite score is never allowed (NaN would otherwise win the argmax).
 
     Returns:
       (N, N) bool with at most one True per row.
     """
+    ok = ok & jnp.isfinite(score)
     masked = jnp.where(ok, score, -jnp.inf)
     best = jnp.argmax(masked, axis=1)
     onehot = jax.nn.one_hot(best, score.shape[1], dtype=bool)

@@ -1,0 +1,177 @@
+"""From a validated Scenario to the pure round's inputs: MarketSpec, MarketParams, data, keys.
+
+Every seed of a scenario shares one dataset (drawn from ``data.seed``); each seed draws its
+own partition, initialisation and training randomness from ``jax.random.key(seed)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paramarket_jax.data import Dataset, load_dataset, partition
+from paramarket_jax.economics import STRATEGIES, Economy, StrategyParams
+from paramarket_jax.mechanisms import Knobs
+from paramarket_jax.population import agent_data, row_capacity
+from paramarket_jax.round import MarketData, MarketParams, MarketSpec
+from paramarket_jax.scenario import Scenario, per_agent
+
+
+class Experiment(NamedTuple):
+    """What every seed of a scenario shares: the scenario, its spec, knobs and dataset."""
+
+    scenario: Scenario
+    spec: MarketSpec
+    params: MarketParams
+    dataset: Dataset
+
+
+def _hashable(value):
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def dataset_key(scenario: Scenario) -> tuple:
+    """Scenarios with equal keys load the same dataset."""
+    d = scenario.data
+    return (d.dataset, d.path, d.seed, _hashable(dict(d.options)))
+
+
+def load_shared_dataset(scenario: Scenario) -> Dataset:
+    """The dataset every seed of ``scenario`` uses (drawn from ``data.seed``)."""
+    d = scenario.data
+    k_data = jax.random.split(jax.random.key(d.seed), 3)[0]
+    options = dict(d.options) | ({"path": d.path} if d.path else {})
+    return load_dataset(d.dataset, k_data, **options)
+
+
+def spec_of(scenario: Scenario, dataset: Dataset) -> MarketSpec:
+    """The scenario's static part (shapes, names, counts)."""
+    s = scenario
+    return MarketSpec(
+        n=s.agents.n,
+        input_shape=tuple(dataset.input_shape),
+        num_classes=dataset.num_classes,
+        model=s.model.name,
+        model_options=_hashable(dict(s.model.options)),
+        optimizer=s.train.optimizer,
+        batch_size=s.train.batch_size,
+        local_steps=s.train.local_steps,
+        siloed=s.baselines.siloed,
+        fedavg=s.baselines.fedavg,
+        centralized=s.baselines.centralized,
+        mechanism=s.mechanism.name,
+        mechanism_options=_hashable(dict(s.mechanism.options)),
+        roles=s.mechanism.roles,
+        revenue=s.economics.revenue,
+        quality=s.economics.quality,
+        align=s.broker.align,
+        layers=tuple(s.broker.layers),
+        candidates=s.broker.candidates,
+        max_sweeps=s.broker.max_sweeps,
+        chunk=s.broker.batch_size,
+        alphas=len(s.broker.alphas),
+        strategy_grid=len(s.strategies.grid),
+    )
+
+
+def params_of(scenario: Scenario) -> MarketParams:
+    """The scenario's numeric knobs as arrays."""
+    s, n = scenario, scenario.agents.n
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    e, m, st = s.economics, s.mechanism, s.strategies
+    seller_only = np.zeros(n, bool)
+    seller_only[list(s.broker.sellers)] = True
+    roles = ~seller_only if s.broker.sellers else np.arange(n) < (n + 1) // 2
+    return MarketParams(
+        learning_rate=jnp.full((n,), s.train.learning_rate, jnp.float32),
+        alphas=f32(s.broker.alphas),
+        knobs=Knobs(
+            reserve=f32(m.reserve),
+            beta=f32(m.beta),
+            posted=jnp.full((n,), m.posted, jnp.float32),
+            roles=jnp.asarray(roles),
+        ),
+        economy=Economy(
+            value_per_quality=f32(per_agent(e.value_per_quality, n)),
+            market_size=f32(e.market_size),
+            gamma=f32(e.gamma),
+            outside=f32(e.outside_option),
+            horizon=f32(e.horizon),
+            step_cost=f32(e.step_cost),
+            query_fee=f32(e.query_fee),
+            trade_fee=f32(e.trade_fee),
+            fee_share=f32(e.fee_share),
+        ),
+        strategy=StrategyParams(
+            kind=jnp.asarray([STRATEGIES.index(k) for k in per_agent(st.kind, n)], jnp.int32),
+            shade=f32(per_agent(st.shade, n)),
+            markup=f32(per_agent(st.markup, n)),
+            grid=f32(st.grid),
+            eta=f32(st.eta),
+            explore=f32(st.explore),
+        ),
+        initial_cash=f32(e.initial_cash),
+        trade_start=jnp.asarray(s.trading.start, jnp.int32),
+        trade_every=jnp.asarray(s.trading.every, jnp.int32),
+        seller_only=jnp.asarray(seller_only),
+    )
+
+
+def build(scenario: Scenario, dataset: Dataset | None = None) -> Experiment:
+    """Load (or reuse) the dataset and derive the spec and knobs; bad input raises
+    ParamarketError (the model is built once here, so its options are checked early)."""
+    dataset = dataset if dataset is not None else load_shared_dataset(scenario)
+    spec = spec_of(scenario, dataset)
+    spec.make_trainer()  # validates model and optimizer options now, not inside a trace
+    return Experiment(scenario, spec, params_of(scenario), dataset)
+
+
+def seed_data(exp: Experiment, seed: int) -> tuple[MarketData, jax.Array]:
+    """One seed's partition of the shared dataset as device data, and the run key.
+
+    The training rows are padded to a length fixed by the dataset and N (see
+    ``population.row_capacity``), so every seed and every split option has one shape.
+    """
+    sc, dataset = exp.scenario, exp.dataset
+    _, k_split, k_run = jax.random.split(jax.random.key(seed), 3)
+    d = sc.data
+    part = partition(
+        d.split.name,
+        k_split,
+        dataset,
+        sc.agents.n,
+        eval_size=d.split.eval_size,
+        eval_mix=d.split.eval_mix,
+        **dict(d.split.options),
+    )
+    n_train = len(dataset.y_train)
+    agents = agent_data(dataset, part, row_capacity(part, n_train))
+    pool = np.unique(np.asarray(part.train_rows))
+    pool_rows = np.concatenate([pool, np.repeat(pool[:1], n_train - len(pool))])
+    data = MarketData(
+        agents=agents,
+        pool_rows=jnp.asarray(pool_rows, jnp.int32),
+        pool_size=jnp.asarray(len(pool), jnp.int32),
+    )
+    return data, k_run
+
+
+def replace_scenario(exp: Experiment, scenario: Scenario) -> Experiment:
+    """The same dataset and spec with another scenario's knobs (spec must not change)."""
+    spec = spec_of(scenario, exp.dataset)
+    if spec != exp.spec:
+        changed = [
+            f.name
+            for f in dataclasses.fields(spec)
+            if getattr(spec, f.name) != getattr(exp.spec, f.name)
+        ]
+        raise ValueError(f"scenario changes the static spec: {changed}")
+    return Experiment(scenario, spec, params_of(scenario), exp.dataset)

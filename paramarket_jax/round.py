@@ -1,0 +1,524 @@
+"""One market round as a pure function, and a whole run as a ``lax.scan`` of it (DESIGN.md s2).
+
+Three kinds of value are kept apart, as gymnax keeps ``EnvParams`` from the state:
+
+- :class:`MarketSpec`: everything static (shapes, names, counts); hashable, the only thing
+  that decides compilation.
+- :class:`MarketParams`: every numeric knob as arrays; traced, so a sweep over them is a
+  ``vmap``, never a recompile.
+- :class:`MarketState`: what a round carries to the next (populations, cash, bandits).
+
+``step(spec, params, data, state, key, r)`` is one round: train every twin, trade on
+schedule (``lax.cond`` on the unbatched round index), settle, evaluate, earn. ``simulate``
+scans it over rounds (purejaxrl's ``train(key)``). Populations are stacked on a leading
+"twin" axis (``MarketSpec.twin_names``): index 0 is the market, then the siloed
+counterfactual (same keys, same data, never trades; on unless turned off) and, when asked
+for, a FedAvg baseline. This module imports no Mesa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from paramarket_jax import broker
+from paramarket_jax.economics import (
+    Economy,
+    StrategyParams,
+    StrategyState,
+    init_state,
+    learn,
+    purchase_values,
+    quality,
+    reports,
+    revenue,
+)
+from paramarket_jax.mechanisms import Knobs, Market, cap_bids, make_mechanism, settle
+from paramarket_jax.models import Model, make_model
+from paramarket_jax.population import AgentData, Population, Trainer, make_trainer
+
+MARKET = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MarketSpec:
+    """Everything static about a market: equal specs share one compilation.
+
+    Attributes:
+        n: number of agents N.
+        input_shape, num_classes: the dataset's example shape and class count.
+        model: model registry name; model_options: its options as sorted (key, value) pairs.
+        optimizer: optimizer name; batch_size: minibatch size; local_steps: steps a round.
+        siloed: run the siloed twin (the counterfactual every gain is measured against);
+        fedavg: run a FedAvg twin; centralized: train one model on pooled data.
+        mechanism: mechanism registry name; mechanism_options: its static options.
+        roles: how one-sided mechanisms pick buyers: ``first_half`` (or the listed
+            sellers) or ``random`` each round.
+        revenue: ``independent`` or ``competitive``; quality: ``likelihood`` or ``accuracy``.
+        align: align sellers to buyers before merging; layers: traded layer patterns
+            (empty: the whole model); candidates: sellers per buyer (0: all others);
+            max_sweeps: most weight-matching sweeps; chunk: buyers per valuation chunk
+            (0: all at once).
+        alphas: number of merge weights tried; strategy_grid: size of the adaptive grid.
+    """
+
+    n: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+    model: str = "mlp"
+    model_options: tuple[tuple[str, Any], ...] = ()
+    optimizer: str = "sgd"
+    batch_size: int = 32
+    local_steps: int = 40
+    siloed: bool = True
+    fedavg: bool = False
+    centralized: bool = False
+    mechanism: str = "take_it"
+    mechanism_options: tuple[tuple[str, Any], ...] = ()
+    roles: str = "first_half"
+    revenue: str = "independent"
+    quality: str = "likelihood"
+    align: bool = True
+    layers: tuple[str, ...] = ()
+    candidates: int = 0
+    max_sweeps: int = 100
+    chunk: int = 0
+    alphas: int = 10
+    strategy_grid: int = 10
+
+    @property
+    def twin_names(self) -> tuple[str, ...]:
+        """What each index of the twin axis holds: market, then siloed and FedAvg if on."""
+        return ("market",) + ("siloed",) * self.siloed + ("fedavg",) * self.fedavg
+
+    @property
+    def twins(self) -> int:
+        """Populations stacked on the twin axis."""
+        return len(self.twin_names)
+
+    def make_model(self) -> Model:
+        return make_model(
+            self.model, self.input_shape, self.num_classes, **dict(self.model_options)
+        )
+
+    def make_trainer(self, model: Model | None = None) -> Trainer:
+        return make_trainer(model or self.make_model(), self.optimizer, self.batch_size)
+
+
+class MarketParams(NamedTuple):
+    """Every numeric knob as arrays (traced): a sweep over them is a vmap.
+
+    Attributes:
+        learning_rate: (N,) per-agent learning rates.
+        alphas: (A,) seller weights the broker tries.
+        knobs: the mechanism's reserve, bargaining power, posted prices and roles.
+        economy: revenue, competition, horizon, costs and fees.
+        strategy: per-agent strategies and the adaptive bandits' settings.
+        initial_cash: () every agent's cash before round 0.
+        trade_start: () int32 first trading round; trade_every: () int32 its period.
+        seller_only: (N,) bool agents that only sell (when any is set, buyers buy only
+            from them).
+    """
+
+    learning_rate: jax.Array
+    alphas: jax.Array
+    knobs: Knobs
+    economy: Economy
+    strategy: StrategyParams
+    initial_cash: jax.Array
+    trade_start: jax.Array
+    trade_every: jax.Array
+    seller_only: jax.Array
+
+
+class MarketData(NamedTuple):
+    """One seed's data: shared arrays plus index views (see ``AgentData``).
+
+    Attributes:
+        agents: shared features and each agent's shard, validation and test rows.
+        pool_rows: (R,) int32 every row some agent owns, once (the centralized baseline's
+            data), padded; pool_size: () int32 how many are real.
+    """
+
+    agents: AgentData
+    pool_rows: jax.Array
+    pool_size: jax.Array
+
+
+class MarketState(NamedTuple):
+    """What a round carries to the next (the scan carry; what a checkpoint saves).
+
+    Attributes:
+        twins: populations stacked on a twin axis, leaves (T, N, ...).
+        central: the centralized model (a population of one), or None.
+        cash: (T, N) each twin's agents' cash (the siloed twin never trades).
+        strategy: the market agents' adaptive-strategy bandits.
+        trade_count: (N,) int32 purchases so far per agent.
+    """
+
+    twins: Population
+    central: Population | None
+    cash: jax.Array
+    strategy: StrategyState
+    trade_count: jax.Array
+
+
+class Trades(NamedTuple):
+    """One round's settled trades, one entry per buyer (N,); ``mask`` says who bought.
+
+    Attributes:
+        mask: bool, buyer i bought this round.
+        seller: int32 seller of buyer i (-1 where no trade).
+        alpha: seller weight of the merge.
+        predicted_gain: relative validation-loss gain the broker predicted.
+        realized_gain: relative test-loss gain measured after the merge.
+        value: buyer's money value of the trade, estimated on validation.
+        realized_value: the same value measured on the test split afterwards.
+        reservation: seller's reservation for this sale.
+        bid, ask: buyer's bid and seller's ask.
+        price: price buyer i paid (0 where no trade).
+        fee: broker fee the seller paid on this sale: the per-trade fee plus the fee share
+            of the seller's receipts this round, split evenly over its sales (the fees of
+            a seller's trades sum to what ``settle`` charged it).
+    """
+
+    mask: jax.Array
+    seller: jax.Array
+    alpha: jax.Array
+    predicted_gain: jax.Array
+    realized_gain: jax.Array
+    value: jax.Array
+    realized_value: jax.Array
+    reservation: jax.Array
+    bid: jax.Array
+    ask: jax.Array
+    price: jax.Array
+    fee: jax.Array
+
+
+class Flows(NamedTuple):
+    """Money moved by one round, per agent (N,) of the market twin, plus the broker's take.
+
+    Attributes:
+        payment: paid as a buyer; receipt: received as a seller.
+        fees: broker fees paid (valuation queries as a buyer, trade fees as a seller).
+        broker: () the broker's take this round.
+    """
+
+    payment: jax.Array
+    receipt: jax.Array
+    fees: jax.Array
+    broker: jax.Array
+
+
+class RoundRecord(NamedTuple):
+    """Everything one round records, fixed shapes (T twins, N agents).
+
+    Attributes:
+        traded: () bool, this was a trading round.
+        val_loss, val_acc, test_loss, test_acc: (T, N) after the round.
+        central_acc: (N,) the centralized model's accuracy on each agent's test rows (NaN
+            without that baseline).
+        revenue, cost: (T, N) this round's revenue and compute cost.
+        cash: (T, N) cash after the round.
+        flows: the market's money flows this round.
+        trades: per-buyer trade columns with a mask.
+        trade_count: (N,) int32 purchases so far.
+    """
+
+    traded: jax.Array
+    val_loss: jax.Array
+    val_acc: jax.Array
+    test_loss: jax.Array
+    test_acc: jax.Array
+    central_acc: jax.Array
+    revenue: jax.Array
+    cost: jax.Array
+    cash: jax.Array
+    flows: Flows
+    trades: Trades
+    trade_count: jax.Array
+
+
+def fedavg(pop: Population, weights: jax.Array) -> Population:
+    """Replace every agent's parameters by the weighted average (plain, no alignment)."""
+    w = weights / weights.sum()
+
+    def avg(leaf):
+        return jnp.broadcast_to(jnp.tensordot(w, leaf, axes=1), leaf.shape)
+
+    return pop._replace(params=jax.tree.map(avg, pop.params))
+
+
+def gains_matrix(val: broker.Valuation, n: int):
+    """Scatter per-pair scores into (N, N) buyer x seller matrices plus the candidate mask."""
+    mask = jnp.zeros((n, n), bool).at[val.buyer, val.seller].set(True)
+    gain = jnp.zeros((n, n), jnp.float32).at[val.buyer, val.seller].set(val.gain)
+    alpha = jnp.zeros((n, n), jnp.float32).at[val.buyer, val.seller].set(val.best_alpha)
+    return gain, alpha, mask & ~jnp.eye(n, dtype=bool)
+
+
+def is_trading_round(params: MarketParams, r) -> jax.Array:
+    """The paper's schedule: trade when ``r >= start`` and ``r % every == 0``."""
+    return (r >= params.trade_start) & (r % params.trade_every == 0)
+
+
+def init(spec: MarketSpec, params: MarketParams, data: MarketData, key: jax.Array) -> MarketState:
+    """Fresh populations (every twin starts from the same weights), cash and bandits."""
+    del data  # the state's shapes depend on the spec only
+    trainer = spec.make_trainer()
+    pop = trainer.init(key, spec.n, params.learning_rate)
+    twins = jax.tree.map(lambda v: jnp.stack([v] * spec.twins), pop)
+    central = None
+    if spec.centralized:
+        # the centralized model trains at agent 0's learning rate
+        central = trainer.init(jax.random.fold_in(key, spec.n), 1, params.learning_rate[0])
+    cash = jnp.full((spec.twins, spec.n), params.initial_cash, jnp.float32)
+    return MarketState(
+        twins=twins,
+        central=central,
+        cash=cash,
+        strategy=init_state(spec.n, spec.strategy_grid),
+        trade_count=jnp.zeros(spec.n, jnp.int32),
+    )
+
+
+def _train(spec, trainer, data: MarketData, state: MarketState, key) -> MarketState:
+    agents = data.agents
+    twins, _ = jax.vmap(lambda p: trainer.train(p, key, agents, spec.local_steps))(state.twins)
+    if spec.fedavg:
+        i = spec.twin_names.index("fedavg")
+        avg = fedavg(jax.tree.map(lambda v: v[i], twins), agents.train_size.astype(float))
+        twins = jax.tree.map(lambda t, a: t.at[i].set(a), twins, avg)
+    central = state.central
+    if central is not None:
+        pooled = agents._replace(
+            train_rows=data.pool_rows,
+            train_start=jnp.zeros(1, jnp.int32),
+            train_size=data.pool_size[None],
+        )
+        central, _ = trainer.train(
+            central, jax.random.fold_in(key, spec.n), pooled, spec.local_steps * spec.n
+        )
+    return state._replace(twins=twins, central=central)
+
+
+def _candidates(spec: MarketSpec, key) -> jax.Array:
+    if spec.candidates == 0 or spec.candidates >= spec.n - 1:
+        return broker.all_candidates(spec.n)
+    return broker.sample_candidates(key, spec.n, spec.candidates)
+
+
+def _no_trade(spec: MarketSpec, state: MarketState, key, trainer, model, data, params):
+    """The branch of rounds without trading: nothing moves."""
+    del key, trainer, model, data, params
+    n = spec.n
+    zf, zi = jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32)
+    trades = Trades(jnp.zeros(n, bool), zi - 1, *([zf] * 10))
+    return state, trades, Flows(zf, zf, zf, jnp.zeros((), jnp.float32))
+
+
+def _trade(spec: MarketSpec, state: MarketState, key, trainer, model, data, params):
+    """Value candidates, price, settle and merge: the market twin's trading round."""
+    n, econ, strat = spec.n, params.economy, params.strategy
+    agents = data.agents
+    k_cand, k_align, k_strat, k_roles = jax.random.split(key, 4)
+    pop = jax.tree.map(lambda v: v[MARKET], state.twins)
+    cands = _candidates(spec, k_cand)
+    layers = spec.layers or None
+    val, perms = broker.value_with_perms(
+        model,
+        pop.params,
+        agents.x_val,
+        agents.y_val,
+        agents.val_idx,
+        cands,
+        k_align,
+        params.alphas,
+        align=spec.align,
+        layers=layers,
+        max_sweeps=jnp.asarray(spec.max_sweeps, jnp.int32),
+        batch_size=spec.chunk or None,
+    )
+    gain, alpha, mask = gains_matrix(val, n)
+    sells = params.seller_only
+    mask = jnp.where(sells.any(), mask & sells[None, :] & ~sells[:, None], mask)
+    # money: values from the broker's validation estimate of each buyer's new quality
+    loss_v, acc_v = trainer.evaluate(pop.params, agents.x_val, agents.y_val, agents.val_idx)
+    q_val = quality(loss_v, acc_v, kind=spec.quality)
+    q_pair = quality(val.loss_after, val.acc_after, kind=spec.quality)
+    q_new = jnp.broadcast_to(q_val[:, None], (n, n)).at[val.buyer, val.seller].set(q_pair)
+    values, reservations = purchase_values(q_val, q_new, econ, spec.revenue)
+    bids, asks, strategy = reports(k_strat, values, reservations, strat, state.strategy)
+    # each buyer pays for every candidate the broker valued for it; sellers-only pay none
+    query_fees = econ.query_fee * mask.sum(1).astype(jnp.float32)
+    cash = state.cash[MARKET] - query_fees
+    knobs = params.knobs
+    if spec.roles == "random":
+        knobs = knobs._replace(roles=jax.random.bernoulli(k_roles, 0.5, (n,)))
+    # a non-finite estimate (NaN weights, diverged merge) means "not a candidate"
+    asks = jnp.maximum(asks, knobs.reserve)  # the reserve is every seller's lowest price
+    mask = mask & jnp.isfinite(bids) & jnp.isfinite(asks)
+    bids, asks = jnp.where(mask, bids, 0.0), jnp.where(mask, asks, 0.0)
+    mechanism = make_mechanism(spec.mechanism, **dict(spec.mechanism_options))
+    outcome = mechanism.run(Market(bids=cap_bids(bids, cash), asks=asks, mask=mask), knobs)
+    settled = settle(cash, outcome, econ.trade_fee, econ.fee_share)
+    bought = outcome.alloc.any(axis=1)
+    seller = jnp.where(bought, outcome.alloc.argmax(axis=1), -1)
+    pick = jnp.clip(seller, 0)
+    rows = jnp.arange(n)
+    trade_alpha = jnp.where(bought, alpha[rows, pick], 0.0)
+    # settle with the permutations found while valuing: no second weight matching
+    slot = jnp.argmax(cands == pick[:, None], axis=1)
+    chosen = jax.tree.map(lambda p: p[rows, slot], perms)
+    merged = broker.merge_settled(
+        model.spec,
+        pop.params,
+        pick,
+        trade_alpha,
+        bought,
+        chosen,
+        layers=layers,
+        batch_size=spec.chunk or None,
+    )
+    before = trainer.evaluate(pop.params, agents.x_test, agents.y_test, agents.test_idx)
+    after = trainer.evaluate(merged, agents.x_test, agents.y_test, agents.test_idx)
+    realized = jnp.where(bought, (before[0] - after[0]) / jnp.maximum(before[0], 1e-12), 0.0)
+    q_before = quality(*before, kind=spec.quality)
+    q_after = quality(*after, kind=spec.quality)
+    realized_values, _ = purchase_values(
+        q_before, jnp.broadcast_to(q_after[:, None], (n, n)), econ, spec.revenue
+    )
+    new = trainer.reset_optimizer(pop._replace(params=merged), bought)
+    twins = jax.tree.map(lambda t, v: t.at[MARKET].set(v), state.twins, new)
+    # adaptive strategies learn from their own realised surplus (true values)
+    buyer_surplus = jnp.where(bought, values[rows, pick], 0.0) - outcome.payment
+    seller_surplus = outcome.receipt - jnp.where(outcome.alloc, reservations, 0.0).sum(0)
+    scale = jnp.maximum(jnp.abs(jnp.where(mask, values, 0.0)).max(), 1e-6)
+    strategy = learn(strategy, strat, buyer_surplus, seller_surplus, scale)
+    sales = outcome.alloc.sum(0)
+    fee_per_sale = settled.fees / jnp.maximum(sales, 1).astype(jnp.float32)
+    pick_or_zero = lambda m: jnp.where(bought, m[rows, pick], 0.0)  # noqa: E731
+    trades = Trades(
+        mask=bought,
+        seller=seller.astype(jnp.int32),
+        alpha=trade_alpha,
+        predicted_gain=pick_or_zero(gain),
+        realized_gain=realized,
+        value=pick_or_zero(values),
+        realized_value=jnp.where(bought, realized_values[:, 0], 0.0),
+        reservation=pick_or_zero(reservations),
+        bid=pick_or_zero(bids),
+        ask=pick_or_zero(asks),
+        price=pick_or_zero(outcome.price),
+        fee=jnp.where(bought, fee_per_sale[pick], 0.0),
+    )
+    flows = Flows(
+        payment=outcome.payment,
+        receipt=outcome.receipt,
+        fees=settled.fees + query_fees,
+        broker=settled.broker + query_fees.sum(),
+    )
+    state = state._replace(
+        twins=twins,
+        cash=state.cash.at[MARKET].set(settled.cash),
+        strategy=strategy,
+        trade_count=state.trade_count + bought.astype(jnp.int32),
+    )
+    return state, trades, flows
+
+
+def step(
+    spec: MarketSpec,
+    params: MarketParams,
+    data: MarketData,
+    state: MarketState,
+    key: jax.Array,
+    r: jax.Array,
+) -> tuple[MarketState, RoundRecord]:
+    """One round: train all twins, trade on schedule, evaluate, earn, record.
+
+    Args:
+        spec: the static market (hashable).
+        params: numeric knobs.
+        data: this seed's data.
+        state: the carry from the previous round.
+        key: this round's key (``fold_in(round_key, r)`` in :func:`simulate`).
+        r: () int32 round index; keep it unbatched under ``vmap`` so non-trading rounds
+            skip the trade branch.
+
+    Returns:
+        The new state and the round's :class:`RoundRecord`.
+    """
+    model = spec.make_model()
+    trainer = spec.make_trainer(model)
+    agents = data.agents
+    k_train, k_trade = jax.random.split(key)
+    state = _train(spec, trainer, data, state, k_train)
+    traded = is_trading_round(params, r)
+    state, trades, flows = jax.lax.cond(
+        traded,
+        lambda s, k: _trade(spec, s, k, trainer, model, data, params),
+        lambda s, k: _no_trade(spec, s, k, trainer, model, data, params),
+        state,
+        k_trade,
+    )
+    ev = jax.vmap(trainer.evaluate, (0, None, None, None))
+    val_loss, val_acc = ev(state.twins.params, agents.x_val, agents.y_val, agents.val_idx)
+    test_loss, test_acc = ev(state.twins.params, agents.x_test, agents.y_test, agents.test_idx)
+    if state.central is None:
+        central_acc = jnp.full((spec.n,), jnp.nan, jnp.float32)
+    else:
+        p = jax.tree.map(
+            lambda v: jnp.broadcast_to(v, (spec.n, *v.shape[1:])), state.central.params
+        )
+        _, central_acc = trainer.evaluate(p, agents.x_test, agents.y_test, agents.test_idx)
+    # every twin earns revenue from its test quality (its customers) and pays compute
+    econ = params.economy
+    q_test = quality(test_loss, test_acc, kind=spec.quality)
+    rev = jax.vmap(lambda q: revenue(q, econ, spec.revenue))(q_test)
+    cost = jnp.full_like(rev, econ.step_cost * spec.local_steps)
+    state = state._replace(cash=state.cash + rev - cost)
+    record = RoundRecord(
+        traded=traded,
+        val_loss=val_loss,
+        val_acc=val_acc,
+        test_loss=test_loss,
+        test_acc=test_acc,
+        central_acc=central_acc,
+        revenue=rev,
+        cost=cost,
+        cash=state.cash,
+        flows=flows,
+        trades=trades,
+        trade_count=state.trade_count,
+    )
+    return state, record
+
+
+def simulate(
+    spec: MarketSpec, params: MarketParams, data: MarketData, key: jax.Array, rounds: int
+) -> tuple[MarketState, RoundRecord]:
+    """A whole run: :func:`init` then ``rounds`` rounds under ``lax.scan``.
+
+    The key splits into an init key and a round key; round r uses ``fold_in(round_key, r)``
+    (the Mesa view steps with the same keys, so both give the same numbers).
+
+    Returns:
+        The final state and the records, every leaf with a leading axis ``rounds``.
+    """
+    k_init, k_rounds = jax.random.split(key)
+    state = init(spec, params, data, k_init)
+
+    def body(state, r):
+        return step(spec, params, data, state, jax.random.fold_in(k_rounds, r), r)
+
+    return jax.lax.scan(body, state, jnp.arange(rounds, dtype=jnp.int32))
+
+
+init_jit = jax.jit(init, static_argnums=0)
+step_jit = jax.jit(step, static_argnums=0)
+simulate_jit = jax.jit(simulate, static_argnums=(0, 4))

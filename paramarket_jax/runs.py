@@ -1,0 +1,96 @@
+"""Run a scenario over its seeds (batch path or Mesa view) and gather tables and summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import pandas as pd
+
+from paramarket_jax import batch, plots, results
+from paramarket_jax.errors import unknown
+from paramarket_jax.experiment import Experiment, build
+from paramarket_jax.scenario import Scenario, dumps
+
+ENGINES = ("batch", "mesa")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """Everything a run writes: the resolved scenario, tables and summary."""
+
+    scenario: Scenario
+    rounds: pd.DataFrame
+    trades: pd.DataFrame
+    summary: dict
+
+    def files(self) -> dict[str, object]:
+        """Run-folder contents for :func:`paramarket_jax.results.write_run`."""
+        title = f"{self.scenario.name} ({len(self.scenario.seeds)} seeds)"
+        return {
+            "scenario.toml": dumps(self.scenario),
+            "rounds.parquet": self.rounds,
+            "trades.parquet": self.trades,
+            "summary.json": self.summary,
+            "accuracy.png": functools.partial(plots.accuracy_per_round, self.rounds, title=title),
+            "mean_accuracy.png": functools.partial(
+                plots.mean_accuracy_per_round, self.rounds, title=title
+            ),
+        }
+
+
+def result_of(experiment: Experiment, records) -> RunResult:
+    """Tables and summary from host records with leading axes (seeds, rounds)."""
+    scenario = experiment.scenario
+    seeds = list(scenario.seeds)
+    results.check_finite_losses(records, seeds, scenario.train.learning_rate)
+    rounds = results.rounds_table(
+        records, seeds, scenario.economics.initial_cash, experiment.spec.twin_names
+    )
+    trades = results.trades_table(records, seeds)
+    return RunResult(scenario, rounds, trades, results.summarize(rounds, trades))
+
+
+def run_cells(
+    cells: list[Experiment], *, max_batch: int | None = None, progress: Callable | None = None
+) -> list[RunResult]:
+    """Cells that differ only in numeric knobs, all seeds, through the batch path."""
+    out = batch.run_cells(cells, max_batch=max_batch, progress=progress)
+    return [result_of(c, rec) for c, rec in zip(cells, out.records, strict=True)]
+
+
+def run_scenario(
+    scenario: Scenario,
+    *,
+    engine: str = "batch",
+    max_batch: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Run every seed of ``scenario``.
+
+    Args:
+        scenario: a validated scenario.
+        engine: ``batch`` (every seed in one compiled ``vmap`` of the scanned run) or
+            ``mesa`` (the Mesa model steps the same jitted round, one seed at a time).
+        max_batch: most runs per compiled call of the batch path.
+        progress: called with a number of rounds x seeds finished.
+    """
+    if engine not in ENGINES:
+        raise unknown("engine", engine, ENGINES)
+    exp = build(scenario)
+    rounds = scenario.train.rounds
+    if engine == "batch":
+        tick = None if progress is None else (lambda runs: progress(runs * rounds))
+        return run_cells([exp], max_batch=max_batch, progress=tick)[0]
+    from paramarket_jax.market.model import MarketModel
+
+    records = []
+    for seed in scenario.seeds:
+        market = MarketModel(exp, seed)
+        market.run(None if progress is None else (lambda: progress(1)))
+        records.append(market.records())
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *records)
+    return result_of(exp, stacked)
