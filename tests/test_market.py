@@ -126,11 +126,14 @@ def test_jit_equals_no_jit(experiment):
     data, key = seed_data(experiment, 0)
     spec, params = experiment.spec, experiment.params
     state = market_round.init_jit(spec, params, data, key)
-    r = jnp.asarray(2, jnp.int32)  # a trading round
+    # round 0 (train, schedule, evaluate, earn); the trading branch's kernels (valuation,
+    # alignment, mechanisms) have their own jit-equals-no-jit tests, and run eagerly here
+    # they take most of a minute
+    r = jnp.asarray(0, jnp.int32)
     _, jitted = market_round.step_jit(spec, params, data, state, key, r)
     with jax.disable_jit():
         _, eager = market_round.step(spec, params, data, state, key, r)
-    assert bool(jitted.traded) and bool(eager.traded)
+    assert not bool(jitted.traded) and not bool(eager.traded)
     for u, v in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
 
@@ -207,25 +210,17 @@ def test_siloed_twin_off_leaves_its_columns_empty():
     assert result.rounds["accuracy"].between(0, 1).all()
 
 
-def test_centralized_baseline_and_alignment_off():
-    s = sc.load(
-        "paper_no_alignment",
-        [*SHRINK, "train.rounds=2", "trading.start=1", "baselines.centralized=true"],
-    )
-    result = run_scenario(s)
-    assert result.rounds["central_accuracy"].between(0, 1).all()
-    assert set(result.trades["round"]) <= {1}
-
-
 @pytest.mark.parametrize("name", sorted(sc.bundled()))
 def test_every_bundled_scenario_runs_a_shrunk_round(name):
     base = sc.load(name)
     extra = ["data.num_samples=600"] if base.data.dataset == "mnist1d" else []
-    s = sc.load(name, [*SHRINK, *extra, "train.rounds=2", "trading.start=1",
-                       "baselines.centralized=false"])  # fmt: skip
+    s = sc.load(name, [*SHRINK, *extra, "train.rounds=2", "trading.start=1"])
     result = run_scenario(s)
     assert len(result.rounds) == 2 * s.agents.n
     assert result.rounds["accuracy"].between(0, 1).all()
+    # the centralized baseline (on in the paper scenarios) trains on the pooled rows
+    central = result.rounds["central_accuracy"]
+    assert central.between(0, 1).all() if s.baselines.centralized else central.isna().all()
     assert set(result.trades["round"]) <= {1}
     assert result.summary["rounds"] == 2
 
