@@ -62,7 +62,7 @@ def round_times(exp, reps: int) -> tuple[list[float], list[int]]:
     """Seconds of each of ``reps`` trading rounds (after one that compiles), shard sizes."""
     data, key = seed_data(exp, 0)
     k_init, k_rounds = jax.random.split(key)
-    state = init_jit(exp.spec, exp.params, data, k_init)
+    state = init_jit(exp.spec, exp.params, k_init)
     times = []
     for r in range(reps + 1):
         t = time.perf_counter()

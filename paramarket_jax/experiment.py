@@ -6,7 +6,6 @@ own partition, initialisation and training randomness from ``jax.random.key(seed
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -16,7 +15,7 @@ import numpy as np
 from paramarket_jax.data import Dataset, load_dataset, partition
 from paramarket_jax.economics import STRATEGIES, Economy, StrategyParams
 from paramarket_jax.mechanisms import Knobs
-from paramarket_jax.population import agent_data, row_capacity
+from paramarket_jax.population import agent_data
 from paramarket_jax.round import MarketData, MarketParams, MarketSpec
 from paramarket_jax.scenario import Scenario, per_agent
 
@@ -153,7 +152,7 @@ def seed_data(exp: Experiment, seed: int) -> tuple[MarketData, jax.Array]:
         **dict(d.split.options),
     )
     n_train = len(dataset.y_train)
-    agents = agent_data(dataset, part, row_capacity(part, n_train))
+    agents = agent_data(dataset, part)
     pool = np.unique(np.asarray(part.train_rows))
     pool_rows = np.concatenate([pool, np.repeat(pool[:1], n_train - len(pool))])
     data = MarketData(
@@ -162,16 +161,3 @@ def seed_data(exp: Experiment, seed: int) -> tuple[MarketData, jax.Array]:
         pool_size=jnp.asarray(len(pool), jnp.int32),
     )
     return data, k_run
-
-
-def replace_scenario(exp: Experiment, scenario: Scenario) -> Experiment:
-    """The same dataset and spec with another scenario's knobs (spec must not change)."""
-    spec = spec_of(scenario, exp.dataset)
-    if spec != exp.spec:
-        changed = [
-            f.name
-            for f in dataclasses.fields(spec)
-            if getattr(spec, f.name) != getattr(exp.spec, f.name)
-        ]
-        raise ValueError(f"scenario changes the static spec: {changed}")
-    return Experiment(scenario, spec, params_of(scenario), exp.dataset)

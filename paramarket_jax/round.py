@@ -266,9 +266,8 @@ def is_trading_round(params: MarketParams, r) -> jax.Array:
     return (r >= params.trade_start) & (r % params.trade_every == 0)
 
 
-def init(spec: MarketSpec, params: MarketParams, data: MarketData, key: jax.Array) -> MarketState:
+def init(spec: MarketSpec, params: MarketParams, key: jax.Array) -> MarketState:
     """Fresh populations (every twin starts from the same weights), cash and bandits."""
-    del data  # the state's shapes depend on the spec only
     trainer = spec.make_trainer()
     pop = trainer.init(key, spec.n, params.learning_rate)
     twins = jax.tree.map(lambda v: jnp.stack([v] * spec.twins), pop)
@@ -312,9 +311,8 @@ def _candidates(spec: MarketSpec, key) -> jax.Array:
     return broker.sample_candidates(key, spec.n, spec.candidates)
 
 
-def _no_trade(spec: MarketSpec, state: MarketState, key, trainer, model, data, params):
+def _no_trade(spec: MarketSpec, state: MarketState):
     """The branch of rounds without trading: nothing moves."""
-    del key, trainer, model, data, params
     n = spec.n
     zf, zi = jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32)
     trades = Trades(jnp.zeros(n, bool), zi - 1, *([zf] * 10))
@@ -462,7 +460,7 @@ def step(
     state, trades, flows = jax.lax.cond(
         traded,
         lambda s, k: _trade(spec, s, k, trainer, model, data, params),
-        lambda s, k: _no_trade(spec, s, k, trainer, model, data, params),
+        lambda s, k: _no_trade(spec, s),
         state,
         k_trade,
     )
@@ -511,7 +509,7 @@ def simulate(
         The final state and the records, every leaf with a leading axis ``rounds``.
     """
     k_init, k_rounds = jax.random.split(key)
-    state = init(spec, params, data, k_init)
+    state = init(spec, params, k_init)
 
     def body(state, r):
         return step(spec, params, data, state, jax.random.fold_in(k_rounds, r), r)

@@ -18,7 +18,7 @@ import tomllib
 import pandas as pd
 
 from paramarket_jax import scenario as sc
-from paramarket_jax.errors import ParamarketError
+from paramarket_jax.errors import ParamarketError, unknown
 
 SEED_FIELDS = ("mutual_gain", "accuracy_gain_all", "welfare", "siloed_welfare", "broker_take",
                "trades", "revenue_of_sellers", "mean_abs_estimation_error")  # fmt: skip
@@ -130,7 +130,7 @@ def run_sweep(
     from paramarket_jax.runs import ENGINES, run_cells, run_scenario
 
     if engine not in ENGINES:
-        raise ParamarketError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
+        raise unknown("engine", engine, ENGINES)
     planned = plan(base, grid, overrides)
     root = pathlib.Path(out)
     todo = []

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from shrink import SHRINK
 
 from paramarket_jax import batch
 from paramarket_jax import round as market_round
@@ -14,14 +15,6 @@ from paramarket_jax.experiment import build, seed_data
 from paramarket_jax.market.model import MarketModel
 from paramarket_jax.runs import result_of, run_scenario
 
-SHRINK = [
-    "train.local_steps=3",
-    "data.split.eval_size=32",
-    "model.widths=[16, 8]",
-    "broker.max_sweeps=5",
-    "broker.alphas=[0.25, 0.5, 0.75]",
-    "train.learning_rate=0.05",
-]
 THREE = [
     *SHRINK,
     "agents.n=3",
@@ -125,7 +118,7 @@ def test_same_seed_same_numbers_and_seeds_differ(experiment, batch_result):
 def test_jit_equals_no_jit(experiment):
     data, key = seed_data(experiment, 0)
     spec, params = experiment.spec, experiment.params
-    state = market_round.init_jit(spec, params, data, key)
+    state = market_round.init_jit(spec, params, key)
     # round 0 (train, schedule, evaluate, earn); the trading branch's kernels (valuation,
     # alignment, mechanisms) have their own jit-equals-no-jit tests, and run eagerly here
     # they take most of a minute

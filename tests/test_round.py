@@ -4,6 +4,7 @@ out alone, settlement reuses the valuation's permutations."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+from shrink import SHRINK as BASE_SHRINK
 
 from paramarket_jax import broker
 from paramarket_jax import round as market_round
@@ -13,15 +14,7 @@ from paramarket_jax.mechanisms import Market, default_knobs, make_mechanism
 from paramarket_jax.models import make_model
 from paramarket_jax.runs import run_scenario
 
-SHRINK = [
-    "train.local_steps=3",
-    "data.split.eval_size=32",
-    "model.widths=[16, 8]",
-    "broker.max_sweeps=5",
-    "broker.alphas=[0.25, 0.5, 0.75]",
-    "train.learning_rate=0.05",
-    "baselines.centralized=false",
-]
+SHRINK = [*BASE_SHRINK, "baselines.centralized=false"]
 
 
 def test_fee_column_is_what_settle_charged_and_only_buyers_pay_queries():
@@ -61,7 +54,7 @@ def test_a_nan_candidate_drops_out_alone():
     exp = build(s)
     data, key = seed_data(exp, 0)
     _, k_rounds = jax.random.split(key)
-    state = market_round.init_jit(exp.spec, exp.params, data, key)
+    state = market_round.init_jit(exp.spec, exp.params, key)
     for r in range(2):  # train without trading
         state, _ = market_round.step_jit(
             exp.spec, exp.params, data, state, jax.random.fold_in(k_rounds, r), r

@@ -272,11 +272,7 @@ def merge_settled(
     return unflatten(map_chunks(chunk, (ids, sellers, alphas, mask, perms), batch_size))
 
 
-def _value_jit(*args):
-    return _value_scores_jit(*args)[0]
-
-
-_value_scores_jit = jax.jit(_value, static_argnums=(0, 1, 2, 3))
+_value_jit = jax.jit(_value, static_argnums=(0, 1, 2, 3))
 
 
 def _check_rows(pop_params, val_idx, rows, what: str) -> None:
@@ -301,7 +297,7 @@ def _call_value(
     max_sweeps, batch_size,
 ) -> Valuation:  # fmt: skip
     """The shared jitted call behind :func:`value_candidates` and :func:`value_pairs`."""
-    return _value_jit(
+    val, _ = _value_jit(
         model,
         bool(align),
         _layers_key(pop_params, layers),
@@ -316,6 +312,7 @@ def _call_value(
         jnp.asarray(alphas, jnp.float32),
         jnp.asarray(max_sweeps, jnp.int32),
     )
+    return val
 
 
 def value_candidates(

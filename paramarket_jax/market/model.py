@@ -82,14 +82,13 @@ class MarketModel(mesa.Model):
         self.spec, self.params = experiment.spec, experiment.params
         self.data, k_run = seed_data(experiment, seed)
         k_init, self.k_rounds = jax.random.split(k_run)
-        self.state = init_jit(self.spec, self.params, self.data, k_init)
+        self.state = init_jit(self.spec, self.params, k_init)
         self.round = 0
         self.initial_cash = float(self.config.economics.initial_cash)
-        self.initial = self.initial_cash
         self.record: RoundRecord | None = None
         self._records: list[RoundRecord] = []
         self.traders = [TraderAgent(self, i) for i in range(self.spec.n)]
-        n = self.spec.n
+        total_cash = self.initial_cash * self.spec.n
         siloed = self.spec.twin_names.index("siloed") if self.spec.siloed else None
         nan = float("nan")
         self.datacollector = mesa.DataCollector(
@@ -99,10 +98,10 @@ class MarketModel(mesa.Model):
                     nan if siloed is None else float(m.record.test_acc[siloed].mean())
                 ),
                 "welfare": lambda m: float(
-                    m.record.cash[MARKET].sum() - m.initial * n + m.broker_take
+                    m.record.cash[MARKET].sum() - total_cash + m.broker_take
                 ),
                 "siloed_welfare": lambda m: (
-                    nan if siloed is None else float(m.record.cash[siloed].sum() - m.initial * n)
+                    nan if siloed is None else float(m.record.cash[siloed].sum() - total_cash)
                 ),
                 "broker_take": lambda m: m.broker_take,
                 "trades": lambda m: int(m.record.trades.mask.sum()),
