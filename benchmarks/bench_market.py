@@ -96,7 +96,7 @@ def paper_round(reps: int) -> None:
         )
 
 
-def seeds_vmap(seeds: int, mesa_seeds: int, rounds: int | None) -> None:
+def seeds_vmap(seeds: int, mesa_seeds: int, rounds: int | None, reps: int) -> None:
     from paramarket_jax.market.model import MarketModel
 
     extra = [f"train.rounds={rounds}"] if rounds else []
@@ -105,29 +105,34 @@ def seeds_vmap(seeds: int, mesa_seeds: int, rounds: int | None) -> None:
     t = time.perf_counter()
     out = batch.run_cells([exp])
     cold = time.perf_counter() - t
-    t = time.perf_counter()
-    out = batch.run_cells([exp])
-    warm = time.perf_counter() - t
     assert out.calls == 1
     mem = peak_mem_mb()
-    # Mesa path: the same jitted round stepped seed after seed (warm: round 0 compiled)
-    warmup = MarketModel(exp, seeds)
+    warmup = MarketModel(exp, seeds)  # the Mesa path's round compiled too
     warmup.step()
-    t = time.perf_counter()
-    for s in range(mesa_seeds):
-        MarketModel(exp, s).run()
-    mesa = time.perf_counter() - t
-    batch_rate, mesa_rate = 60 * seeds / warm, 60 * mesa_seeds / mesa
+    # Both paths warm, timed alternately so that a noisy neighbour slows both alike; the
+    # Mesa path steps its seeds one after another (seed s of each repetition differs).
+    batch_s, mesa_s = [], []
+    for rep in range(reps):
+        t = time.perf_counter()
+        batch.run_cells([exp])
+        batch_s.append((time.perf_counter() - t) / seeds)
+        t = time.perf_counter()
+        for s in range(rep * mesa_seeds, (rep + 1) * mesa_seeds):
+            MarketModel(exp, s % seeds).run()
+        mesa_s.append((time.perf_counter() - t) / mesa_seeds)
+    batch_rate, mesa_rate = 60 / np.median(batch_s), 60 / np.median(mesa_s)
     emit(
         BENCH,
         "seeds_vmap",
         seeds,
         "runs_per_minute",
         batch_rate,
-        f"mesa_sequential_runs_per_minute (measured on {mesa_seeds} seeds)",
+        f"mesa_sequential_runs_per_minute (medians of {reps} alternating repetitions, "
+        f"{mesa_seeds} Mesa runs each)",
         mesa_rate,
         batch_cold_s=cold,
-        batch_warm_s=warm,
+        batch_warm_s=[round(x * seeds, 2) for x in batch_s],
+        mesa_s_per_run=[round(x, 3) for x in mesa_s],
         rounds=scen.train.rounds,
         peak_mem_mb=mem,
     )
@@ -162,6 +167,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="timed trading rounds (median)")
     ap.add_argument("--seeds", type=int, default=32, help="seeds of the seeds_vmap case")
     ap.add_argument("--mesa-seeds", type=int, default=4, help="seeds the Mesa baseline runs")
+    ap.add_argument("--seed-reps", type=int, default=3, help="alternating repetitions")
     ap.add_argument("--rounds", type=int, default=None, help="rounds of paper_two_agent")
     ap.add_argument("--paper-seeds", type=int, default=100)
     ap.add_argument("--paper-rounds", type=int, default=50)
@@ -170,7 +176,7 @@ def main() -> None:
     if "paper_round" in cases:
         paper_round(args.reps)
     if "seeds_vmap" in cases:
-        seeds_vmap(args.seeds, args.mesa_seeds, args.rounds)
+        seeds_vmap(args.seeds, args.mesa_seeds, args.rounds, args.seed_reps)
     if "paper_100_seeds" in cases:
         paper_many_seeds(args.paper_seeds, args.paper_rounds)
 

@@ -150,14 +150,16 @@ def _lsa_host(sim, where) -> np.ndarray:
     return perms.reshape(*batch, n)
 
 
-def _step(spec, members, solver, local, a, b, perms, live):
+def _step(spec, members, solver, branch, chosen_branch, local, a, b, perms, live):
     """One coordinate step for one pair: re-solve group ``members[local]`` if that improves.
 
     All ``members`` have one size, so they share one compiled Hungarian solver; only the
     similarity is chosen per group. The new assignment replaces the old one only if its
     score is higher by more than ``RTOL`` (relative), so the descent is monotone and ends.
     A pair that is not ``live`` (already converged) keeps its perms; the callback solver
-    skips its assignment.
+    skips its assignment. So does a pair for which this ``branch`` is not the
+    ``chosen_branch``: under a vmap with batched keys (seeds) ``lax.switch`` runs every
+    branch and selects, and the host then solves only the assignments that are kept.
     """
     if len(members) == 1:
         sim = similarity(spec, members[0], a, b, perms)
@@ -165,6 +167,7 @@ def _step(spec, members, solver, local, a, b, perms, live):
         branches = [partial(similarity, spec, g) for g in members]
         sim = jax.lax.switch(local, branches, a, b, perms)
     old = jnp.stack([perms[g] for g in members])[local]
+    live = live & (chosen_branch == branch)
     new = hungarian(sim, solver, where=live)
     rows = jnp.arange(sim.shape[0])
     old_score, new_score = sim[rows, old].sum(), sim[rows, new].sum()
@@ -204,14 +207,14 @@ def _align_batch(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps, solve
     members = [[g for g in groups if spec.sizes[g] == n] for n in sizes]
     branch_of = jnp.array([sizes.index(spec.sizes[g]) for g in groups], jnp.int32)
     local_of = jnp.array([members[sizes.index(spec.sizes[g])].index(g) for g in groups], jnp.int32)
-    branches = [partial(_step, spec, m, solver) for m in members]
+    branches = [partial(_step, spec, m, solver, k) for k, m in enumerate(members)]
 
     def sweep(order, a, b, perms, live):
         # A loop, not an unrolled sweep: every group's branch is compiled once, not G times.
         def step(t, carry):
             perms, changed = carry
             g, i = branch_of[order[t]], local_of[order[t]]
-            perms, improved = jax.lax.switch(g, branches, i, a, b, perms, live)
+            perms, improved = jax.lax.switch(g, branches, g, i, a, b, perms, live)
             return perms, changed | improved
 
         return jax.lax.fori_loop(0, len(groups), step, (perms, jnp.zeros((), bool)))
