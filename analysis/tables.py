@@ -3,6 +3,7 @@
 python analysis/tables.py replication runs/replication_digits runs/replication_mnist1d
 python analysis/tables.py duopoly runs/duopoly
 python analysis/tables.py license runs/license
+python analysis/tables.py scale runs/scale
 """
 
 from __future__ import annotations
@@ -79,12 +80,34 @@ def license_(folders: list[str]) -> str:
     return "\n".join(rows)
 
 
+def scale(folders: list[str]) -> str:
+    """Gains over siloed and trades per agent by market size N and alignment mode."""
+    df = _load(folders[0])
+    n = df["agents.n"]
+    df["welfare_gain"] = (df["welfare"] - df["siloed_welfare"]) / n
+    df["gap"] = df["market_accuracy"] - df["siloed_accuracy"]
+    df["trades_per_agent"] = df["trades"] / n
+    rows = [
+        "| N | alignment | market acc | siloed acc | market - siloed | welfare gain per agent "
+        "| trades per agent per run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (size, align), g in df.groupby(["agents.n", "broker.align"], sort=True):
+        rows.append(
+            f"| {size} | {align} | {_ms(g['market_accuracy'])} | {_ms(g['siloed_accuracy'])} "
+            f"| {_ms(g['gap'], '+.3f')} | {_ms(g['welfare_gain'], '+.3f')} "
+            f"| {g['trades_per_agent'].mean():.2f} |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("study", choices=["replication", "duopoly", "license"])
+    ap.add_argument("study", choices=["replication", "duopoly", "license", "scale"])
     ap.add_argument("folders", nargs="+")
     args = ap.parse_args()
-    table = {"replication": replication, "duopoly": duopoly, "license": license_}[args.study]
+    tables = {"replication": replication, "duopoly": duopoly, "license": license_, "scale": scale}
+    table = tables[args.study]
     print(table(args.folders))
 
 

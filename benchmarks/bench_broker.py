@@ -20,6 +20,17 @@ reference probes' 64-128-128-10 MLP. Cases:
       N*(N-1) pairs, no alignment: the anchor's work) against ``bench_valuation`` of
       ``population_anchor.py`` (N*N pairs) run in this process.
   ``valuation_aligned``: the full try-before-buy (alignment, merge, score), same baseline.
+  ``reference_vs_pairwise``: valued pairs/s (after compilation) of ``value_candidates``
+      with ``align="reference"`` (every agent aligned once to agent 0, pairs by
+      composition: N weight matchings) against ``align="pairwise"`` (N*K weight
+      matchings), K random candidates per buyer (``--ref-candidates``), on the paper's MLP
+      (32-32-32-16) trained briefly on digits (``--ref-steps`` SGD steps per agent by the
+      population trainer, from different initialisations, so the agents differ); ``ratio``
+      is the speed-up, ``loss_ratio`` the ratio of the mean (over buyers) best merge
+      validation loss, reference / pairwise (above 1: reference alignment merges worse).
+      ``--ref-restarts`` sets the weight-matching restarts of both (best objective).
+
+``--only align,value,reference`` runs a subset of the cases (default: all).
 
 Anchors are imported from ``--anchor-dir`` (default ``../shared/bench`` beside the repo);
 a missing one prints an ``anchor`` line with an ``error`` and its comparison is skipped.
@@ -27,7 +38,7 @@ a missing one prints an ``anchor`` line with an ``error`` and its comparison is 
 Defaults finish in a few minutes on 2 CPU cores (N=64 all-pairs alignment, 4032 pairs, is
 minutes on a CPU, so the default align sizes are 8,16). On a GPU, e.g.:
 ``python -m benchmarks.bench_broker --align-sizes 8,16,64 --val-sizes 64,256
---val-aligned-sizes 16,64``.
+--val-aligned-sizes 16,64 --ref-sizes 256,1024``.
 """
 
 from __future__ import annotations
@@ -41,7 +52,9 @@ import numpy as np
 
 from benchmarks.common import DEFAULT_ANCHOR_DIR, emit, load_anchor, peak_mem_mb, timeit
 from paramarket_jax import broker
+from paramarket_jax.data import load_dataset, partition
 from paramarket_jax.models import make_model
+from paramarket_jax.population import agent_data, make_trainer
 
 D_IN, HIDDEN, CLASSES, N_ALPHA, N_VAL = 64, 128, 10, 11, 256
 BENCH = "broker"
@@ -172,6 +185,83 @@ def bench_value(model, sizes, aligned_sizes, batch, max_sweeps, anchor, reps):
         )
 
 
+def trained_digits_population(n: int, steps: int, seed: int = 0):
+    """The paper's MLP, N agents trained ``steps`` SGD steps each on the digits training set.
+
+    Every agent trains on the whole training set (shards of N=256 agents would hold ~5
+    rows each: overfit models whose merges are ruled by calibration, not by alignment), so
+    agents differ by their initialisation and minibatch draws, Git Re-Basin's setting;
+    each validates on 64 rows of its own.
+    """
+    k_data, k_split, k_init, k_train = jax.random.split(jax.random.key(seed), 4)
+    ds = load_dataset("digits", k_data)
+    part = partition("iid", k_split, ds, n, eval_size=64, eval_mix="global")
+    rows = len(ds.y_train)
+    data = agent_data(ds, part)._replace(
+        train_rows=jnp.arange(rows, dtype=jnp.int32),
+        train_start=jnp.zeros(n, jnp.int32),
+        train_size=jnp.full(n, rows, jnp.int32),
+    )
+    model = make_model("mlp", ds.x_train.shape[1:], ds.num_classes, preset="paper")
+    trainer = make_trainer(model, "sgd", 32)
+    pop, _ = trainer.train(trainer.init(k_init, n, 0.1), k_train, data, steps)
+    return model, jax.block_until_ready(pop.params), data
+
+
+def bench_reference(sizes, k, steps, batch, max_sweeps, restarts, reps):
+    alphas = jnp.asarray(broker.PAPER_ALPHAS, jnp.float32)
+    key = jax.random.key(5)
+    for n in sizes:
+        model, pop, data = trained_digits_population(n, steps)
+        cands = broker.sample_candidates(jax.random.key(6), n, min(k, n - 1))
+        n_pairs = int(cands.size)
+        out = {}
+        for mode in ("pairwise", "reference"):
+
+            def run(pop, cands, mode=mode, model=model, data=data):
+                return broker.value_candidates(
+                    model,
+                    pop,
+                    data.x_val,
+                    data.y_val,
+                    data.val_idx,
+                    cands,
+                    key,
+                    alphas=alphas,
+                    align=mode,
+                    max_sweeps=max_sweeps,
+                    batch_size=batch,
+                    restarts=restarts,
+                )
+
+            seconds = timeit(run, pop, cands, reps=reps)
+            best = np.asarray(run(pop, cands).loss_after).reshape(n, -1).min(axis=1)
+            out[mode] = seconds, float(best.mean())
+        (t_pair, loss_pair), (t_ref, loss_ref) = out["pairwise"], out["reference"]
+        emit(
+            BENCH,
+            "reference_vs_pairwise",
+            n,
+            "pairs_per_s",
+            n_pairs / t_ref,
+            "value_candidates(align='pairwise'), same candidates",
+            n_pairs / t_pair,
+            pairs=n_pairs,
+            k=int(cands.shape[1]),
+            train_steps=steps,
+            max_sweeps=max_sweeps,
+            restarts=restarts,
+            batch_size=batch,
+            alphas=len(broker.PAPER_ALPHAS),
+            seconds=t_ref,
+            baseline_seconds=t_pair,
+            mean_best_loss=loss_ref,
+            baseline_mean_best_loss=loss_pair,
+            loss_ratio=loss_ref / loss_pair,
+            peak_mem_mb=peak_mem_mb(),
+        )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--align-sizes", default="8,16", help="N for all-pairs alignment")
@@ -198,6 +288,15 @@ def main():
         help="buyers per valuation chunk (default: 2 on CPU, where small chunks "
         "stay in cache, 16 on accelerators)",
     )
+    ap.add_argument(
+        "--ref-sizes", default="64,256", help="N for reference_vs_pairwise (empty: skip)"
+    )
+    ap.add_argument("--ref-candidates", type=int, default=8, help="K candidates per buyer")
+    ap.add_argument("--ref-steps", type=int, default=300, help="SGD steps per agent")
+    ap.add_argument("--ref-restarts", type=int, default=1, help="alignment restarts")
+    ap.add_argument(
+        "--only", default="", help="comma-separated: align,value,reference (default: all)"
+    )
     ap.add_argument("--reps", type=int, default=2, help="timed valuation calls after a warm-up")
     ap.add_argument("--align-reps", type=int, default=1, help="timed alignment calls (slow on CPU)")
     ap.add_argument("--anchor-dir", default=str(DEFAULT_ANCHOR_DIR))
@@ -208,28 +307,39 @@ def main():
     sizes = lambda text: [int(s) for s in text.split(",") if s]  # noqa: E731
     anchor_dir = args.anchor_dir
     model = make_model("mlp", (D_IN,), CLASSES, widths=(HIDDEN, HIDDEN))
-    align_anchor = load_anchor(anchor_dir, "align_anchor")
-    bench_align(
-        model,
-        sizes(args.align_sizes),
-        args.max_sweeps,
-        args.scipy_pairs,
-        align_anchor,
-        args.anchor_sweeps,
-        args.align_reps,
-        [b for b in args.align_backends.split(",") if b],
-        args.align_backends_max_n,
-    )
-    population_anchor = load_anchor(anchor_dir, "population_anchor")
-    bench_value(
-        model,
-        sizes(args.val_sizes),
-        sizes(args.val_aligned_sizes),
-        args.val_batch,
-        args.max_sweeps,
-        population_anchor,
-        args.reps,
-    )
+    only = {c for c in args.only.split(",") if c} or {"align", "value", "reference"}
+    if "align" in only:
+        bench_align(
+            model,
+            sizes(args.align_sizes),
+            args.max_sweeps,
+            args.scipy_pairs,
+            load_anchor(anchor_dir, "align_anchor"),
+            args.anchor_sweeps,
+            args.align_reps,
+            [b for b in args.align_backends.split(",") if b],
+            args.align_backends_max_n,
+        )
+    if "value" in only:
+        bench_value(
+            model,
+            sizes(args.val_sizes),
+            sizes(args.val_aligned_sizes),
+            args.val_batch,
+            args.max_sweeps,
+            load_anchor(anchor_dir, "population_anchor"),
+            args.reps,
+        )
+    if "reference" in only:
+        bench_reference(
+            sizes(args.ref_sizes),
+            args.ref_candidates,
+            args.ref_steps,
+            args.val_batch,
+            args.max_sweeps,
+            args.ref_restarts,
+            args.reps,
+        )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,14 @@ Cases (JSON lines, DESIGN.md section 8):
    outside this repository, see ../shared/PAPER.md; the constant is the yardstick).
 2. ``seeds_vmap``: S seeds of ``paper_two_agent`` through the batch path (one compiled call)
    against the Mesa path stepping seeds one after another: runs per minute, both warm.
-3. ``paper_100_seeds`` (``--paper-seeds 100``, meant for a GPU): 100 seeds of the
+3. ``many_agents``: seconds per trading round of ``many_agents_assignment`` (K = 8) at
+   N in {8, 32, 128, 256}, split into train / value / settle / record (each part jitted
+   alone; record is the rest of the round: evaluation, earnings, the copy to the host),
+   for pairwise and reference alignment.
+4. ``naive_mesa``: the same market at N = 32 (pairwise alignment, take-it rule, no twins)
+   as a naive Mesa model where each agent owns its parameters and calls its own jitted
+   train, align, score and merge, against one jitted round of the pure path.
+5. ``paper_100_seeds`` (``--paper-seeds 100``, meant for a GPU): 100 seeds of the
    paper-shaped run (50 rounds) in one batch call, total wall time including compilation,
    against the paper's code needing about 140 s for one seed on an H200.
 
@@ -26,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import device_name, emit, peak_mem_mb
+from benchmarks.common import device_name, emit, peak_mem_mb, timeit
 from paramarket_jax import batch
+from paramarket_jax import round as market_round
 from paramarket_jax import scenario as sc
 from paramarket_jax.experiment import build, seed_data
 from paramarket_jax.round import init_jit, step_jit
@@ -161,6 +169,166 @@ def paper_many_seeds(seeds: int, rounds: int) -> None:
     )
 
 
+def _first_round(exp, seed: int = 0):
+    """A trading round's inputs: seed data, the state after init, the round key."""
+    data, key = seed_data(exp, seed)
+    k_init, k_rounds = jax.random.split(key)
+    return data, init_jit(exp.spec, exp.params, k_init), jax.random.fold_in(k_rounds, 0)
+
+
+def round_parts(exp, reps: int) -> dict[str, float]:
+    """Median seconds of one trading round and of its parts, each jitted alone."""
+    spec, params = exp.spec, exp.params
+    data, state, key = _first_round(exp)
+    model = spec.make_model()
+    trainer = spec.make_trainer(model)
+    r0 = jnp.asarray(0, jnp.int32)
+
+    def whole(state, key):
+        return jax.device_get(step_jit(spec, params, data, state, key, r0))
+
+    @jax.jit
+    def train(state, key):
+        return market_round._train(spec, trainer, data, state, key)
+
+    @jax.jit
+    def value(state, key):
+        pop = state.twins.params
+        pop = jax.tree.map(lambda v: v[market_round.MARKET], pop)
+        alive = state.alive[market_round.MARKET]
+        agents = data.agents
+        loss_v, _ = trainer.evaluate(pop, agents.x_val, agents.y_val, agents.val_idx)
+        k_cand, k_align, _, _ = jax.random.split(key, 4)
+        return market_round.value(spec, params, data, pop, alive, loss_v, k_cand, k_align)
+
+    @jax.jit
+    def trade(state, key):
+        return market_round._trade(spec, state, key, trainer, model, data, params)
+
+    t = {name: timeit(fn, state, key, reps=reps) for name, fn in
+         (("round", whole), ("train", train), ("value", value), ("trade", trade))}  # fmt: skip
+    return dict(
+        round=t["round"],
+        train=t["train"],
+        value=t["value"],
+        settle=max(t["trade"] - t["value"], 0.0),
+        record=max(t["round"] - t["train"] - t["trade"], 0.0),
+    )
+
+
+def many_agents(sizes: list[int], aligns: list[str], reps: int) -> None:
+    for n in sizes:
+        for align in aligns:
+            scen = sc.load("many_agents_assignment", [f"agents.n={n}", f"broker.align={align!r}",
+                                                      "trading.start=0"])  # fmt: skip
+            parts = round_parts(build(scen), reps)
+            emit(
+                BENCH,
+                f"many_agents_{align}",
+                n,
+                "seconds_per_trading_round",
+                parts["round"],
+                "none (split of the same round)",
+                None,
+                parts={k: round(v, 4) for k, v in parts.items() if k != "round"},
+                candidates=scen.broker.candidates,
+                twins=list(build(scen).spec.twin_names),
+                peak_mem_mb=peak_mem_mb(),
+            )
+
+
+def naive_mesa(n: int, reps: int) -> None:
+    """Each agent a Mesa agent with its own params and its own jitted calls, seed 0."""
+    import mesa
+
+    from paramarket_jax import broker
+    from paramarket_jax.broker.value import loss_and_accuracy
+
+    overrides = [f"agents.n={n}", "broker.align='pairwise'", "trading.start=0",
+                 "mechanism.name=take_it", "baselines.siloed=false"]  # fmt: skip
+    exp = build(sc.load("many_agents_assignment", overrides))
+    spec, params = exp.spec, exp.params
+    data, state, key = _first_round(exp)
+    model = spec.make_model()
+    trainer = spec.make_trainer(model)
+    agents = data.agents
+    alphas = params.alphas
+    train_one = jax.jit(trainer.train_one, static_argnums=9)
+
+    @jax.jit
+    def score(buyer, seller, rows):
+        x, y = agents.x_val[rows], agents.y_val[rows]
+        merged = jax.vmap(lambda a: broker.merge(buyer, seller, a))(alphas)
+        losses = jax.vmap(lambda p: loss_and_accuracy(model, p, x, y)[0])(merged)
+        before = loss_and_accuracy(model, buyer, x, y)[0]
+        return (before - losses.min()) / before, alphas[losses.argmin()]
+
+    permute = jax.jit(lambda perms, p: broker.aligned(model.spec, perms, p))
+    merge = jax.jit(broker.merge)
+
+    class Trader(mesa.Agent):
+        def __init__(self, market, i):
+            super().__init__(market)
+            self.i = i
+            take = lambda v: v[market_round.MARKET, i]  # noqa: E731
+            self.params = jax.tree.map(take, state.twins.params)
+            self.opt = jax.tree.map(take, state.twins.opt_state)
+
+        def train(self, k):
+            self.params, self.opt, _ = train_one(
+                self.params, self.opt, params.learning_rate[self.i], k,
+                agents.train_start[self.i], agents.train_size[self.i], agents.train_rows,
+                agents.x_train, agents.y_train, spec.local_steps,
+            )  # fmt: skip
+
+        def shop(self, k, sellers):
+            best = (0.0, None, None)
+            for j in sellers:
+                other = self.model.traders[int(j)].params
+                perms = broker.align(model.spec, self.params, other, k, max_sweeps=spec.max_sweeps)
+                seller = permute(perms, other)
+                gain, alpha = score(self.params, seller, agents.val_idx[self.i])
+                if float(gain) > best[0]:
+                    best = (float(gain), seller, alpha)
+            self.offer = best
+
+        def buy(self):
+            if self.offer[1] is not None:
+                self.params = merge(self.params, self.offer[1], self.offer[2])
+
+    class Naive(mesa.Model):
+        def __init__(self):
+            super().__init__(seed=0)
+            self.traders = [Trader(self, i) for i in range(n)]
+
+        def step(self, k):
+            for t in self.traders:
+                t.train(jax.random.fold_in(k, t.i))
+            cands = broker.sample_candidates(k, n, min(spec.candidates, n - 1))
+            for t in self.traders:
+                t.shop(jax.random.fold_in(k, n + t.i), np.asarray(cands[t.i]))
+            for t in self.traders:
+                t.buy()
+            jax.block_until_ready([t.params for t in self.traders])
+
+    naive = Naive()
+    naive_s = timeit(naive.step, key, reps=reps)
+    ours = round_parts(exp, reps)["round"]
+    emit(
+        BENCH,
+        "naive_mesa",
+        n,
+        "seconds_per_trading_round",
+        ours,
+        "naive Mesa model, per-agent jitted train/align/score/merge (s per round)",
+        naive_s,
+        ratio_note="ratio = ours / naive; the speed-up is its inverse",
+        speedup=naive_s / ours,
+        candidates=spec.candidates,
+        peak_mem_mb=peak_mem_mb(),
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="paper_round,seeds_vmap")
@@ -169,6 +337,9 @@ def main() -> None:
     ap.add_argument("--mesa-seeds", type=int, default=4, help="seeds the Mesa baseline runs")
     ap.add_argument("--seed-reps", type=int, default=3, help="alternating repetitions")
     ap.add_argument("--rounds", type=int, default=None, help="rounds of paper_two_agent")
+    ap.add_argument("--sizes", default="8,32,128,256", help="N of the many_agents case")
+    ap.add_argument("--aligns", default="pairwise,reference", help="many_agents alignments")
+    ap.add_argument("--naive-n", type=int, default=32, help="N of the naive_mesa case")
     ap.add_argument("--paper-seeds", type=int, default=100)
     ap.add_argument("--paper-rounds", type=int, default=50)
     args = ap.parse_args()
@@ -177,6 +348,11 @@ def main() -> None:
         paper_round(args.reps)
     if "seeds_vmap" in cases:
         seeds_vmap(args.seeds, args.mesa_seeds, args.rounds, args.seed_reps)
+    if "many_agents" in cases:
+        sizes = [int(v) for v in args.sizes.split(",")]
+        many_agents(sizes, args.aligns.split(","), args.reps)
+    if "naive_mesa" in cases:
+        naive_mesa(args.naive_n, args.reps)
     if "paper_100_seeds" in cases:
         paper_many_seeds(args.paper_seeds, args.paper_rounds)
 

@@ -38,10 +38,11 @@ def positive_int(text: str) -> int:
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine",
-        choices=("batch", "mesa"),
-        default="batch",
+        choices=("auto", "batch", "mesa"),
+        default="auto",
         help="batch: every seed (and every cell differing only in numeric knobs) in one "
-        "compiled call (default); mesa: step each seed's Mesa model round by round",
+        "compiled call; mesa: step each seed's Mesa model round by round; auto (default): "
+        "batch unless agents enter the market (agents.entry), a Mesa-side rule",
     )
     parser.add_argument(
         "--batch",

@@ -51,6 +51,13 @@ def load_shared_dataset(scenario: Scenario) -> Dataset:
     return load_dataset(d.dataset, k_data, **options)
 
 
+def align_mode(align: bool | str) -> str:
+    """``broker.align`` as a mode name: true is ``pairwise``, false ``none``."""
+    if isinstance(align, bool):
+        return "pairwise" if align else "none"
+    return align
+
+
 def spec_of(scenario: Scenario, dataset: Dataset) -> MarketSpec:
     """The scenario's static part (shapes, names, counts)."""
     s = scenario
@@ -71,9 +78,12 @@ def spec_of(scenario: Scenario, dataset: Dataset) -> MarketSpec:
         roles=s.mechanism.roles,
         revenue=s.economics.revenue,
         quality=s.economics.quality,
-        align=s.broker.align,
+        align=align_mode(s.broker.align),
+        restarts=s.broker.restarts,
+        choose=s.broker.choose,
         layers=tuple(s.broker.layers),
         candidates=s.broker.candidates,
+        pick=s.broker.pick,
         max_sweeps=s.broker.max_sweeps,
         chunk=s.broker.batch_size,
         alphas=len(s.broker.alphas),
@@ -121,6 +131,8 @@ def params_of(scenario: Scenario) -> MarketParams:
         trade_start=jnp.asarray(s.trading.start, jnp.int32),
         trade_every=jnp.asarray(s.trading.every, jnp.int32),
         seller_only=jnp.asarray(seller_only),
+        initial_alive=jnp.arange(n) < (s.agents.initial or n),
+        bankruptcy=jnp.asarray(e.bankruptcy),
     )
 
 

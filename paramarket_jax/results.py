@@ -16,7 +16,7 @@ from paramarket_jax.errors import ParamarketError
 ROUND_COLUMNS = [
     "loss", "accuracy", "val_accuracy", "siloed_loss", "siloed_accuracy", "fedavg_accuracy",
     "central_accuracy", "trades", "revenue", "cost", "payment", "receipt", "fees", "cash",
-    "utility", "siloed_revenue", "siloed_cash", "siloed_utility",
+    "utility", "siloed_revenue", "siloed_cash", "siloed_utility", "alive", "siloed_alive",
 ]  # fmt: skip
 TRADE_COLUMNS = [
     "seed", "round", "buyer", "seller", "alpha", "predicted_gain", "realized_gain", "value",
@@ -24,16 +24,13 @@ TRADE_COLUMNS = [
 ]  # fmt: skip
 
 
-def rounds_table(
-    records, seeds, initial_cash: float, twin_names=("market", "siloed")
-) -> pd.DataFrame:
+def rounds_table(records, seeds, twin_names=("market", "siloed")) -> pd.DataFrame:
     """One row per seed x round x agent, built from round records in bulk.
 
     Args:
         records: a :class:`~paramarket_jax.round.RoundRecord` of host arrays, every leaf
             with leading axes (S seeds, R rounds).
         seeds: the S seed values.
-        initial_cash: every agent's cash before round 0 (utility is cash minus it).
         twin_names: what each index of the records' twin axis holds
             (``MarketSpec.twin_names``); columns of a missing twin are NaN.
     """
@@ -48,6 +45,7 @@ def rounds_table(
         return f64(np.asarray(a)[:, :, list(twin_names).index(name)])
 
     cash, siloed_cash = twin(r.cash, "market"), twin(r.cash, "siloed")
+    endowment, siloed_endowment = twin(r.endowment, "market"), twin(r.endowment, "siloed")
     columns = {
         "seed": np.repeat(np.asarray(seeds, np.int64), r_n * n),
         "round": np.tile(np.repeat(np.arange(r_n, dtype=np.int64), n), s_n),
@@ -66,10 +64,12 @@ def rounds_table(
         "receipt": f64(r.flows.receipt),
         "fees": f64(r.flows.fees),
         "cash": cash,
-        "utility": cash - float(initial_cash),
+        "utility": cash - endowment,
         "siloed_revenue": twin(r.revenue, "siloed"),
         "siloed_cash": siloed_cash,
-        "siloed_utility": siloed_cash - float(initial_cash),
+        "siloed_utility": siloed_cash - siloed_endowment,
+        "alive": twin(r.alive, "market") > 0,
+        "siloed_alive": twin(r.alive, "siloed") > 0,
     }
     assert list(columns)[3:] == ROUND_COLUMNS
     return pd.DataFrame(columns)
@@ -145,6 +145,7 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
             siloed_welfare=float(df["siloed_utility"].sum()),
             broker_take=broker,
             trades=int(len(t)),
+            alive=int(df["alive"].sum()),
             revenue_of_sellers=float(t["price"].sum()),
             mean_abs_estimation_error=float(t["estimation_error"].abs().mean()) if len(t) else None,
         )
@@ -181,6 +182,7 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
         siloed_welfare=float(np.mean([s["siloed_welfare"] for s in seeds])),
         broker_take=float(np.mean([s["broker_take"] for s in seeds])),
         trade_count=int(len(trades)),
+        alive=float(np.mean([s["alive"] for s in seeds])),
         mean_price=float(trades["price"].mean()) if len(trades) else None,
         mean_abs_estimation_error=float(errors.mean()) if len(trades) else None,
         per_seed=per_seed,

@@ -58,10 +58,15 @@ class MarketSpec:
         roles: how one-sided mechanisms pick buyers: ``first_half`` (or the listed
             sellers) or ``random`` each round.
         revenue: ``independent`` or ``competitive``; quality: ``likelihood`` or ``accuracy``.
-        align: align sellers to buyers before merging; layers: traded layer patterns
-            (empty: the whole model); candidates: sellers per buyer (0: all others);
-            max_sweeps: most weight-matching sweeps; chunk: buyers per valuation chunk
-            (0: all at once).
+        align: how sellers are put in their buyers' basis before merging: ``pairwise``
+            (weight matching per candidate pair), ``reference`` (every agent matched once
+            to a reference agent, pairs by composition) or ``none``; restarts: weight
+            matchings with different sweep orders per alignment, kept by ``choose``
+            (``objective`` or ``validation``: the buyer's try-before-buy picks);
+            layers: traded layer patterns (empty: the whole model); candidates: sellers
+            per buyer (0: all others); pick: how they are chosen, ``random`` or ``top``
+            (the K alive sellers with the lowest own validation loss); max_sweeps: most
+            weight-matching sweeps; chunk: buyers per valuation chunk (0: all at once).
         alphas: number of merge weights tried; strategy_grid: size of the adaptive grid.
     """
 
@@ -81,9 +86,12 @@ class MarketSpec:
     roles: str = "first_half"
     revenue: str = "independent"
     quality: str = "likelihood"
-    align: bool = True
+    align: str = "pairwise"
+    restarts: int = 1
+    choose: str = "objective"
     layers: tuple[str, ...] = ()
     candidates: int = 0
+    pick: str = "random"
     max_sweeps: int = 100
     chunk: int = 0
     alphas: int = 10
@@ -121,6 +129,9 @@ class MarketParams(NamedTuple):
         trade_start: () int32 first trading round; trade_every: () int32 its period.
         seller_only: (N,) bool agents that only sell (when any is set, buyers buy only
             from them).
+        initial_alive: (N,) bool agents in the market at round 0 (the others are free
+            slots that entrants take, see :func:`enter`).
+        bankruptcy: () bool an agent whose cash falls below zero leaves the market.
     """
 
     learning_rate: jax.Array
@@ -132,6 +143,8 @@ class MarketParams(NamedTuple):
     trade_start: jax.Array
     trade_every: jax.Array
     seller_only: jax.Array
+    initial_alive: jax.Array
+    bankruptcy: jax.Array
 
 
 class MarketData(NamedTuple):
@@ -157,6 +170,10 @@ class MarketState(NamedTuple):
         cash: (T, N) each twin's agents' cash (the siloed twin never trades).
         strategy: the market agents' adaptive-strategy bandits.
         trade_count: (N,) int32 purchases so far per agent.
+        alive: (T, N) bool agents in each twin's market: a dead agent neither trains,
+            trades, earns nor pays (fixed shapes: leaving and entering never recompile).
+        endowment: (T, N) cash put into each slot so far (the initial cash, plus what
+            each entrant brought): utility is ``cash - endowment``.
     """
 
     twins: Population
@@ -164,6 +181,8 @@ class MarketState(NamedTuple):
     cash: jax.Array
     strategy: StrategyState
     trade_count: jax.Array
+    alive: jax.Array
+    endowment: jax.Array
 
 
 class Trades(NamedTuple):
@@ -227,6 +246,8 @@ class RoundRecord(NamedTuple):
         flows: the market's money flows this round.
         trades: per-buyer trade columns with a mask.
         trade_count: (N,) int32 purchases so far.
+        alive: (T, N) bool agents in the market after the round.
+        endowment: (T, N) cash put into each slot so far (see ``MarketState``).
     """
 
     traded: jax.Array
@@ -241,6 +262,8 @@ class RoundRecord(NamedTuple):
     flows: Flows
     trades: Trades
     trade_count: jax.Array
+    alive: jax.Array
+    endowment: jax.Array
 
 
 def fedavg(pop: Population, weights: jax.Array) -> Population:
@@ -282,6 +305,44 @@ def init(spec: MarketSpec, params: MarketParams, key: jax.Array) -> MarketState:
         cash=cash,
         strategy=init_state(spec.n, spec.strategy_grid),
         trade_count=jnp.zeros(spec.n, jnp.int32),
+        alive=jnp.broadcast_to(params.initial_alive, (spec.twins, spec.n)),
+        endowment=cash,
+    )
+
+
+def enter(
+    spec: MarketSpec, params: MarketParams, state: MarketState, key: jax.Array, slots
+) -> MarketState:
+    """Agents enter the free ``slots`` ((N,) bool, dead in the market twin) with fresh models.
+
+    An entrant starts in every twin (its siloed twin is the same newcomer never trading):
+    fresh weights and optimizer from ``key``, the initial cash, no purchases, a fresh
+    bandit. Everyone else is untouched. Called between rounds by the Mesa view. The slot's
+    earlier utility stays in its accounts (the endowment grows by what the entrant brings
+    beyond the leaver's cash), so welfare still counts what the leaver lost.
+    """
+    slots = jnp.asarray(slots, bool) & ~state.alive[MARKET]
+    fresh = spec.make_trainer().init(key, spec.n, params.learning_rate)
+
+    def pick(new, old):  # old (T, N, ...), new (N, ...)
+        m = slots.reshape((1, spec.n) + (1,) * (old.ndim - 2))
+        return jnp.where(m, new[None], old)
+
+    twins = jax.tree.map(pick, fresh, state.twins)
+    strategy = jax.tree.map(
+        lambda new, old: jnp.where(slots.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
+        init_state(spec.n, spec.strategy_grid),
+        state.strategy,
+    )
+    return state._replace(
+        twins=twins,
+        cash=jnp.where(slots[None], params.initial_cash, state.cash),
+        endowment=jnp.where(
+            slots[None], state.endowment + params.initial_cash - state.cash, state.endowment
+        ),
+        strategy=strategy,
+        trade_count=jnp.where(slots, 0, state.trade_count),
+        alive=state.alive | slots[None],
     )
 
 
@@ -290,8 +351,10 @@ def _train(spec, trainer, data: MarketData, state: MarketState, key) -> MarketSt
     twins, _ = jax.vmap(lambda p: trainer.train(p, key, agents, spec.local_steps))(state.twins)
     if spec.fedavg:
         i = spec.twin_names.index("fedavg")
-        avg = fedavg(jax.tree.map(lambda v: v[i], twins), agents.train_size.astype(float))
+        weights = agents.train_size * state.alive[i]
+        avg = fedavg(jax.tree.map(lambda v: v[i], twins), weights.astype(float))
         twins = jax.tree.map(lambda t, a: t.at[i].set(a), twins, avg)
+    twins = _where_alive(state.alive, twins, state.twins)
     central = state.central
     if central is not None:
         pooled = agents._replace(
@@ -305,10 +368,69 @@ def _train(spec, trainer, data: MarketData, state: MarketState, key) -> MarketSt
     return state._replace(twins=twins, central=central)
 
 
-def _candidates(spec: MarketSpec, key) -> jax.Array:
+def _where_alive(alive, new, old):
+    """Per-agent pick over (T, N, ...) leaves: dead agents keep ``old``."""
+    return jax.tree.map(
+        lambda u, v: jnp.where(alive.reshape(alive.shape + (1,) * (u.ndim - 2)), u, v), new, old
+    )
+
+
+def _candidates(spec: MarketSpec, key, score, alive) -> jax.Array:
+    """(N, K) sellers each buyer's broker values this round."""
     if spec.candidates == 0 or spec.candidates >= spec.n - 1:
         return broker.all_candidates(spec.n)
+    if spec.pick == "top":
+        return top_candidates(score, alive, spec.candidates)
     return broker.sample_candidates(key, spec.n, spec.candidates)
+
+
+def top_candidates(score: jax.Array, alive: jax.Array, k: int) -> jax.Array:
+    """(N, k) int32: for each buyer the k other agents with the lowest ``score``, alive first.
+
+    One shared ``top_k`` of k + 1 (a buyer drops itself if it is among them), so the cost
+    is O(N log k), never an (N, N) matrix.
+    """
+    n = score.shape[0]
+    score = jnp.where(alive & jnp.isfinite(score), score, jnp.inf)
+    _, best = jax.lax.top_k(-score, k + 1)  # (k + 1,) best first
+    is_self = best[None, :] == jnp.arange(n)[:, None]
+    order = jnp.argsort(is_self, axis=1, stable=True)  # self (if present) moves last
+    return jnp.take_along_axis(jnp.broadcast_to(best, (n, k + 1)), order, 1)[:, :k].astype(
+        jnp.int32
+    )
+
+
+def value(spec: MarketSpec, params: MarketParams, data: MarketData, pop_params, alive, loss_v,
+          k_cand, k_align):  # fmt: skip
+    """The broker's try-before-buy of a round: candidates, their scores and permutations.
+
+    Args:
+        pop_params: the market twin's parameters (N, ...); alive: (N,) bool;
+        loss_v: (N,) each agent's own validation loss (the ``top`` pick's score).
+
+    Returns:
+        (candidates (N, K), Valuation, perms name -> (N, K, size)).
+    """
+    agents = data.agents
+    cands = _candidates(spec, k_cand, loss_v, alive)
+    val, perms = broker.value_with_perms(
+        spec.make_model(),
+        pop_params,
+        agents.x_val,
+        agents.y_val,
+        agents.val_idx,
+        cands,
+        k_align,
+        params.alphas,
+        align=spec.align,
+        layers=spec.layers or None,
+        max_sweeps=jnp.asarray(spec.max_sweeps, jnp.int32),
+        batch_size=spec.chunk or None,
+        restarts=spec.restarts,
+        choose=spec.choose,
+        reference=jnp.argmax(alive).astype(jnp.int32),  # the first agent in the market
+    )
+    return cands, val, perms
 
 
 def _no_trade(spec: MarketSpec, state: MarketState):
@@ -325,28 +447,16 @@ def _trade(spec: MarketSpec, state: MarketState, key, trainer, model, data, para
     agents = data.agents
     k_cand, k_align, k_strat, k_roles = jax.random.split(key, 4)
     pop = jax.tree.map(lambda v: v[MARKET], state.twins)
-    cands = _candidates(spec, k_cand)
+    alive = state.alive[MARKET]
+    loss_v, acc_v = trainer.evaluate(pop.params, agents.x_val, agents.y_val, agents.val_idx)
+    cands, val, perms = value(spec, params, data, pop.params, alive, loss_v, k_cand, k_align)
     layers = spec.layers or None
-    val, perms = broker.value_with_perms(
-        model,
-        pop.params,
-        agents.x_val,
-        agents.y_val,
-        agents.val_idx,
-        cands,
-        k_align,
-        params.alphas,
-        align=spec.align,
-        layers=layers,
-        max_sweeps=jnp.asarray(spec.max_sweeps, jnp.int32),
-        batch_size=spec.chunk or None,
-    )
     gain, alpha, mask = gains_matrix(val, n)
     sells = params.seller_only
     mask = jnp.where(sells.any(), mask & sells[None, :] & ~sells[:, None], mask)
+    mask = mask & alive[:, None] & alive[None, :]  # only agents in the market trade
     # money: values from the broker's validation estimate of each buyer's new quality
-    loss_v, acc_v = trainer.evaluate(pop.params, agents.x_val, agents.y_val, agents.val_idx)
-    q_val = quality(loss_v, acc_v, kind=spec.quality)
+    q_val = jnp.where(alive, quality(loss_v, acc_v, kind=spec.quality), 0.0)
     q_pair = quality(val.loss_after, val.acc_after, kind=spec.quality)
     q_new = jnp.broadcast_to(q_val[:, None], (n, n)).at[val.buyer, val.seller].set(q_pair)
     values, reservations = purchase_values(q_val, q_new, econ, spec.revenue)
@@ -477,9 +587,16 @@ def step(
     # every twin earns revenue from its test quality (its customers) and pays compute
     econ = params.economy
     q_test = quality(test_loss, test_acc, kind=spec.quality)
-    rev = jax.vmap(lambda q: revenue(q, econ, spec.revenue))(q_test)
-    cost = jnp.full_like(rev, econ.step_cost * spec.local_steps)
-    state = state._replace(cash=state.cash + rev - cost)
+    # (competitors are the agents in the market: a dead agent's quality is the floor 0)
+    rev = jax.vmap(lambda q, a: revenue(jnp.where(a, q, 0.0), econ, spec.revenue))(
+        q_test, state.alive
+    )
+    rev = jnp.where(state.alive, rev, 0.0)
+    cost = jnp.where(state.alive, econ.step_cost * spec.local_steps, 0.0)
+    cash = state.cash + rev - cost
+    # an agent whose cash falls below zero leaves (if the scenario says so)
+    alive = state.alive & ~(params.bankruptcy & (cash < 0))
+    state = state._replace(cash=cash, alive=alive)
     record = RoundRecord(
         traded=traded,
         val_loss=val_loss,
@@ -493,6 +610,8 @@ def step(
         flows=flows,
         trades=trades,
         trade_count=state.trade_count,
+        alive=state.alive,
+        endowment=state.endowment,
     )
     return state, record
 
@@ -518,5 +637,6 @@ def simulate(
 
 
 init_jit = jax.jit(init, static_argnums=0)
+enter_jit = jax.jit(enter, static_argnums=0)
 step_jit = jax.jit(step, static_argnums=0)
 simulate_jit = jax.jit(simulate, static_argnums=(0, 4))

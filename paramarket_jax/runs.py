@@ -11,11 +11,25 @@ import numpy as np
 import pandas as pd
 
 from paramarket_jax import batch, plots, results
-from paramarket_jax.errors import unknown
+from paramarket_jax.errors import ParamarketError, unknown
 from paramarket_jax.experiment import Experiment, build
 from paramarket_jax.scenario import Scenario, dumps
 
-ENGINES = ("batch", "mesa")
+ENGINES = ("auto", "batch", "mesa")
+
+
+def resolve_engine(scenario: Scenario, engine: str) -> str:
+    """``auto`` is ``batch`` unless agents enter the market (a Mesa-side rule): ``mesa``."""
+    if engine not in ENGINES:
+        raise unknown("engine", engine, ENGINES)
+    entry = scenario.agents.entry
+    if engine == "auto":
+        return "mesa" if entry else "batch"
+    if engine == "batch" and entry:
+        raise ParamarketError(
+            "agents.entry is a Mesa-side rule between rounds: use --engine mesa (or auto)"
+        )
+    return engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +61,7 @@ def result_of(experiment: Experiment, records) -> RunResult:
     scenario = experiment.scenario
     seeds = list(scenario.seeds)
     results.check_finite_losses(records, seeds, scenario.train.learning_rate)
-    rounds = results.rounds_table(
-        records, seeds, scenario.economics.initial_cash, experiment.spec.twin_names
-    )
+    rounds = results.rounds_table(records, seeds, experiment.spec.twin_names)
     trades = results.trades_table(records, seeds)
     return RunResult(scenario, rounds, trades, results.summarize(rounds, trades))
 
@@ -65,7 +77,7 @@ def run_cells(
 def run_scenario(
     scenario: Scenario,
     *,
-    engine: str = "batch",
+    engine: str = "auto",
     max_batch: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> RunResult:
@@ -73,13 +85,13 @@ def run_scenario(
 
     Args:
         scenario: a validated scenario.
-        engine: ``batch`` (every seed in one compiled ``vmap`` of the scanned run) or
-            ``mesa`` (the Mesa model steps the same jitted round, one seed at a time).
+        engine: ``batch`` (every seed in one compiled ``vmap`` of the scanned run),
+            ``mesa`` (the Mesa model steps the same jitted round, one seed at a time) or
+            ``auto`` (``batch`` unless the scenario lets agents enter: ``mesa``).
         max_batch: most runs per compiled call of the batch path.
         progress: called with a number of rounds x seeds finished.
     """
-    if engine not in ENGINES:
-        raise unknown("engine", engine, ENGINES)
+    engine = resolve_engine(scenario, engine)
     exp = build(scenario)
     rounds = scenario.train.rounds
     if engine == "batch":

@@ -54,6 +54,7 @@ def _reals(desc: str, ok: Callable[[float], bool]) -> tuple[str, Callable]:
 
 
 BOOL = ("true or false", lambda v: type(v) is bool)
+ALIGN_MODES = ("none", "pairwise", "reference")
 STR = ("a string", lambda v: type(v) is str)
 INTS = (
     "a non-empty list of integers",
@@ -104,6 +105,10 @@ def _mechanisms():
 @dataclasses.dataclass(frozen=True)
 class AgentsConfig:
     n: int = 2
+    initial: int = 0
+    entry: bool = False
+    entry_profit: float = 0.0
+    entry_max: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,10 +151,13 @@ class TradingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BrokerConfig:
-    align: bool = True
+    align: bool | str = True
+    restarts: int = 1
+    choose: str = "objective"
     alphas: tuple[float, ...] = PAPER_ALPHAS
     layers: tuple[str, ...] = ()
     candidates: int = 0
+    pick: str = "random"
     max_sweeps: int = 100
     sellers: tuple[int, ...] = ()
     batch_size: int = 0
@@ -179,6 +187,7 @@ class EconomicsConfig:
     trade_fee: float = 0.0
     fee_share: float = 0.0
     initial_cash: float = 100.0
+    bankruptcy: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +235,10 @@ RULES: dict[str, tuple] = {
     "description": STR,
     "seeds": INTS,
     "agents.n": _int(2),
+    "agents.initial": _int(0),
+    "agents.entry": BOOL,
+    "agents.entry_profit": _real("a number", lambda v: True),
+    "agents.entry_max": _int(1),
     "data.dataset": _choice(_datasets),
     "data.path": STR,
     "data.seed": _int(0),
@@ -240,7 +253,13 @@ RULES: dict[str, tuple] = {
     "train.rounds": _int(1),
     "trading.start": _int(0),
     "trading.every": _int(1),
-    "broker.align": BOOL,
+    "broker.align": (
+        "true, false, or one of none, pairwise, reference",
+        lambda v: type(v) is bool or v in ALIGN_MODES,
+    ),
+    "broker.restarts": _int(1),
+    "broker.choose": ("one of objective, validation", lambda v: v in ("objective", "validation")),
+    "broker.pick": ("one of random, top", lambda v: v in ("random", "top")),
     "broker.alphas": ALPHAS,
     "broker.layers": STRS,
     "broker.candidates": _int(0),
@@ -267,6 +286,7 @@ RULES: dict[str, tuple] = {
     "economics.trade_fee": _real("a number >= 0", lambda v: v >= 0),
     "economics.fee_share": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "economics.initial_cash": _real("a number >= 0", lambda v: v >= 0),
+    "economics.bankruptcy": BOOL,
     "strategies.kind": (
         "one of adaptive, markup, shade, truthful, or a list of those (one per agent)",
         lambda v: all(x in STRATEGIES for x in (v if isinstance(v, list) else [v])) and v != [],
@@ -383,6 +403,11 @@ def from_dict(table: Mapping[str, Any]) -> Scenario:
     """Validate a parsed TOML document into a :class:`Scenario` (errors name the key)."""
     scenario = _build(Scenario, table, "")
     n = scenario.agents.n
+    if scenario.agents.initial > n:
+        raise ParamarketError(
+            f"scenario key 'agents.initial' must be in [0, agents.n = {n}] (0: all), "
+            f"got {scenario.agents.initial}"
+        )
     bad = [i for i in scenario.broker.sellers if i >= n]
     if bad:
         raise ParamarketError(

@@ -18,7 +18,7 @@ import tomllib
 import pandas as pd
 
 from paramarket_jax import scenario as sc
-from paramarket_jax.errors import ParamarketError, unknown
+from paramarket_jax.errors import ParamarketError
 
 SEED_FIELDS = ("mutual_gain", "accuracy_gain_all", "welfare", "siloed_welfare", "broker_take",
                "trades", "revenue_of_sellers", "mean_abs_estimation_error")  # fmt: skip
@@ -111,7 +111,7 @@ def run_sweep(
     out: str | os.PathLike,
     progress=None,
     *,
-    engine: str = "batch",
+    engine: str = "auto",
     max_batch: int | None = None,
 ) -> pd.DataFrame:
     """Run every missing cell of the grid and (re)write ``out/sweep.parquet``.
@@ -122,16 +122,17 @@ def run_sweep(
         overrides: ``key=value`` overrides applied to every cell.
         out: the sweep folder (created if missing; complete cells are kept).
         progress: optional callable(cell name, done) after each cell.
-        engine: ``batch`` (cells differing only in numeric knobs share one compiled call)
-            or ``mesa`` (each cell's seeds stepped through the Mesa model).
+        engine: ``batch`` (cells differing only in numeric knobs share one compiled call),
+            ``mesa`` (each cell's seeds stepped through the Mesa model) or ``auto``
+            (``batch`` unless agents enter the market).
         max_batch: most runs per compiled call of the batch path.
     """
     from paramarket_jax.results import write_run
-    from paramarket_jax.runs import ENGINES, run_cells, run_scenario
+    from paramarket_jax.runs import resolve_engine, run_cells, run_scenario
 
-    if engine not in ENGINES:
-        raise unknown("engine", engine, ENGINES)
     planned = plan(base, grid, overrides)
+    for _, scenario in planned:  # a bad engine for any cell fails before any compute
+        resolve_engine(scenario, engine)
     root = pathlib.Path(out)
     todo = []
     for assignment, scenario in planned:
@@ -143,7 +144,7 @@ def run_sweep(
             todo.append((folder, scenario))
     root.mkdir(parents=True, exist_ok=True)
     for group in groups([scenario for _, scenario in todo]):
-        if engine == "batch":
+        if resolve_engine(group[0][1].scenario, engine) == "batch":
             outcomes = run_cells([exp for _, exp in group], max_batch=max_batch)
         else:
             outcomes = [run_scenario(exp.scenario, engine="mesa") for _, exp in group]

@@ -69,6 +69,8 @@ def test_scenarios_lists_every_bundled_scenario(capsys):
     assert [line.split()[0] for line in lines] == [
         "duopoly_bargaining",
         "license_auction",
+        "many_agents_assignment",
+        "open_market",
         "paper_mnist1d",
         "paper_no_alignment",
         "paper_two_agent",

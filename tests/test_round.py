@@ -108,3 +108,43 @@ def test_settlement_reuses_the_valuations_permutations():
     for u, v in zip(jax.tree.leaves(reused), jax.tree.leaves(pop), strict=True):
         np.testing.assert_array_equal(u[2], v[2])
     assert val.gain.shape == (n * (n - 1),)
+
+
+def test_bankrupt_agents_leave_frozen_and_never_trade_again():
+    """Sellers 2 and 3 earn nothing, pay for compute and go broke in round 0: from then on
+    they are dead in every twin, their cash and models stay as they were, and buyers (who
+    may only buy from them) trade nothing. Same spec as the fee test: numeric knobs only."""
+    s = sc.load(
+        "paper_two_agent",
+        [*SHRINK, "agents.n=4", "data.split.name=iid", "train.rounds=4", "trading.start=1",
+         "mechanism.name=mcafee_double", "broker.sellers=[2, 3]", "economics.fee_share=0.25",
+         "economics.trade_fee=0.0001", "economics.query_fee=0.0002",
+         "economics.value_per_quality=[100, 100, 0, 0]", "economics.step_cost=0.05",
+         "economics.initial_cash=0.1", "economics.bankruptcy=true", "seeds=[0, 1]"],
+    )  # fmt: skip
+    result = run_scenario(s)
+    rounds = result.rounds
+    broke = rounds[rounds["agent"].isin([2, 3])]
+    assert not broke["alive"].any() and not broke["siloed_alive"].any()
+    assert rounds[rounds["agent"].isin([0, 1])]["alive"].all()
+    assert len(result.trades) == 0
+    for _, df in broke.groupby(["seed", "agent"]):
+        np.testing.assert_allclose(df["cash"], -0.05, rtol=1e-5)  # 0.1 - 3 steps x 0.05
+        assert df["accuracy"].nunique() == 1 and df["loss"].nunique() == 1  # frozen model
+        np.testing.assert_allclose(df["utility"], df["cash"] - 0.1, rtol=1e-6)
+    assert result.summary["alive"] == 2
+
+
+def test_top_candidates_are_the_best_alive_others():
+    """Each buyer gets the k alive agents other than itself with the lowest score, in order."""
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        n, k = 9, 3
+        score = rng.normal(size=n).astype(np.float32)
+        score[trial] = np.nan  # a diverged model is nobody's candidate
+        alive = rng.random(n) > 0.3
+        got = np.asarray(jax.jit(market_round.top_candidates, static_argnums=2)(score, alive, k))
+        for i in range(n):
+            others = [j for j in np.argsort(score) if j != i and alive[j] and np.isfinite(score[j])]
+            assert got[i].tolist()[: len(others[:k])] == others[:k]
+            assert i not in got[i] and len(set(got[i].tolist())) == k

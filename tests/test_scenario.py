@@ -10,6 +10,8 @@ from paramarket_jax import scenario as sc
 BUNDLED = [
     "duopoly_bargaining",
     "license_auction",
+    "many_agents_assignment",
+    "open_market",
     "paper_mnist1d",
     "paper_no_alignment",
     "paper_two_agent",
@@ -61,7 +63,10 @@ def test_changing_the_partitioner_drops_the_default_options():
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("agents.count=3", "unknown scenario key 'agents.count'; allowed in [agents]: n"),
+        (
+            "agents.count=3",
+            "unknown scenario key 'agents.count'; allowed in [agents]: entry, entry_max",
+        ),
         ("agents.n=1", "'agents.n' must be an integer >= 2, got 1"),
         ("agents.n=2.5", "'agents.n' must be an integer >= 2"),
         ("agents.n=true", "'agents.n' must be an integer >= 2"),
@@ -76,7 +81,15 @@ def test_changing_the_partitioner_drops_the_default_options():
         ("model.depth=3", "unknown scenario key 'model.depth' for name 'mlp'"),
         ("broker.alphas=[0.5, 1.5]", "numbers in [0, 1]"),
         ("broker.alphas=[]", "non-empty list"),
-        ("broker.align=yes", "'broker.align' must be true or false"),
+        (
+            "broker.align=yes",
+            "'broker.align' must be true, false, or one of none, pairwise, reference",
+        ),
+        ("broker.restarts=0", "'broker.restarts' must be an integer >= 1"),
+        ("broker.choose=best", "'broker.choose' must be one of objective, validation"),
+        ("broker.pick=closest", "'broker.pick' must be one of random, top"),
+        ("agents.initial=5", "'agents.initial' must be in [0, agents.n = 2]"),
+        ("agents.entry=1", "'agents.entry' must be true or false"),
         ("broker.candidates=-1", "integer >= 0"),
         ("trading.every=0", "'trading.every' must be an integer >= 1"),
         ("mechanism.name=dutch", "one of "),

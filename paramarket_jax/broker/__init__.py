@@ -1,6 +1,17 @@
 """The broker: align (weight matching), merge, and try-before-buy valuation of weights."""
 
-from paramarket_jax.broker.align import BACKENDS, align, align_pairs, align_to, aligned, hungarian
+from paramarket_jax.broker.align import (
+    BACKENDS,
+    align,
+    align_pairs,
+    align_to,
+    align_to_reference,
+    aligned,
+    compose,
+    hungarian,
+    matching_objective,
+    restart_keys,
+)
 from paramarket_jax.broker.merge import (
     PAPER_ALPHAS,
     merge,
@@ -9,7 +20,10 @@ from paramarket_jax.broker.merge import (
     select_layers,
 )
 from paramarket_jax.broker.value import (
+    ALIGN_MODES,
+    CHOICES,
     Valuation,
+    align_mode,
     all_candidates,
     all_pairs,
     loss_and_accuracy,
@@ -22,22 +36,29 @@ from paramarket_jax.broker.value import (
 )
 
 __all__ = [
+    "ALIGN_MODES",
     "BACKENDS",
+    "CHOICES",
     "PAPER_ALPHAS",
     "Valuation",
     "align",
+    "align_mode",
     "align_pairs",
     "align_to",
+    "align_to_reference",
     "aligned",
     "all_candidates",
     "all_pairs",
+    "compose",
     "hungarian",
     "loss_and_accuracy",
+    "matching_objective",
     "merge",
     "merge_alphas",
     "merge_many",
     "merge_settled",
     "merge_trades",
+    "restart_keys",
     "sample_candidates",
     "select_layers",
     "value_candidates",

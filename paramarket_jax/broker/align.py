@@ -18,6 +18,7 @@ from paramarket_jax.models.spec import (
     flatten,
     identity_perms,
     permute_param,
+    random_perms,
 )
 
 # ``auto``: jitted, the assignment solver chosen per platform when lowered (scipy through a
@@ -180,7 +181,16 @@ def _step(spec, members, solver, branch, chosen_branch, local, a, b, perms, live
     return out, improved
 
 
-def _align_batch(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps, solver="auto"):
+def _align_batch(
+    frozen: Frozen,
+    buyer_flat,
+    seller_flat,
+    key,
+    max_sweeps,
+    solver="auto",
+    restart_of=None,
+    init=None,
+):
     """Weight matching for P pairs at once: (P, ...) flat params -> perms (P, size) each.
 
     The sweep counter and the group order (drawn from ``fold_in(key, sweep)``) are shared
@@ -193,6 +203,13 @@ def _align_batch(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps, solve
     Frozen pairs cost nothing once few pairs are left: each sweep runs on the smallest of
     a few static batch sizes (:func:`_buckets`: P, P/4, P/16) that holds the live pairs,
     gathered in front and scattered back (a ``lax.switch`` over the sizes).
+
+    Restarts (:func:`_align_restarts`): with ``restart_of`` ((P,) int32) ``key`` holds R
+    keys and pair p draws its group orders from ``key[restart_of[p]]``. The group then
+    differs between pairs, so every step evaluates the similarity of every group (the
+    switch over groups runs all branches and selects); the callback still solves only the
+    assignment each pair uses (``_step``'s ``chosen_branch``). ``init`` (name -> (P, size))
+    replaces the identity as the descent's starting perms.
     """
     spec = thaw(frozen)
     groups = sorted(spec.sizes)
@@ -202,6 +219,8 @@ def _align_batch(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps, solve
     }
     if not groups:
         return perms0
+    if init is not None:
+        perms0 = {g: jnp.asarray(init[g], jnp.int32) for g in groups}
     # Groups of equal size share a branch (and one compiled Hungarian solver).
     sizes = sorted({spec.sizes[g] for g in groups})
     members = [[g for g in groups if spec.sizes[g] == n] for n in sizes]
@@ -219,7 +238,8 @@ def _align_batch(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps, solve
 
         return jax.lax.fori_loop(0, len(groups), step, (perms, jnp.zeros((), bool)))
 
-    batched_sweep = jax.vmap(sweep, in_axes=(None, 0, 0, 0, 0))
+    per_pair = restart_of is not None  # one group order per pair, not one for all
+    batched_sweep = jax.vmap(sweep, in_axes=(0 if per_pair else None, 0, 0, 0, 0))
 
     def sweep_all(order, active, perms):
         # Converged pairs keep their perms (and the callback skips their assignments).
@@ -230,8 +250,9 @@ def _align_batch(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps, solve
         # masked out of the sweep, dropped on the way back.
         idx = jnp.nonzero(active, size=k, fill_value=n_pairs)[0]
         live = idx < n_pairs
-        a, b, p = (take(t, jnp.minimum(idx, n_pairs - 1)) for t in (buyer_flat, seller_flat, perms))
-        new, changed = batched_sweep(order, a, b, p, live)
+        clipped = jnp.minimum(idx, n_pairs - 1)
+        a, b, p = (take(t, clipped) for t in (buyer_flat, seller_flat, perms))
+        new, changed = batched_sweep(order[clipped] if per_pair else order, a, b, p, live)
         perms = jax.tree.map(lambda x, y: x.at[idx].set(y, mode="drop"), perms, new)
         return perms, jnp.zeros(n_pairs, bool).at[idx].set(changed, mode="drop")
 
@@ -244,7 +265,11 @@ def _align_batch(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps, solve
 
     def body(carry):
         count, active, perms = carry
-        order = jax.random.permutation(jax.random.fold_in(key, count), len(groups))
+
+        def draw(k):
+            return jax.random.permutation(jax.random.fold_in(k, count), len(groups))
+
+        order = jax.vmap(draw)(key)[restart_of] if per_pair else draw(key)
         n_live = active.sum()
         bucket = sum((n_live <= k).astype(jnp.int32) for k in buckets[1:])
         if len(sweeps) == 1:
@@ -266,13 +291,230 @@ def _buckets(n_pairs: int, factor: int = 4, smallest: int = 8, most: int = 3) ->
     return out
 
 
-def _align_one(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps, solver="auto"):
+def restart_keys(key: jax.Array, restarts: int) -> jax.Array:
+    """(R,) keys of R weight-matching restarts: restart 0 uses ``key`` itself (so one restart
+    is the plain alignment, bit for bit), restart r > 0 uses ``fold_in(key, r)``."""
+    rest = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(1, restarts))
+    return jnp.concatenate([key[None], rest])
+
+
+def restart_starts(spec: PermutationSpec, keys: jax.Array) -> dict[str, jax.Array]:
+    """Starting perms of R restarts (keys from :func:`restart_keys`): the identity for
+    restart 0 (plain weight matching), uniformly random perms drawn from
+    ``split(keys[r])[0]`` for restart r > 0. name -> (R, size) int32."""
+    drawn = jax.vmap(lambda k: random_perms(jax.random.split(k)[0], spec))(keys)
+    return {g: p.at[0].set(jnp.arange(p.shape[1], dtype=p.dtype)) for g, p in drawn.items()}
+
+
+def matching_objective(
+    spec: PermutationSpec,
+    buyer_flat: Mapping[str, jax.Array],
+    seller_flat: Mapping[str, jax.Array],
+    perms: Mapping[str, jax.Array],
+) -> jax.Array:
+    """What weight matching maximises: sum over the permuted parameters of <buyer, permuted
+    seller> (flat params of one pair, perms name -> (size,)); a float32 scalar."""
+    total = jnp.zeros((), jnp.float32)
+    for path, names in spec.axes.items():
+        if any(n is not None for n in names):
+            b = permute_param(spec, perms, path, seller_flat[path])
+            total = total + jnp.sum(buyer_flat[path] * b, dtype=jnp.float32)
+    return total
+
+
+def _align_restarts(
+    frozen: Frozen,
+    buyer_flat,
+    seller_flat,
+    key,
+    max_sweeps,
+    solver="auto",
+    restarts: int = 1,
+    keep_all: bool = False,
+):
+    """:func:`_align_batch` with R independent restarts, all R * P descents in one batched
+    loop (no Python loop).
+
+    Restart r draws its group orders from ``restart_keys(key, R)[r]`` and starts from
+    :func:`restart_starts`: restart 0 is plain weight matching (identity start, ``key``'s
+    orders), the others start from random perms. Random group orders alone explore little
+    (a model with G groups has few distinct descents from the identity): on planted
+    permutations of freshly initialised MLPs with a narrow layer beside a wide one they
+    stalled as often with 64 restarts as with 8, while random starts recovered every one
+    of 32 (hidden widths 3-33 and 16-3-16, 16 restarts; 6 and 8 of 32 with one). A 7-wide
+    layer beside a 130-wide one stays hard: 10, 20, 26 of 32 with 64, 128, 256 restarts
+    (1 of 32 with group orders alone). Drawing the orders per restart makes every step
+    evaluate every group's similarity (see :func:`_align_batch`); shared orders with random
+    starts alone recovered the 3-33 and 16-3-16 cases as well but none of the 7-130 ones.
+
+    Returns:
+        ``keep_all`` False: perms name -> (P, size) of each pair's restart with the best
+        :func:`matching_objective` (the first such restart on ties; R = 1 is
+        :func:`_align_batch` itself). ``keep_all`` True: (perms name -> (P, R, size),
+        objective (P, R) float32).
+    """
+    if restarts == 1 and not keep_all:
+        return _align_batch(frozen, buyer_flat, seller_flat, key, max_sweeps, solver)
+    spec = thaw(frozen)
+    n_pairs = jax.tree.leaves(seller_flat)[0].shape[0]
+    if restarts == 1:
+        perms = _align_batch(frozen, buyer_flat, seller_flat, key, max_sweeps, solver)
+        perms = jax.tree.map(lambda p: p[:, None], perms)
+    else:
+        # Restart-major rows r * P + p: every restart's copy of the pairs, its own orders.
+        def tile(x):
+            return jnp.broadcast_to(x, (restarts, *x.shape)).reshape(-1, *x.shape[1:])
+
+        a, b = jax.tree.map(tile, buyer_flat), jax.tree.map(tile, seller_flat)
+        restart_of = jnp.repeat(jnp.arange(restarts, dtype=jnp.int32), n_pairs)
+        keys = restart_keys(key, restarts)
+        init = {g: p[restart_of] for g, p in restart_starts(spec, keys).items()}
+        perms = _align_batch(frozen, a, b, keys, max_sweeps, solver, restart_of, init)
+        perms = jax.tree.map(lambda p: p.reshape(restarts, n_pairs, -1).swapaxes(0, 1), perms)
+    score = partial(matching_objective, spec)
+    objective = jax.vmap(jax.vmap(score, (None, None, 0)))(buyer_flat, seller_flat, perms)
+    if keep_all:
+        return perms, objective
+    best = jnp.argmax(jnp.where(jnp.isnan(objective), -jnp.inf, objective), axis=1)
+    return jax.tree.map(lambda p: jnp.take_along_axis(p, best[:, None, None], 1)[:, 0], perms)
+
+
+def _reference_perms(
+    frozen: Frozen,
+    flat,
+    reference,
+    key,
+    max_sweeps,
+    solver="auto",
+    restarts: int = 1,
+    batch_size: int | None = None,
+    ranked: bool = False,
+):
+    """Every agent of a flat (N, ...) population aligned to agent ``reference``.
+
+    Returns:
+        name -> (N, size) int32 perms (agent j's units into the reference's basis; the
+        identity for the reference itself), restarts chosen by objective; with ``ranked``
+        name -> (N, R, size): every agent's R restarts sorted by decreasing objective
+        (stable: ties keep restart order), so rank 0 is the objective's choice.
+    """
+    spec = thaw(frozen)
+    ref = take(flat, jnp.asarray(reference, jnp.int32))
+    ids = jnp.arange(jax.tree.leaves(flat)[0].shape[0], dtype=jnp.int32)
+
+    def chunk(rows):
+        buyers = jax.tree.map(lambda x: jnp.broadcast_to(x, (rows.shape[0], *x.shape)), ref)
+        out = _align_restarts(
+            frozen, buyers, take(flat, rows), key, max_sweeps, solver, restarts, ranked
+        )
+        if not ranked:
+            return out
+        perms, objective = out
+        objective = jnp.where(jnp.isnan(objective), -jnp.inf, objective)
+        rank = jnp.argsort(-objective, axis=1, stable=True)
+        return jax.tree.map(lambda p: jnp.take_along_axis(p, rank[..., None], 1), perms)
+
+    perms = map_chunks(chunk, ids, batch_size)
+    is_ref = ids == reference
+    return {
+        g: jnp.where(is_ref.reshape(-1, *(1,) * (p.ndim - 1)), jnp.arange(spec.sizes[g]), p)
+        for g, p in perms.items()
+    }
+
+
+def compose(
+    buyer_to_ref: Mapping[str, jax.Array], seller_to_ref: Mapping[str, jax.Array]
+) -> dict[str, jax.Array]:
+    """Perms of the seller's units into the buyer's basis, through a shared reference basis.
+
+    With the repo's convention (``perm[k]`` is the unit of the original model that goes to
+    position k; :func:`~paramarket_jax.models.spec.permute_param`), ``P_b`` and ``P_s``
+    aligning buyer and seller to the reference give ``Q = P_s o inverse(P_b)``, i.e.
+    ``Q[m] = P_s[inverse(P_b)[m]]``: seller unit ``Q[m]`` sits on the reference unit that
+    buyer unit m sits on. ``aligned(spec, Q, seller)`` is the seller in the buyer's basis.
+
+    Args:
+        buyer_to_ref: name -> (..., size) int perms of the buyer(s), e.g. from
+            :func:`align_to_reference`.
+        seller_to_ref: name -> (..., size) int perms of the seller(s); leading axes
+            broadcast against the buyers'.
+
+    Returns:
+        name -> (..., size) int32 perms.
+    """
+    out = {}
+    for g, pb in buyer_to_ref.items():
+        ps = seller_to_ref[g]
+        shape = jnp.broadcast_shapes(pb.shape, ps.shape)
+        inv = jnp.argsort(jnp.broadcast_to(pb, shape), axis=-1)
+        out[g] = jnp.take_along_axis(jnp.broadcast_to(ps, shape), inv, axis=-1).astype(jnp.int32)
+    return out
+
+
+def align_to_reference(
+    spec: PermutationSpec,
+    pop_params,
+    reference: int | jax.Array,
+    key: jax.Array,
+    max_sweeps: int | jax.Array = 100,
+    *,
+    restarts: int = 1,
+    batch_size: int | None = None,
+    backend: str = "auto",
+) -> dict[str, jax.Array]:
+    """Every agent aligned once to a shared reference agent (N alignments, not N * K).
+
+    Row j aligns agent j (the seller) to agent ``reference`` (the buyer): the perms of
+    ``align(spec, ref, agent_j, key)``; the reference's own row is the identity. The perms
+    of any pair follow by :func:`compose`. Jittable and vmappable (``reference``, ``key``
+    and ``max_sweeps`` may be traced).
+
+    Args:
+        spec: the model's permutation spec.
+        pop_params: population parameter pytree, every leaf with a leading axis N.
+        reference: int32 scalar, the reference agent.
+        key: drives the group orders (restart r > 0 uses ``fold_in(key, r)``).
+        max_sweeps: most sweeps over all groups.
+        restarts: R >= 1 weight matchings per agent (static, see :func:`align_pairs`);
+            each agent keeps the one with the best :func:`matching_objective`.
+        batch_size: align at most this many agents at a time; None aligns all together.
+        backend: ``auto``, ``optax`` or ``callback`` (see :func:`align`).
+
+    Returns:
+        name -> (N, size) int32 perms of every agent's units into the reference's basis.
+    """
+    if backend not in SOLVERS:
+        raise unknown("alignment backend", backend, SOLVERS)
+    restarts = check_restarts(restarts)
+    return _reference_jit(
+        freeze(spec),
+        flatten(pop_params),
+        jnp.asarray(reference, jnp.int32),
+        key,
+        jnp.asarray(max_sweeps, jnp.int32),
+        backend,
+        restarts,
+        batch_size,
+    )
+
+
+_reference_jit = jax.jit(_reference_perms, static_argnums=(0, 5, 6, 7))
+
+
+def check_restarts(restarts) -> int:
+    """``restarts`` as a Python int >= 1 (it is static: a shape), else ParamarketError."""
+    if isinstance(restarts, bool) or not isinstance(restarts, int | np.integer) or restarts < 1:
+        raise ParamarketError(f"restarts must be an integer >= 1, got {restarts!r}")
+    return int(restarts)
+
+
+def _align_one(frozen: Frozen, buyer_flat, seller_flat, key, max_sweeps, solver="auto", restarts=1):
     a, b = (jax.tree.map(lambda x: x[None], p) for p in (buyer_flat, seller_flat))
-    perms = _align_batch(frozen, a, b, key, max_sweeps, solver)
+    perms = _align_restarts(frozen, a, b, key, max_sweeps, solver, restarts)
     return {g: p[0] for g, p in perms.items()}
 
 
-_align_one_jit = jax.jit(_align_one, static_argnums=(0, 5))
+_align_one_jit = jax.jit(_align_one, static_argnums=(0, 5, 6))
 
 
 def _align_scipy(spec, buyer_params, seller_params, key, max_sweeps):
@@ -313,6 +555,7 @@ def align(
     *,
     max_sweeps: int | jax.Array = 100,
     backend: str = "auto",
+    restarts: int = 1,
 ) -> dict[str, jax.Array]:
     """Permutations that align the seller's hidden units to the buyer's (weight matching).
 
@@ -336,18 +579,24 @@ def align(
             elsewhere), ``optax`` or ``callback`` (jittable, that solver on every
             platform; see :func:`hungarian`), or ``scipy`` (host loop). All give the same
             perms when no assignment has ties.
+        restarts: R >= 1 descents (static; jitted backends only): restart 0 as above, the
+            others from random starts with their own group orders (see
+            :func:`align_pairs`); the best :func:`matching_objective` is kept.
 
     Returns:
         name -> (size,) int32 perms; ``apply_permutation(spec, perms, seller_params)`` is the
         seller's model (same function) in the buyer's basis.
     """
+    restarts = check_restarts(restarts)
     if backend == "scipy":
+        if restarts > 1:
+            raise ParamarketError("backend 'scipy' aligns with one restart only")
         return _align_scipy(spec, buyer_params, seller_params, key, max_sweeps)
     if backend not in SOLVERS:
         raise unknown("alignment backend", backend, BACKENDS)
     sweeps = jnp.asarray(max_sweeps, jnp.int32)
     a, b = flatten(buyer_params), flatten(seller_params)
-    return _align_one_jit(freeze(spec), a, b, key, sweeps, backend)
+    return _align_one_jit(freeze(spec), a, b, key, sweeps, backend, restarts)
 
 
 def align_pairs(
@@ -360,12 +609,18 @@ def align_pairs(
     *,
     batch_size: int | None = None,
     backend: str = "auto",
+    restarts: int = 1,
+    reference: int | jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Align seller ``sellers[p]`` to buyer ``buyers[p]`` for every candidate pair at once.
 
     One jittable call (every backend but ``scipy``): pairs are vmapped and share the group
     order of each sweep (drawn from ``key``), so pair p gets the perms of
     ``align(spec, buyer, seller, key)`` up to float round-off in near-ties.
+
+    With ``reference`` the pairs are not matched directly: every agent is aligned once to
+    agent ``reference`` (:func:`align_to_reference`) and pair p gets
+    ``compose(P[buyers[p]], P[sellers[p]])``.
 
     Args:
         spec: the model's permutation spec.
@@ -374,14 +629,33 @@ def align_pairs(
         sellers: (P,) int seller index of each pair.
         key: drives the group order of each sweep.
         max_sweeps: most sweeps over all groups.
-        batch_size: align at most this many pairs at a time (``lax.map`` over chunks) to
-            bound memory; None aligns all P together.
+        batch_size: align at most this many pairs (or agents, with ``reference``) at a
+            time (``lax.map`` over chunks) to bound memory; None aligns all together.
         backend: ``auto``, ``optax`` or ``callback`` (jittable; see :func:`align`), or
-            ``scipy`` for a host loop over pairs (not jittable).
+            ``scipy`` for a host loop over pairs (not jittable; one restart, no reference).
+        restarts: R >= 1 weight matchings per alignment (static), all in one batched
+            descent: restart 0 is plain weight matching (identity start, ``key``'s group
+            orders), restart r > 0 starts from random perms and draws its group orders
+            from ``fold_in(key, r)`` (:func:`restart_keys`, :func:`restart_starts`); each
+            alignment keeps the restart with the best :func:`matching_objective`. R = 1 is
+            plain weight matching, bit for bit.
+        reference: None (pairwise matching) or an int32 scalar agent index (may be traced).
 
     Returns:
         name -> (P, size) int32 perms; vmap :func:`aligned` over pairs to permute sellers.
     """
+    restarts = check_restarts(restarts)
+    if backend == "scipy" and (restarts > 1 or reference is not None):
+        raise ParamarketError("backend 'scipy' aligns pairwise with one restart only")
+    if reference is not None:
+        if backend not in SOLVERS:
+            raise unknown("alignment backend", backend, BACKENDS)
+        to_ref = align_to_reference(
+            spec, pop_params, reference, key, max_sweeps,
+            restarts=restarts, batch_size=batch_size, backend=backend,
+        )  # fmt: skip
+        b, s = (jnp.asarray(i, jnp.int32) for i in (buyers, sellers))
+        return compose(take(to_ref, b), take(to_ref, s))
     if backend == "scipy":
         rows = [
             align(
@@ -400,20 +674,20 @@ def align_pairs(
     idx = (jnp.asarray(buyers, jnp.int32), jnp.asarray(sellers, jnp.int32))
     sweeps = jnp.asarray(max_sweeps, jnp.int32)
     flat = flatten(pop_params)
-    return _align_pairs_jit(freeze(spec), flat, idx, key, sweeps, batch_size, backend)
+    return _align_pairs_jit(freeze(spec), flat, idx, key, sweeps, batch_size, backend, restarts)
 
 
-def _align_pairs(frozen: Frozen, flat, idx, key, max_sweeps, batch_size, solver="auto"):
+def _align_pairs(frozen: Frozen, flat, idx, key, max_sweeps, batch_size, solver="auto", restarts=1):
     def chunk(pair_idx):
         b, s = pair_idx
         a = jax.tree.map(lambda x: x[b], flat)
         c = jax.tree.map(lambda x: x[s], flat)
-        return _align_batch(frozen, a, c, key, max_sweeps, solver)
+        return _align_restarts(frozen, a, c, key, max_sweeps, solver, restarts)
 
     return map_chunks(chunk, idx, batch_size)
 
 
-_align_pairs_jit = jax.jit(_align_pairs, static_argnums=(0, 5, 6))
+_align_pairs_jit = jax.jit(_align_pairs, static_argnums=(0, 5, 6, 7))
 
 
 def aligned(spec: PermutationSpec, perms: Mapping[str, jax.Array], seller_params):

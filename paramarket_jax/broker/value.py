@@ -14,11 +14,44 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from paramarket_jax.broker.align import _align_batch, freeze, map_chunks, take, thaw
+from paramarket_jax.broker.align import (
+    _align_restarts,
+    _reference_perms,
+    check_restarts,
+    compose,
+    freeze,
+    map_chunks,
+    take,
+    thaw,
+)
 from paramarket_jax.broker.merge import PAPER_ALPHAS, merge, select_layers
-from paramarket_jax.errors import ParamarketError
+from paramarket_jax.errors import ParamarketError, unknown
 from paramarket_jax.models.base import Model
 from paramarket_jax.models.spec import PermutationSpec, apply_permutation, flatten, unflatten
+
+# ``none``: merge raw seller weights; ``pairwise``: weight matching of every (buyer,
+# candidate) pair; ``reference``: every agent matched once to a reference agent, pairs by
+# composition (N alignments instead of N * K).
+ALIGN_MODES = ("none", "pairwise", "reference")
+# How one of R alignment restarts is kept: best matching objective, or lowest validation
+# loss of the merges (scored at every alpha, so alignment is part of try-before-buy).
+CHOICES = ("objective", "validation")
+
+
+def align_mode(align) -> str:
+    """An alignment mode of :data:`ALIGN_MODES`; True is ``pairwise``, False ``none``."""
+    if isinstance(align, bool | np.bool_):
+        return "pairwise" if align else "none"
+    if isinstance(align, str) and align in ALIGN_MODES:
+        return align
+    raise unknown("alignment mode", str(align), ALIGN_MODES)
+
+
+def _options(align, restarts, choose) -> tuple[str, int, str]:
+    """Checked static options of a valuation: (mode, restarts, choose)."""
+    if choose not in CHOICES:
+        raise unknown("restart choice", str(choose), CHOICES)
+    return align_mode(align), check_restarts(restarts), choose
 
 
 class Valuation(NamedTuple):
@@ -131,15 +164,28 @@ def _score(model, layers, alphas, buyer, sellers, x, y):
     return alphas[best], jnp.broadcast_to(before, (k,)), after, gain, acc
 
 
-def _aligned_sellers(spec, align_on, buyers_flat, sellers_flat, key, max_sweeps):
-    """Flat (P, ...) sellers -> (P, ...) sellers in their buyers' bases, and the perms.
+def _score_restarts(model, layers, alphas, buyer, sellers, x, y):
+    """:func:`_score` over R alignments of each seller (leaves (K, R, ...)): the best
+    (restart, alpha) of each seller, by validation loss (the first on ties, restart-major).
 
-    Without alignment the sellers come back as they are and the perms are empty.
+    Returns:
+        :func:`_score`'s (K,) scores and the (K,) int32 restart kept for each seller.
     """
-    if not align_on:
-        return sellers_flat, {}
-    perms = _align_batch(freeze(spec), buyers_flat, sellers_flat, key, max_sweeps)
-    return _permute(spec, perms, sellers_flat), perms
+    before, _ = loss_and_accuracy(model, buyer, x, y)
+
+    def one(seller, alpha):
+        return loss_and_accuracy(model, merge(buyer, seller, alpha, layers), x, y)
+
+    over_alphas = jax.vmap(one, (None, 0))
+    losses, accs = jax.vmap(jax.vmap(over_alphas, (0, None)), (0, None))(sellers, alphas)
+    k, r, a = losses.shape  # (K, R, A)
+    losses, accs = losses.reshape(k, r * a), accs.reshape(k, r * a)
+    best = losses.argmin(axis=1)
+    after = jnp.take_along_axis(losses, best[:, None], 1)[:, 0]
+    gain = jnp.where(before > 0, (before - after) / before, 0.0)
+    acc = jnp.take_along_axis(accs, best[:, None], 1)[:, 0]
+    scores = alphas[best % a], jnp.broadcast_to(before, (k,)), after, gain, acc
+    return scores, (best // a).astype(jnp.int32)
 
 
 def _permute(spec, perms, sellers_flat):
@@ -152,7 +198,9 @@ def _permute(spec, perms, sellers_flat):
 
 def _value(
     model,
-    align_on,
+    mode,
+    restarts,
+    choose,
     layers,
     batch_size,
     pop,
@@ -164,25 +212,66 @@ def _value(
     key,
     alphas,
     max_sweeps,
+    reference,
 ):
-    """Scores of buyer ids[b] against sellers cands[b, :]; chunks of ``batch_size`` buyers."""
+    """Scores of buyer ids[b] against sellers cands[b, :]; chunks of ``batch_size`` buyers.
+
+    ``mode`` is one of :data:`ALIGN_MODES`; with ``choose="validation"`` and R > 1 restarts
+    every restart's merges are scored and the (restart, alpha) with the lowest validation
+    loss is kept (perms of the kept restart). Under ``reference`` those R candidates are
+    the compositions of the buyer's and the seller's reference alignments of equal
+    objective rank (candidate 0 is the objective's choice).
+    """
+    spec = model.spec
+    frozen = freeze(spec)
     flat = flatten(pop)
     x_val, y_val = jnp.asarray(x_val), jnp.asarray(y_val)
+    keep_all = mode != "none" and choose == "validation" and restarts > 1
+    if mode == "reference":
+        k = cands.shape[1]
+        to_ref = _reference_perms(
+            frozen, flat, reference, key, max_sweeps, "auto", restarts,
+            None if batch_size is None else batch_size * k, keep_all,
+        )  # fmt: skip
 
     def chunk(idx):
         b_ids, c_ids = idx  # (B,), (B, K)
         n_b, k = c_ids.shape
         buyers = take(flat, b_ids)
         sellers = take(flat, c_ids.reshape(-1))
-        repeated = jax.tree.map(lambda v: jnp.repeat(v, k, axis=0), buyers)
-        sellers, perms = _aligned_sellers(model.spec, align_on, repeated, sellers, key, max_sweeps)
-        sellers = jax.tree.map(lambda v: v.reshape(n_b, k, *v.shape[1:]), sellers)
-        perms = jax.tree.map(lambda v: v.reshape(n_b, k, *v.shape[1:]), perms)
+        if mode == "none":
+            perms = {}
+        elif mode == "reference":
+            perms = compose(take(to_ref, jnp.repeat(b_ids, k)), take(to_ref, c_ids.reshape(-1)))
+        else:
+            repeated = jax.tree.map(lambda v: jnp.repeat(v, k, axis=0), buyers)
+            perms = _align_restarts(
+                frozen, repeated, sellers, key, max_sweeps, "auto", restarts, keep_all
+            )
+            perms = perms[0] if keep_all else perms
         rows = val_idx[b_ids]  # (B, m)
+        x, y = x_val[rows], y_val[rows]
+
+        def split(v):
+            return v.reshape(n_b, k, *v.shape[1:])
+
+        if keep_all:  # perms (B * K, R, size): every restart's seller, then the best
+            permute_r = jax.vmap(lambda p: _permute(spec, p, sellers), out_axes=1)
+            every = jax.tree.map(split, permute_r(jax.tree.map(lambda p: p.swapaxes(0, 1), perms)))
+            score = jax.vmap(
+                lambda b, s, x, y: _score_restarts(
+                    model, layers, alphas, unflatten(b), unflatten(s), x, y
+                )
+            )
+            scores, kept = score(buyers, every, x, y)  # kept: (B, K)
+            at = kept.reshape(-1)[:, None, None]
+            perms = jax.tree.map(lambda p: jnp.take_along_axis(p, at, 1)[:, 0], perms)
+            return scores, jax.tree.map(split, perms)
+        sellers = jax.tree.map(split, _permute(spec, perms, sellers))
         score = jax.vmap(
             lambda b, s, x, y: _score(model, layers, alphas, unflatten(b), unflatten(s), x, y)
         )
-        return score(buyers, sellers, x_val[rows], y_val[rows]), perms
+        return score(buyers, sellers, x, y), jax.tree.map(split, perms)
 
     scores, perms = map_chunks(chunk, (ids, cands), batch_size)
     best_alpha, before, after, gain, acc = scores
@@ -203,25 +292,30 @@ def value_with_perms(
     key,
     alphas,
     *,
-    align: bool,
+    align: bool | str,
     layers: tuple[str, ...] | None,
     max_sweeps,
     batch_size: int | None,
+    restarts: int = 1,
+    choose: str = "objective",
+    reference=0,
 ):
     """:func:`value_candidates` for callers already inside a trace (the market round).
 
     Besides the scores it returns the permutations found for every pair (small int arrays,
     not weights), so the trades that settle merge exactly what was scored without aligning
-    again (:func:`merge_settled`).
+    again (:func:`merge_settled`). Traceable under jit and under a vmap over seeds (keys,
+    and ``reference``, batched); see :func:`value_candidates` for the arguments.
 
     Returns:
         (Valuation with P = N * K entries, perms: name -> (N, K, size) int32, empty without
         alignment).
     """
+    mode, restarts, choose = _options(align, restarts, choose)
     ids = jnp.arange(candidates.shape[0], dtype=jnp.int32)
     return _value(
-        model, bool(align), layers, batch_size, pop_params, x_val, y_val, val_idx, ids,
-        candidates, key, alphas, max_sweeps,
+        model, mode, restarts, choose, layers, batch_size, pop_params, x_val, y_val, val_idx,
+        ids, candidates, key, alphas, max_sweeps, jnp.asarray(reference, jnp.int32),
     )  # fmt: skip
 
 
@@ -272,7 +366,7 @@ def merge_settled(
     return unflatten(map_chunks(chunk, (ids, sellers, alphas, mask, perms), batch_size))
 
 
-_value_jit = jax.jit(_value, static_argnums=(0, 1, 2, 3))
+_value_jit = jax.jit(_value, static_argnums=(0, 1, 2, 3, 4, 5))
 
 
 def _check_rows(pop_params, val_idx, rows, what: str) -> None:
@@ -294,12 +388,15 @@ def _layers_key(params, layers):
 
 def _call_value(
     model, pop_params, x_val, y_val, val_idx, ids, cands, key, alphas, align, layers,
-    max_sweeps, batch_size,
+    max_sweeps, batch_size, restarts, choose, reference,
 ) -> Valuation:  # fmt: skip
     """The shared jitted call behind :func:`value_candidates` and :func:`value_pairs`."""
+    mode, restarts, choose = _options(align, restarts, choose)
     val, _ = _value_jit(
         model,
-        bool(align),
+        mode,
+        restarts,
+        choose,
         _layers_key(pop_params, layers),
         batch_size,
         pop_params,
@@ -311,6 +408,7 @@ def _call_value(
         key,
         jnp.asarray(alphas, jnp.float32),
         jnp.asarray(max_sweeps, jnp.int32),
+        jnp.asarray(reference, jnp.int32),
     )
     return val
 
@@ -325,10 +423,13 @@ def value_candidates(
     key: jax.Array,
     *,
     alphas=PAPER_ALPHAS,
-    align: bool = True,
+    align: bool | str = True,
     layers: Sequence[str] | None = None,
     max_sweeps: int | jax.Array = 100,
     batch_size: int | None = None,
+    restarts: int = 1,
+    choose: str = "objective",
+    reference: int | jax.Array = 0,
 ) -> Valuation:
     """Try-before-buy scores of every buyer against its candidate sellers.
 
@@ -347,12 +448,27 @@ def value_candidates(
         val_idx: (N, m) int32; agent i's validation rows are ``x_val[val_idx[i]]``.
         candidates: (N, K) int sellers per buyer (:func:`sample_candidates`,
             :func:`all_candidates`).
-        key: drives the alignment's group order (shared by all pairs).
+        key: drives the alignment's group order (shared by all pairs; restart r > 0 uses
+            ``fold_in(key, r)``).
         alphas: (A,) seller weights to try; the paper's 0.05, ..., 0.95 by default.
-        align: align sellers to buyers first (off: merge raw seller weights).
+        align: how sellers are aligned to buyers before merging (:data:`ALIGN_MODES`):
+            ``pairwise`` (or True) matches every (buyer, candidate) pair, N * K weight
+            matchings; ``reference`` aligns every agent once to agent ``reference`` and
+            composes (N weight matchings, :func:`~paramarket_jax.broker.align.compose`);
+            ``none`` (or False) merges raw seller weights.
         layers: prefix or glob patterns of the traded layers; None trades the whole model.
         max_sweeps: most alignment sweeps.
         batch_size: buyers per chunk; None scores all buyers in one vmap.
+        restarts: R >= 1 weight matchings per alignment with different group orders, all
+            vmapped (static). R = 1 is plain weight matching.
+        choose: which restart each pair keeps (static): ``objective``, the best matching
+            objective (under ``reference``: per agent, before composing); ``validation``,
+            the (restart, alpha) whose merge has the lowest loss on the buyer's validation
+            rows, every restart's merges scored at every alpha (R times the scoring).
+            Under ``reference`` the R candidates of a pair compose the buyer's and the
+            seller's reference alignments of equal objective rank, so candidate 0 is the
+            objective's choice and validation can only lower the kept loss.
+        reference: int32 scalar (may be traced), the reference agent of ``reference``.
 
     Returns:
         :class:`Valuation` with P = N * K entries, buyer-major (entry i * K + k).
@@ -365,7 +481,7 @@ def value_candidates(
     ids = jnp.arange(cands.shape[0], dtype=jnp.int32)
     return _call_value(
         model, pop_params, x_val, y_val, val_idx, ids, cands, key,
-        alphas, align, layers, max_sweeps, batch_size,
+        alphas, align, layers, max_sweeps, batch_size, restarts, choose, reference,
     )  # fmt: skip
 
 
@@ -380,15 +496,19 @@ def value_pairs(
     key: jax.Array,
     *,
     alphas=PAPER_ALPHAS,
-    align: bool = True,
+    align: bool | str = True,
     layers: Sequence[str] | None = None,
     max_sweeps: int | jax.Array = 100,
     batch_size: int | None = None,
+    restarts: int = 1,
+    choose: str = "objective",
+    reference: int | jax.Array = 0,
 ) -> Valuation:
     """Try-before-buy scores of arbitrary (buyer, seller) pairs, e.g. :func:`all_pairs`.
 
     Same as :func:`value_candidates` (see there for the arguments) with one seller per
-    row; ``batch_size`` counts pairs per chunk.
+    row; ``batch_size`` counts pairs per chunk (and, under ``reference``, agents per chunk
+    of the reference alignments).
 
     Args:
         buyers: (P,) int buyer of each pair.
@@ -403,32 +523,39 @@ def value_pairs(
     _check_rows(pop_params, val_idx, None, "pairs")
     return _call_value(
         model, pop_params, x_val, y_val, val_idx, ids, cands, key,
-        alphas, align, layers, max_sweeps, batch_size,
+        alphas, align, layers, max_sweeps, batch_size, restarts, choose, reference,
     )  # fmt: skip
 
 
 def _merge_trades(
-    spec_key, align_on, layers, batch_size, pop, sellers, alphas, mask, key, max_sweeps
-):
+    spec_key, mode, restarts, layers, batch_size, pop, sellers, alphas, mask, key, max_sweeps,
+    reference,
+):  # fmt: skip
     spec = thaw(spec_key)
     flat = flatten(pop)
     n = sellers.shape[0]
     ids = jnp.arange(n, dtype=jnp.int32)
     # Buyers without a trade align to themselves: cheap, fixed shapes, result discarded.
     pick = jnp.where(mask, jnp.clip(sellers, 0, n - 1), ids)
-
-    def chunk(idx):
-        b_ids, s_ids = idx
-        _, perms = _aligned_sellers(
-            spec, align_on, take(flat, b_ids), take(flat, s_ids), key, max_sweeps
+    if mode == "none":
+        perms = {}
+    elif mode == "reference":
+        to_ref = _reference_perms(
+            spec_key, flat, reference, key, max_sweeps, "auto", restarts, batch_size
         )
-        return perms
+        perms = compose(take(to_ref, ids), take(to_ref, pick))
+    else:
 
-    perms = map_chunks(chunk, (ids, pick), batch_size)
+        def chunk(idx):
+            b_ids, s_ids = idx
+            a, b = take(flat, b_ids), take(flat, s_ids)
+            return _align_restarts(spec_key, a, b, key, max_sweeps, "auto", restarts)
+
+        perms = map_chunks(chunk, (ids, pick), batch_size)
     return merge_settled(spec, pop, pick, alphas, mask, perms, layers=layers, batch_size=batch_size)
 
 
-_merge_trades_jit = jax.jit(_merge_trades, static_argnums=(0, 1, 2, 3))
+_merge_trades_jit = jax.jit(_merge_trades, static_argnums=(0, 1, 2, 3, 4))
 
 
 def merge_trades(
@@ -439,16 +566,21 @@ def merge_trades(
     mask,
     key: jax.Array,
     *,
-    align: bool = True,
+    align: bool | str = True,
     layers: Sequence[str] | None = None,
     max_sweeps: int | jax.Array = 100,
     batch_size: int | None = None,
+    restarts: int = 1,
+    reference: int | jax.Array = 0,
 ):
     """Settled trades: each buyer with ``mask[i]`` takes its merge with ``sellers[i]``.
 
     All trades use the pre-trade population (simultaneous settlement). With the same
-    ``key``, ``align``, ``layers`` and ``max_sweeps`` as the valuation, buyer i gets the
-    merge that was scored (the alignment is recomputed: valuation hands out no weights).
+    ``key``, ``align``, ``layers``, ``max_sweeps``, ``restarts`` and ``reference`` as a
+    valuation that chose restarts by objective, buyer i gets the merge that was scored
+    (the alignment is recomputed: valuation hands out no weights). A valuation with
+    ``choose="validation"`` cannot be recomputed without the validation data: settle it
+    with :func:`merge_settled` and the perms of :func:`value_with_perms`.
 
     Args:
         spec: the model's permutation spec.
@@ -457,17 +589,22 @@ def merge_trades(
         alphas: (N,) float seller weight of each trade.
         mask: (N,) bool, True where buyer i's trade settled.
         key: the alignment key used for the valuation.
-        align: align sellers first (off: merge raw seller weights).
+        align: ``pairwise`` (or True), ``reference`` or ``none`` (or False), as in
+            :func:`value_candidates`.
         layers: prefix or glob patterns of the traded layers; None trades the whole model.
         max_sweeps: most alignment sweeps.
         batch_size: buyers per chunk; None does all in one vmap.
+        restarts: weight-matching restarts, the best objective kept (static).
+        reference: the reference agent under ``align="reference"``.
 
     Returns:
         New population params; buyers without a trade keep theirs exactly.
     """
+    mode, restarts, _ = _options(align, restarts, "objective")
     return _merge_trades_jit(
         freeze(spec),
-        bool(align),
+        mode,
+        restarts,
         _layers_key(pop_params, layers),
         batch_size,
         pop_params,
@@ -476,4 +613,5 @@ def merge_trades(
         jnp.asarray(mask, bool),
         key,
         jnp.asarray(max_sweeps, jnp.int32),
+        jnp.asarray(reference, jnp.int32),
     )

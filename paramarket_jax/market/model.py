@@ -4,23 +4,66 @@
 once, and copies the round's record to the host once; ``TraderAgent``s are thin views of
 that record (Mesa's bulk-values-in-arrays habit), and the DataCollector reads from it.
 Per-agent Python behaviour between rounds belongs here and reaches the kernels only as
-changes to the state or the knobs.
+changes to the state or the knobs: exits (bankruptcy) happen inside the pure round, entry
+is a Mesa-side rule (:meth:`MarketModel.admit`) that revives free slots with one call of
+``round.enter_jit``.
+
+The model runs under :func:`mesa.batch_run`: ``MarketModel(scenario="paper_two_agent",
+seed=0, **{"train.rounds": 3})`` takes dotted scenario overrides as keyword arguments, and
+the DataCollector collects once at construction (step 0, before any round) and after every
+round, so Mesa's step ``s`` is the market after ``s`` rounds.
 """
 
 from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import mesa
 import numpy as np
+import tomli_w
+from mesa.agent import AgentSet  # mesa.agent re-exports it in 3.5 too
 
-from paramarket_jax.experiment import Experiment, seed_data
+from paramarket_jax import scenario as sc
+from paramarket_jax.errors import ParamarketError
+from paramarket_jax.experiment import Experiment, build, dataset_key, seed_data
 from paramarket_jax.results import diverged
-from paramarket_jax.round import MARKET, RoundRecord, init_jit, step_jit
+from paramarket_jax.round import MARKET, RoundRecord, enter_jit, init_jit, step_jit
+
+NAN = float("nan")
+ENTRY_STREAM = 0x656E7472  # "entr": folded into the run key for the entrants' fresh models
+
+
+class Accounts(NamedTuple):
+    """The market between rounds, host copies: what the last round left, after entries.
+
+    Attributes:
+        alive: (T, N) bool slots in each twin's market.
+        cash: (T, N) cash; endowment: (T, N) cash put into each slot so far.
+        trade_count: (N,) int purchases so far (an entrant starts from 0).
+    """
+
+    alive: np.ndarray
+    cash: np.ndarray
+    endowment: np.ndarray
+    trade_count: np.ndarray
+
+
+def _accounts(state) -> Accounts:
+    """One host copy of the state's small per-agent arrays."""
+    return Accounts(*jax.device_get((state.alive, state.cash, state.endowment, state.trade_count)))
 
 
 class TraderAgent(mesa.Agent):
-    """A thin view of agent ``index`` in the last round's record (read-only properties)."""
+    """A thin view of market slot ``index`` (read-only properties).
+
+    Model quality (accuracy, loss) comes from the last round's record; the accounts (cash,
+    utility, trades, alive) from the market as it stands after that round's entries, so an
+    entrant shows its fresh cash at once.
+    """
 
     def __init__(self, model: MarketModel, index: int):
         super().__init__(model)
@@ -28,13 +71,20 @@ class TraderAgent(mesa.Agent):
 
     def _get(self, name: str, twin: str = "market") -> float:
         names = self.model.spec.twin_names
+        record = self.model.record
+        if twin not in names or record is None:
+            return NAN
+        return float(getattr(record, name)[names.index(twin), self.index])
+
+    def _account(self, name: str, twin: str = "market") -> float:
+        names = self.model.spec.twin_names
         if twin not in names:
-            return float("nan")
-        return float(getattr(self.model.record, name)[names.index(twin), self.index])
+            return NAN
+        return float(getattr(self.model.accounts, name)[names.index(twin), self.index])
 
     @property
     def accuracy(self) -> float:
-        """Market model's test accuracy."""
+        """Market model's test accuracy (NaN before the first round)."""
         return self._get("test_acc")
 
     @property
@@ -52,66 +102,285 @@ class TraderAgent(mesa.Agent):
 
     @property
     def trades(self) -> int:
-        """Purchases this agent made so far."""
-        return int(self.model.record.trade_count[self.index])
+        """Purchases this slot's agent made so far."""
+        return int(self.model.accounts.trade_count[self.index])
 
     @property
     def cash(self) -> float:
-        return self._get("cash")
+        return self._account("cash")
 
     @property
     def utility(self) -> float:
-        """Cumulative utility: revenue - costs - payments + receipts - fees so far."""
-        return self.cash - self.model.initial_cash
+        """Cumulative utility: revenue - costs - payments + receipts - fees so far
+        (cash less what was put into the slot)."""
+        return self.cash - self._account("endowment")
 
     @property
     def siloed_utility(self) -> float:
-        return self._get("cash", "siloed") - self.model.initial_cash
+        return self._account("cash", "siloed") - self._account("endowment", "siloed")
+
+    @property
+    def alive(self) -> bool:
+        """In the market (the market twin): not bankrupt, or entered."""
+        return bool(self.model.accounts.alive[MARKET, self.index])
+
+    def consider_entry(self) -> None:
+        """A free slot's would-be entrant takes a place while the round's quota lasts.
+
+        Called through ``shuffle_do`` by :meth:`MarketModel.admit` once the market looks
+        profitable; the shuffle (Mesa's RNG, seeded from the run's seed) decides who is
+        first when there are more free slots than places.
+        """
+        m = self.model
+        if not self.alive and len(m.entering) < m.entry_quota:
+            m.entering.append(self.index)
 
 
-AGENT_VIEWS = ("accuracy", "siloed_accuracy", "trades", "cash", "utility", "siloed_utility")
+AGENT_VIEWS = (
+    "accuracy",
+    "siloed_accuracy",
+    "trades",
+    "cash",
+    "utility",
+    "siloed_utility",
+    "alive",
+)
+
+
+class BrokerAgent(mesa.Agent):
+    """The broker (one per market, not a trader): its take and its valuations' record.
+
+    Attributes:
+        take: cumulative broker take (fees and price margins); round_take: this round's.
+        pairs: buyer-seller pairs settled this round; trades: settled pairs so far.
+        predicted_gain, realized_gain: mean relative loss gain the broker predicted for the
+            settled trades and what they realised on test (NaN without trades).
+        price: mean price of this round's trades (NaN without trades).
+    """
+
+    def __init__(self, model: MarketModel):
+        super().__init__(model)
+        self.take = 0.0
+        self.round_take = 0.0
+        self.trades = 0
+        self.pairs = 0
+        self.predicted_gain = self.realized_gain = self.price = NAN
+
+    def observe(self, record: RoundRecord) -> None:
+        """Book one round's record."""
+        t = record.trades
+        mask = np.asarray(t.mask, bool)
+        self.round_take = float(record.flows.broker)
+        self.take += self.round_take
+        self.pairs = int(mask.sum())
+        self.trades += self.pairs
+
+        def mean(a) -> float:
+            return float(np.asarray(a, np.float64)[mask].mean()) if self.pairs else NAN
+
+        self.predicted_gain = mean(t.predicted_gain)
+        self.realized_gain = mean(t.realized_gain)
+        self.price = mean(t.price)
+
+
+def gini(values) -> float:
+    """Gini coefficient of amounts, in [0, 1 - 1/n]; debts (negative amounts) count as 0.
+
+    0 when everyone holds the same (or nothing); NaN for no one.
+    """
+    x = np.sort(np.clip(np.asarray(values, np.float64).ravel(), 0.0, None))
+    n = x.size
+    if n == 0:
+        return NAN
+    total = x.sum()
+    if total <= 0:
+        return 0.0
+    ranks = np.arange(1, n + 1)
+    return float(2.0 * (ranks * x).sum() / (n * total) - (n + 1) / n)
+
+
+def _trader_view(name: str):
+    """Agent reporter: a trader's view; NaN for the broker."""
+
+    def report(agent):
+        return getattr(agent, name) if isinstance(agent, TraderAgent) else NAN
+
+    return report
+
+
+def _slot(agent) -> int:
+    return agent.index if isinstance(agent, TraderAgent) else -1
+
+
+def _kind(agent) -> str:
+    return "trader" if isinstance(agent, TraderAgent) else "broker"
+
+
+def toml_value(value: Any) -> str:
+    """A Python value as one line of TOML for a ``--set`` override: ``"a"``, ``0.5``,
+    ``true``, ``[16, 8]``, ``{d = 0.2}`` (numpy scalars and arrays become Python values)."""
+    if isinstance(value, np.generic | np.ndarray):
+        value = value.tolist()
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    try:
+        text = tomli_w.dumps({"v": value})
+    except TypeError as err:
+        raise ParamarketError(f"cannot write {value!r} as a scenario value: {err}") from None
+    return text.removeprefix("v = ").strip()
+
+
+def experiment_of(source, overrides: dict[str, Any] | None = None) -> Experiment:
+    """An Experiment from an Experiment, a Scenario, or a bundled name / TOML path, with
+    dotted overrides (``{"train.rounds": 3}``) applied as ``--set`` strings."""
+    texts = [f"{k}={toml_value(v)}" for k, v in (overrides or {}).items()]
+    if isinstance(source, Experiment):
+        if not texts:
+            return source
+        scenario = sc.from_dict(sc.apply_overrides(sc.to_dict(source.scenario), texts))
+        same = dataset_key(scenario) == dataset_key(source.scenario)
+        return build(scenario, source.dataset if same else None)
+    if isinstance(source, sc.Scenario):
+        return build(sc.from_dict(sc.apply_overrides(sc.to_dict(source), texts)))
+    if isinstance(source, str | os.PathLike):
+        return build(sc.load(os.fspath(source), texts))
+    raise ParamarketError(
+        f"a market needs an Experiment, a Scenario, or a scenario name or path, got {source!r}"
+    )
 
 
 class MarketModel(mesa.Model):
-    """One seed of a scenario: a Mesa model whose ``step()`` is one market round."""
+    """One seed of a scenario: a Mesa model whose ``step()`` is one market round.
 
-    def __init__(self, experiment: Experiment, seed: int):
+    ``MarketModel(experiment, seed)``, or for :func:`mesa.batch_run`
+    ``MarketModel(scenario=name_or_path_or_Scenario, seed=0, **{"economics.gamma": 2.0})``
+    (keyword arguments beyond these are dotted scenario overrides). ``seed`` defaults to
+    the scenario's first seed. Steps past ``train.rounds`` do nothing but set ``running``
+    to False, so ``batch_run``'s last step (Mesa 3.3 reports step ``model.steps - 1``, 3.5
+    the last collection) is the market after its final round.
+
+    Attributes:
+        record: the last round's record (host arrays), None before the first round.
+        accounts: the market now (after the last round's exits and entries).
+        traders: AgentSet of the N ``TraderAgent`` slots (insertion order = slot index);
+        broker: the ``BrokerAgent``.
+        entered, exited: per round, how many agents entered after it / left in it;
+        entrants: per round, the slots that entered after it.
+    """
+
+    def __init__(
+        self,
+        experiment: Experiment | sc.Scenario | str | os.PathLike | None = None,
+        seed: int | None = None,
+        *,
+        scenario: sc.Scenario | str | os.PathLike | None = None,
+        **overrides: Any,
+    ):
+        if experiment is not None and scenario is not None:
+            raise ParamarketError("give a market an experiment or a scenario, not both")
+        experiment = experiment_of(experiment if scenario is None else scenario, overrides)
+        if seed is None:
+            seed = experiment.scenario.seeds[0]
         super().__init__(seed=seed)
         self.experiment, self.seed_value = experiment, seed
         self.config = experiment.scenario  # Mesa >= 3.5 reserves `scenario`
         self.spec, self.params = experiment.spec, experiment.params
         self.data, k_run = seed_data(experiment, seed)
         k_init, self.k_rounds = jax.random.split(k_run)
+        # entry draws from its own stream, so runs without entry keep their numbers
+        self.k_entry = jax.random.fold_in(k_run, ENTRY_STREAM) if self.config.agents.entry else None
         self.state = init_jit(self.spec, self.params, k_init)
         self.round = 0
         self.initial_cash = float(self.config.economics.initial_cash)
         self.record: RoundRecord | None = None
         self._records: list[RoundRecord] = []
-        self.traders = [TraderAgent(self, i) for i in range(self.spec.n)]
-        total_cash = self.initial_cash * self.spec.n
-        siloed = self.spec.twin_names.index("siloed") if self.spec.siloed else None
-        nan = float("nan")
+        self.accounts = _accounts(self.state)
+        self.entered: list[int] = []
+        self.exited: list[int] = []
+        self.entrants: list[tuple[int, ...]] = []
+        self.entering: list[int] = []
+        self.entry_quota = 0
+        self.traders = AgentSet(
+            [TraderAgent(self, i) for i in range(self.spec.n)], random=self.random
+        )
+        self.broker = BrokerAgent(self)
+        names = self.spec.twin_names
+        siloed = names.index("siloed") if "siloed" in names else None
         self.datacollector = mesa.DataCollector(
             model_reporters={
-                "market_accuracy": lambda m: float(m.record.test_acc[MARKET].mean()),
-                "siloed_accuracy": lambda m: (
-                    nan if siloed is None else float(m.record.test_acc[siloed].mean())
-                ),
-                "welfare": lambda m: float(
-                    m.record.cash[MARKET].sum() - total_cash + m.broker_take
-                ),
-                "siloed_welfare": lambda m: (
-                    nan if siloed is None else float(m.record.cash[siloed].sum() - total_cash)
-                ),
-                "broker_take": lambda m: m.broker_take,
-                "trades": lambda m: int(m.record.trades.mask.sum()),
+                "market_accuracy": lambda m: m._mean_acc(MARKET, alive_only=False),
+                "siloed_accuracy": lambda m: m._mean_acc(siloed, alive_only=False),
+                "mean_accuracy": lambda m: m._mean_acc(MARKET, alive_only=True),
+                "welfare": lambda m: m.welfare,
+                "siloed_welfare": lambda m: m._utility(siloed),
+                "broker_take": lambda m: m.broker.take,
+                "trades": lambda m: m.broker.pairs,
+                "mean_price": lambda m: m.broker.price,
+                "predicted_gain": lambda m: m.broker.predicted_gain,
+                "realized_gain": lambda m: m.broker.realized_gain,
+                "gini": lambda m: m.gini,
+                "alive": lambda m: int(m.accounts.alive[MARKET].sum()),
+                "entered": lambda m: m.entered[-1] if m.entered else 0,
+                "exited": lambda m: m.exited[-1] if m.exited else 0,
             },
-            agent_reporters={k: k for k in AGENT_VIEWS},
+            agent_reporters={
+                "kind": _kind,
+                "slot": _slot,
+                **{k: _trader_view(k) for k in AGENT_VIEWS},
+            },
         )
-        self.broker_take = 0.0
+        self.datacollector.collect(self)  # step 0: the market before any round
+
+    # ---- reporters ----
+
+    @property
+    def broker_take(self) -> float:
+        """The broker's cumulative take."""
+        return self.broker.take
+
+    def _utility(self, twin: int | None) -> float:
+        """A twin's agents' total utility, sum(cash - endowment) over every slot (a
+        bankrupt slot's losses stay counted)."""
+        if twin is None:
+            return NAN
+        a = self.accounts
+        return float((a.cash[twin].astype(np.float64) - a.endowment[twin]).sum())
+
+    @property
+    def welfare(self) -> float:
+        """The market agents' total utility plus the broker's take."""
+        return self._utility(MARKET) + self.broker.take
+
+    def _mean_acc(self, twin: int | None, *, alive_only: bool) -> float:
+        """Mean test accuracy of a twin's slots (all, or those in the market after the
+        round: entrants, not evaluated yet, are left out); NaN before the first round."""
+        r = self.record
+        if twin is None or r is None:
+            return NAN
+        acc = np.asarray(r.test_acc[twin], np.float64)
+        if alive_only:
+            acc = acc[np.asarray(r.alive[twin], bool)]
+        return float(acc.mean()) if acc.size else NAN
+
+    @property
+    def gini(self) -> float:
+        """Gini of the market agents' cash, over the agents in the market (debts count as 0)."""
+        a = self.accounts
+        return gini(a.cash[MARKET][a.alive[MARKET]])
+
+    # ---- rounds ----
 
     def step(self) -> None:
-        """One round: the jitted pure step, one copy of its record to the host, collect."""
+        """One round: the jitted pure step, one copy of its record to the host, entry,
+        collect. Past ``train.rounds`` it only sets ``running`` to False."""
+        if self.round >= self.config.train.rounds:
+            self.running = False
+            return
         key = jax.random.fold_in(self.k_rounds, self.round)
         r = jnp.asarray(self.round, jnp.int32)
         self.state, record = step_jit(self.spec, self.params, self.data, self.state, key, r)
@@ -119,17 +388,64 @@ class MarketModel(mesa.Model):
         if not np.isfinite(self.record.test_loss).all():
             raise diverged(self.round, self.seed_value, self.config.train.learning_rate)
         self._records.append(self.record)
-        self.broker_take += float(self.record.flows.broker)
+        self.broker.observe(self.record)
+        was_in = self.accounts.alive[MARKET]
+        self.accounts = Accounts(
+            self.record.alive, self.record.cash, self.record.endowment, self.record.trade_count
+        )
+        self.exited.append(int((was_in & ~self.record.alive[MARKET]).sum()))
+        entrants = self.admit(self.profit(self.record)[was_in])
+        self.entrants.append(entrants)
+        self.entered.append(len(entrants))
         self.round += 1
         self.datacollector.collect(self)
+
+    @staticmethod
+    def profit(record: RoundRecord) -> np.ndarray:
+        """(N,) each market agent's profit this round: revenue - cost + receipt - payment
+        - fees."""
+        f = record.flows
+        return np.asarray(
+            record.revenue[MARKET] - record.cost[MARKET] + f.receipt - f.payment - f.fees,
+            np.float64,
+        )
+
+    def admit(self, profits: np.ndarray) -> tuple[int, ...]:
+        """Entry after a round (``agents.entry``): when the market looks profitable (the
+        mean profit of the agents that were in it this round exceeds
+        ``agents.entry_profit``), up to ``agents.entry_max`` free slots take entrants, who
+        decide in a shuffled order (:meth:`TraderAgent.consider_entry`). The entrants get
+        fresh models and the initial cash in one ``enter_jit`` call.
+
+        Returns:
+            The slots that entered, ascending.
+        """
+        a = self.config.agents
+        if not a.entry:
+            return ()
+        free = self.traders.select(lambda t: not t.alive)
+        if len(free) == 0 or profits.size == 0 or not profits.mean() > a.entry_profit:
+            return ()
+        self.entering, self.entry_quota = [], a.entry_max
+        free.shuffle_do("consider_entry")
+        entrants = tuple(sorted(self.entering))
+        self.entering, self.entry_quota = [], 0
+        if not entrants:
+            return ()
+        slots = np.zeros(self.spec.n, bool)
+        slots[list(entrants)] = True
+        key = jax.random.fold_in(self.k_entry, self.round)
+        self.state = enter_jit(self.spec, self.params, self.state, key, jnp.asarray(slots))
+        self.accounts = _accounts(self.state)
+        return entrants
 
     def records(self) -> RoundRecord:
         """Every round's record so far, host arrays with a leading axis (rounds,)."""
         return jax.tree.map(lambda *xs: np.stack(xs), *self._records)
 
     def run(self, progress=None) -> None:
-        """All the scenario's rounds; ``progress()`` after each."""
-        for _ in range(self.config.train.rounds):
+        """All the scenario's remaining rounds; ``progress()`` after each."""
+        while self.round < self.config.train.rounds:
             self.step()
             if progress is not None:
                 progress()

@@ -1,0 +1,202 @@
+"""The Mesa view: entry (a Mesa-side rule), exits, the BrokerAgent, reporters, batch_run.
+
+Every test runs one tiny 4-agent market (one MarketSpec: the round compiles once); the
+variants differ only in numeric knobs and in the Mesa-side entry rule.
+"""
+
+import jax
+import mesa
+import numpy as np
+import pandas as pd
+import pytest
+from shrink import SHRINK
+
+from paramarket_jax import scenario as sc
+from paramarket_jax.experiment import build
+from paramarket_jax.market.model import MarketModel, gini, toml_value
+from paramarket_jax.results import trades_table
+from paramarket_jax.round import MARKET
+
+TINY = [
+    *SHRINK,
+    "agents.n=4",
+    "baselines.centralized=false",
+    "trading.start=0",
+    "train.rounds=3",
+    "mechanism.name=posted_price",
+    "mechanism.posted=0.001",
+    "economics.query_fee=0.0001",
+    "economics.trade_fee=0.0002",
+]
+ENTRY = [
+    "agents.initial=2",
+    "agents.entry=true",
+    "agents.entry_profit=-1e9",
+    "agents.entry_max=1",
+]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build(sc.load("paper_two_agent", TINY))
+
+
+def variant(base, *overrides):
+    """The tiny market with other knobs: same spec, same dataset, nothing recompiles."""
+    exp = build(sc.load("paper_two_agent", [*TINY, *overrides]), base.dataset)
+    assert exp.spec == base.spec
+    return exp
+
+
+def trades_of(market):
+    return trades_table(jax.tree.map(lambda x: x[None], market.records()), [0])
+
+
+def test_entry_fills_free_slots_from_the_seed(base):
+    exp = variant(base, *ENTRY)
+    market = MarketModel(exp, 0)
+    assert [t.alive for t in market.traders] == [True, True, False, False]
+    market.step()
+    # the market looks profitable (threshold -1e9): one free slot (quota 1) enters
+    assert market.entered == [1] and market.exited == [0]
+    (slot,) = market.entrants[0]
+    assert slot in (2, 3)
+    entrant = list(market.traders)[slot]
+    assert entrant.alive and sum(t.alive for t in market.traders) == 3
+    assert entrant.cash == 100.0 and entrant.utility == 0.0 and entrant.trades == 0
+    assert market.datacollector.get_model_vars_dataframe()["alive"].tolist() == [2, 3]
+    # next round the entrant is in the market: it earns and pays like everyone else
+    market.step()
+    r = market.record
+    flows = r.revenue[MARKET] - r.cost[MARKET] + r.flows.receipt - r.flows.payment - r.flows.fees
+    assert r.alive[MARKET, slot] and r.revenue[MARKET, slot] > 0
+    np.testing.assert_allclose(entrant.cash, 100.0 + flows[slot], rtol=1e-6)
+    assert market.entrants[1] == (5 - slot,)  # the other free slot, the round after
+    # same seed, same entrants and numbers; which slot goes first is the seed's draw
+    again = MarketModel(exp, 0)
+    again.step()
+    again.step()
+    assert again.entrants == market.entrants
+    np.testing.assert_array_equal(again.records().cash, market.records().cash)
+    first = set()
+    for seed in range(1, 7):
+        m = MarketModel(exp, seed)
+        m.step()
+        first |= set(m.entrants[0])
+    assert first == {2, 3}
+    # an unprofitable-looking market admits no one
+    closed = MarketModel(variant(base, *ENTRY[:-2], "agents.entry_profit=1e9"), 0)
+    closed.step()
+    assert closed.entered == [0] and sum(t.alive for t in closed.traders) == 2
+
+
+def test_bankrupt_agents_leave_and_stop_trading(base):
+    exp = variant(
+        base,
+        "economics.bankruptcy=true",
+        "economics.step_cost=40",  # 3 local steps: 120 a round, against 100 initial cash
+        "economics.value_per_quality=[2000, 2000, 0, 0]",
+    )
+    market = MarketModel(exp, 0)
+    market.run()
+    rec = market.records()
+    alive = np.asarray(rec.alive[:, MARKET])
+    np.testing.assert_array_equal(alive, [[True, True, False, False]] * 3)
+    assert market.exited == [2, 0, 0] and market.entered == [0, 0, 0]
+    assert [t.alive for t in market.traders] == [True, True, False, False]
+    # the leavers' accounts freeze: no revenue, no cost, no trades
+    cash = np.asarray(rec.cash[:, MARKET])
+    assert (cash[0, 2:] < 0).all()
+    np.testing.assert_array_equal(cash[1:, 2:], np.broadcast_to(cash[0, 2:], (2, 2)))
+    trades = trades_of(market)
+    later = trades[trades["round"] >= 1]
+    assert len(later) > 0  # the survivors still trade ...
+    assert not (later[["buyer", "seller"]].isin([2, 3])).any().any()  # ... only together
+    df = market.datacollector.get_model_vars_dataframe()
+    assert df["alive"].tolist() == [4, 2, 2, 2] and df["exited"].tolist() == [0, 2, 0, 0]
+
+
+def test_broker_agent_and_model_reporters(base):
+    market = MarketModel(base, 0)
+    market.run()
+    rec = market.records()
+    broker = market.broker
+    # the broker is an agent, not a trader
+    assert len(market.traders) == 4 and len(market.agents) == 5
+    assert broker not in market.traders and isinstance(broker, mesa.Agent)
+    np.testing.assert_allclose(broker.take, np.asarray(rec.flows.broker, np.float64).sum())
+    assert broker.take > 0 and broker.trades == int(rec.trades.mask.sum()) > 0
+    df = market.datacollector.get_model_vars_dataframe()
+    assert len(df) == 1 + 3  # step 0 (before any round), then one row a round
+    first = df.iloc[0]
+    assert first["welfare"] == 0 and first["trades"] == 0 and np.isnan(first["mean_price"])
+    assert np.isnan(first["market_accuracy"]) and first["alive"] == 4
+    mask, price = np.asarray(rec.trades.mask), np.asarray(rec.trades.price)
+    assert df["trades"].tolist()[1:] == mask.sum(1).tolist()
+    for r in range(3):
+        got = df["mean_price"].iloc[r + 1]
+        want = price[r][mask[r]].mean() if mask[r].any() else np.nan
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(df["broker_take"].iloc[1:], np.cumsum(rec.flows.broker), rtol=1e-6)
+    last = df.iloc[-1]
+    utility = (rec.cash[-1, MARKET].astype(np.float64) - rec.endowment[-1, MARKET]).sum()
+    np.testing.assert_allclose(last["welfare"], utility + broker.take, rtol=1e-9)
+    assert df["gini"].between(0, 1).all() and last["gini"] > 0
+    np.testing.assert_allclose(last["gini"], gini(rec.cash[-1, MARKET]), rtol=1e-12)
+    np.testing.assert_allclose(last["mean_accuracy"], rec.test_acc[-1, MARKET].mean(), rtol=1e-6)
+    # agent reporters: one row per agent a step; the broker's trader views are NaN
+    agents = market.datacollector.get_agent_vars_dataframe()
+    assert len(agents) == 4 * 5 and (agents["kind"] == "broker").sum() == 4
+    assert agents.loc[agents["kind"] == "broker", "cash"].isna().all()
+    end = agents.xs(3, level="Step").set_index("slot")
+    np.testing.assert_allclose(
+        end.loc[[0, 1, 2, 3], "utility"], rec.cash[-1, MARKET] - rec.endowment[-1, MARKET]
+    )
+
+
+def test_gini_and_toml_values():
+    assert gini([3.0, 3.0, 3.0]) == 0.0 and gini([]) != gini([])  # NaN for no one
+    np.testing.assert_allclose(gini([0.0, 0.0, 1.0]), 2 / 3)
+    assert gini([-5.0, 1.0]) == gini([0.0, 1.0]) == 0.5  # debts count as nothing
+    assert toml_value("posted_price") == '"posted_price"'
+    assert toml_value([16, 8]) == "[16, 8]" and toml_value(np.float32(0.5)) == "0.5"
+    assert toml_value(True) == "true"
+
+
+def test_batch_run_rows_are_the_final_round(base):
+    knobs = {
+        ".".join(key): value for key, value in map(sc.parse_override, [*TINY, "train.rounds=2"])
+    }
+    parameters = {
+        "scenario": "paper_two_agent",
+        "seed": 0,
+        **{k: [v] for k, v in knobs.items()},  # lists would be swept: wrap each value
+        "economics.step_cost": [0.0, 0.01],
+    }
+    rows = pd.DataFrame(
+        mesa.batch_run(
+            MarketModel,
+            parameters=parameters,
+            iterations=1,
+            number_processes=1,
+            max_steps=10,
+            display_progress=False,
+        )
+    )
+    assert len(rows) == 2 * 5  # two runs, one row per agent (4 traders and the broker)
+    assert (rows["Step"] == 2).all()  # the market after its 2 rounds
+    welfare = []
+    for cost, run in rows.groupby("economics.step_cost"):
+        # an Experiment with keyword overrides: rebuilt, same spec and dataset
+        by_hand = MarketModel(base, 0, **{"train.rounds": 2, "economics.step_cost": cost})
+        assert by_hand.spec == base.spec and by_hand.experiment.dataset is base.dataset
+        by_hand.run()
+        assert by_hand.round == 2 and by_hand.running  # batch_run's extra step stops it
+        by_hand.step()
+        assert not by_hand.running and by_hand.round == 2
+        assert run["welfare"].nunique() == 1
+        np.testing.assert_allclose(run["welfare"].iloc[0], by_hand.welfare, rtol=1e-9)
+        traders = run[run["kind"] == "trader"].sort_values("slot")
+        np.testing.assert_allclose(traders["cash"], [t.cash for t in by_hand.traders])
+        welfare.append(by_hand.welfare)
+    assert welfare[1] < welfare[0]  # compute costs money
