@@ -1,6 +1,17 @@
-"""Shared test helpers: a compile counter and small fixtures."""
+"""Shared test helpers: a compile counter and small fixtures.
+
+The suite compiles with XLA's backend optimisation level 0 (appended to any XLA_FLAGS the
+caller set): its shapes are tiny, so compiling dominates its time and optimised code buys
+nothing. It changes how fast the compiled code runs, not what it computes (float rounding
+aside, which the equality tests tolerate); benchmarks never set it.
+"""
 
 import contextlib
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    filter(None, [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"])
+)
 
 import jax
 import jax.monitoring
