@@ -124,7 +124,7 @@ def cmd_run(args) -> int:
 
     from paramarket_jax import scenario as sc
     from paramarket_jax.results import check_out_dir, write_run
-    from paramarket_jax.runs import run_scenario
+    from paramarket_jax.runs import resolve_engine, run_scenario
 
     overrides = list(args.overrides)
     if args.seeds is not None:
@@ -133,11 +133,10 @@ def cmd_run(args) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = pathlib.Path(args.out or f"runs/{scenario.name}-{stamp}")
     check_out_dir(out)
+    engine = resolve_engine(scenario, args.engine)
     total = scenario.train.rounds * len(scenario.seeds)
     with tqdm(total=total, desc="rounds", disable=args.quiet, file=sys.stderr) as bar:
-        result = run_scenario(
-            scenario, engine=args.engine, max_batch=args.batch, progress=bar.update
-        )
+        result = run_scenario(scenario, engine=engine, max_batch=args.batch, progress=bar.update)
     write_run(out, result.files())
     print_summary(scenario, result.summary)
     print(f"wrote {out}/")

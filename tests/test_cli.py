@@ -89,6 +89,8 @@ def test_scenarios_lists_every_bundled_scenario(capsys):
         (["--set", "data.dataset=cifar10"], "'path'"),
         (["--set", "model.widths"], "key=value"),
         (["--seeds", "a,b"], "--seeds"),
+        (["open_market", "--engine", "batch"], "agents.entry is a Mesa-side rule"),
+        (["--set", "broker.align=refrence"], "one of none, pairwise, reference"),
         (
             ["--set", "train.learning_rate=1e6", "--seeds", "0,1", *SMALL],
             "diverged",
