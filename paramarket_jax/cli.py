@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--seeds", default=None, help="seeds of every cell, e.g. 0-4")
     sweep.add_argument("--out", required=True, help="sweep folder (resumes if it exists)")
+    sweep.add_argument(
+        "--force",
+        action="store_true",
+        help="rerun finished cells whose scenario differs from the one requested now",
+    )
     add_engine_options(sweep)
     sub.add_parser("scenarios", help="list bundled scenarios")
     return parser
@@ -187,7 +192,14 @@ def cmd_sweep(args) -> int:
 
     grid = [parse_grid(g) for g in args.grid]
     table = run_sweep(
-        args.scenario, grid, overrides, args.out, progress, engine=args.engine, max_batch=args.batch
+        args.scenario,
+        grid,
+        overrides,
+        args.out,
+        progress,
+        engine=args.engine,
+        max_batch=args.batch,
+        force=args.force,
     )
     keys = [key for key, _ in grid]
     cols = ["market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare", "mutual_gain",

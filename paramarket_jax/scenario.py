@@ -56,9 +56,14 @@ def _reals(desc: str, ok: Callable[[float], bool]) -> tuple[str, Callable]:
 BOOL = ("true or false", lambda v: type(v) is bool)
 ALIGN_MODES = ("none", "pairwise", "reference")
 STR = ("a string", lambda v: type(v) is str)
-INTS = (
-    "a non-empty list of integers",
-    lambda v: isinstance(v, list) and v != [] and all(type(x) is int for x in v),
+SEEDS = (
+    "a non-empty list of distinct integers >= 0",
+    lambda v: (
+        isinstance(v, list)
+        and v != []
+        and all(type(x) is int and x >= 0 for x in v)
+        and len(set(v)) == len(v)
+    ),
 )
 STRS = ("a list of strings", lambda v: isinstance(v, list) and all(type(x) is str for x in v))
 ALPHAS = (
@@ -233,7 +238,7 @@ class Scenario:
 RULES: dict[str, tuple] = {
     "name": STR,
     "description": STR,
-    "seeds": INTS,
+    "seeds": SEEDS,
     "agents.n": _int(2),
     "agents.initial": _int(0),
     "agents.entry": BOOL,

@@ -8,11 +8,13 @@ together through the batch path: every seed of every such cell in one compiled c
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 import pathlib
 import re
+import shutil
 import tomllib
 
 import pandas as pd
@@ -40,9 +42,36 @@ def parse_grid(text: str) -> tuple[str, list]:
 
 
 def cell_name(assignment: dict) -> str:
-    """A folder name for one grid cell, e.g. ``mechanism.beta=0.5__economics.gamma=2``."""
+    """A folder name for one grid cell, e.g. ``mechanism.beta=0.5__economics.gamma=2``.
+
+    Characters a folder name should not hold are dropped; when that changes the name, a
+    short hash of the whole assignment is appended, so two values never share a folder.
+    """
     parts = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in assignment.items()]
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "", "__".join(parts)) or "base"
+    raw = "__".join(parts)
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "", raw)
+    if name != raw:
+        name += "~" + hashlib.sha1(raw.encode()).hexdigest()[:8]
+    return name or "base"
+
+
+def stale_keys(folder: pathlib.Path, scenario: sc.Scenario) -> list[str]:
+    """Dotted keys whose value in the cell's ``scenario.toml`` differs from ``scenario``."""
+    try:
+        done = sc.to_dict(sc.from_dict(tomllib.loads((folder / "scenario.toml").read_text())))
+    except (OSError, tomllib.TOMLDecodeError, ParamarketError):
+        return ["scenario.toml (missing or unreadable)"]
+    want = sc.to_dict(scenario)
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    a, b = flat(done), flat(want)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def cells(grid: list[tuple[str, list]]):
@@ -84,6 +113,23 @@ def sweep_table(out: pathlib.Path, planned) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _replace_run(folder: pathlib.Path, files: dict, write_run) -> None:
+    """Write a cell's run folder; an older run there (``--force``) is swapped out only once
+    the new one is complete, and comes back if writing fails."""
+    if not folder.exists():
+        write_run(folder, files)
+        return
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(folder, old)
+    try:
+        write_run(folder, files)
+    except BaseException:
+        os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def groups(scenarios: list[sc.Scenario]):
     """Indices of scenarios that can share one batch call, with their experiments.
 
@@ -113,6 +159,7 @@ def run_sweep(
     *,
     engine: str = "auto",
     max_batch: int | None = None,
+    force: bool = False,
 ) -> pd.DataFrame:
     """Run every missing cell of the grid and (re)write ``out/sweep.parquet``.
 
@@ -126,6 +173,8 @@ def run_sweep(
             ``mesa`` (each cell's seeds stepped through the Mesa model) or ``auto``
             (``batch`` unless agents enter the market).
         max_batch: most runs per compiled call of the batch path.
+        force: rerun complete cells whose scenario differs from the requested one (else
+            such a cell stops the sweep, naming the differing keys, before any compute).
     """
     from paramarket_jax.results import write_run
     from paramarket_jax.runs import resolve_engine, run_cells, run_scenario
@@ -134,14 +183,23 @@ def run_sweep(
     for _, scenario in planned:  # a bad engine for any cell fails before any compute
         resolve_engine(scenario, engine)
     root = pathlib.Path(out)
-    todo = []
+    todo, kept = [], []
     for assignment, scenario in planned:
         folder = root / cell_name(assignment)
         if (folder / "summary.json").exists():
-            if progress is not None:
-                progress(folder.name, True)
-        else:
-            todo.append((folder, scenario))
+            stale = stale_keys(folder, scenario)
+            if not stale:
+                kept.append(folder.name)
+                continue
+            if not force:
+                raise ParamarketError(
+                    f"{folder} holds a run of another scenario (differs in "
+                    f"{', '.join(stale[:5])}); use a new --out, or --force to rerun it"
+                )
+        todo.append((folder, scenario))
+    for name in kept:
+        if progress is not None:
+            progress(name, True)
     root.mkdir(parents=True, exist_ok=True)
     for group in groups([scenario for _, scenario in todo]):
         if resolve_engine(group[0][1].scenario, engine) == "batch":
@@ -150,7 +208,7 @@ def run_sweep(
             outcomes = [run_scenario(exp.scenario, engine="mesa") for _, exp in group]
         for (i, _), result in zip(group, outcomes, strict=True):
             folder = todo[i][0]
-            write_run(folder, result.files())
+            _replace_run(folder, result.files(), write_run)
             if progress is not None:
                 progress(folder.name, False)
     table = sweep_table(root, planned)

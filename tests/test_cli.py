@@ -140,6 +140,17 @@ def test_sweep_runs_every_cell_once_and_resumes(tmp_path, capsys):
     second = capsys.readouterr().err
     assert "kept mechanism.beta=0" in second and "ran  mechanism.beta=1" in second
     assert len(pd.read_parquet(out / "sweep.parquet")) == 2
+    # the same folder with another setting: finished cells are not "kept" as if they fit
+    before = (out / "mechanism.beta=0" / "summary.json").read_text()
+    changed = [*argv, "--set", "economics.gamma=3"]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "differs in economics.gamma" in err and "--force" in err and "kept" not in err
+    assert (out / "mechanism.beta=0" / "summary.json").read_text() == before
+    assert main([*changed, "--force"]) == 0
+    assert capsys.readouterr().err.count("ran ") == 2
+    assert "gamma = 3" in (out / "mechanism.beta=0" / "scenario.toml").read_text()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
 def test_sweep_rejects_a_bad_cell_before_running(tmp_path, capsys):
@@ -191,3 +202,11 @@ def test_mesa_engine_writes_the_same_tables(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "--engine" in err
     assert "batch" in err and "mesa" in err and not (tmp_path / "c").exists()
+
+
+def test_cell_names_never_collide():
+    from paramarket_jax.sweep import cell_name
+
+    names = {cell_name({"data.path": p}) for p in ("a/b", "ab", "a b", "a\\b")}
+    assert len(names) == 4
+    assert cell_name({"mechanism.beta": 0.5}) == "mechanism.beta=0.5"  # clean names stay
