@@ -14,7 +14,7 @@ import numpy as np
 
 from paramarket_jax.data import Dataset, load_dataset, partition
 from paramarket_jax.economics import STRATEGIES, Economy, StrategyParams
-from paramarket_jax.mechanisms import Knobs
+from paramarket_jax.mechanisms import Knobs, make_mechanism
 from paramarket_jax.population import agent_data
 from paramarket_jax.round import MarketData, MarketParams, MarketSpec
 from paramarket_jax.scenario import Scenario, per_agent
@@ -142,6 +142,7 @@ def build(scenario: Scenario, dataset: Dataset | None = None) -> Experiment:
     dataset = dataset if dataset is not None else load_shared_dataset(scenario)
     spec = spec_of(scenario, dataset)
     spec.make_trainer()  # validates model and optimizer options now, not inside a trace
+    make_mechanism(spec.mechanism, **dict(spec.mechanism_options))  # and the mechanism's
     return Experiment(scenario, spec, params_of(scenario), dataset)
 
 

@@ -200,8 +200,10 @@ def run_sweep(
     for name in kept:
         if progress is not None:
             progress(name, True)
+    # every cell is built (datasets, models, mechanisms checked) before any cell runs
+    built = list(groups([scenario for _, scenario in todo]))
     root.mkdir(parents=True, exist_ok=True)
-    for group in groups([scenario for _, scenario in todo]):
+    for group in built:
         if resolve_engine(group[0][1].scenario, engine) == "batch":
             outcomes = run_cells([exp for _, exp in group], max_batch=max_batch)
         else:

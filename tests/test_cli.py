@@ -210,3 +210,15 @@ def test_cell_names_never_collide():
     names = {cell_name({"data.path": p}) for p in ("a/b", "ab", "a b", "a\\b")}
     assert len(names) == 4
     assert cell_name({"mechanism.beta": 0.5}) == "mechanism.beta=0.5"  # clean names stay
+
+
+def test_sweep_checks_every_cell_before_running_any(tmp_path, capsys):
+    """A mechanism option that only the mechanism itself rejects, in the middle of a grid:
+    nothing runs and nothing is written."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", "license_auction", "--grid", "mechanism.name=k_vickrey", "--grid",
+            "mechanism.k=1,0,2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "k must be an integer >= 1, got 0" in err and "ran" not in err
+    assert not out.exists()
