@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--seeds", default=None, help="seeds of every cell, e.g. 0-4")
     sweep.add_argument("--out", required=True, help="sweep folder (resumes if it exists)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.add_argument(
         "--force",
         action="store_true",
@@ -179,6 +180,8 @@ def print_summary(scenario, summary: dict) -> None:
 
 
 def cmd_sweep(args) -> int:
+    from tqdm import tqdm
+
     from paramarket_jax.sweep import parse_grid, run_sweep
 
     if not args.grid:
@@ -187,20 +190,24 @@ def cmd_sweep(args) -> int:
     if args.seeds is not None:
         overrides.append(f"seeds={parse_seeds(args.seeds)}")
 
-    def progress(name, done):
-        print(f"{'kept' if done else 'ran '} {name}", file=sys.stderr, flush=True)
-
     grid = [parse_grid(g) for g in args.grid]
-    table = run_sweep(
-        args.scenario,
-        grid,
-        overrides,
-        args.out,
-        progress,
-        engine=args.engine,
-        max_batch=args.batch,
-        force=args.force,
-    )
+    # one bar over every round x seed of the cells to run, with an ETA; cell lines above it
+    with tqdm(total=0, desc="sweep rounds", disable=args.quiet, file=sys.stderr) as bar:
+
+        def progress(name, done):
+            bar.write(f"{'kept' if done else 'ran '} {name}", file=sys.stderr)
+
+        table = run_sweep(
+            args.scenario,
+            grid,
+            overrides,
+            args.out,
+            progress,
+            engine=args.engine,
+            max_batch=args.batch,
+            force=args.force,
+            bar=bar,
+        )
     keys = [key for key, _ in grid]
     cols = ["market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare", "mutual_gain",
             "trades", "revenue_of_sellers"]  # fmt: skip

@@ -160,6 +160,7 @@ def run_sweep(
     engine: str = "auto",
     max_batch: int | None = None,
     force: bool = False,
+    bar=None,
 ) -> pd.DataFrame:
     """Run every missing cell of the grid and (re)write ``out/sweep.parquet``.
 
@@ -173,6 +174,8 @@ def run_sweep(
             ``mesa`` (each cell's seeds stepped through the Mesa model) or ``auto``
             (``batch`` unless agents enter the market).
         max_batch: most runs per compiled call of the batch path.
+        bar: optional progress bar (tqdm-like: ``total``, ``refresh()``, ``update(k)``) over
+            the rounds x seeds of the cells to run; its total is set once they are known.
         force: rerun complete cells whose scenario differs from the requested one (else
             such a cell stops the sweep, naming the differing keys, before any compute).
     """
@@ -203,11 +206,22 @@ def run_sweep(
     # every cell is built (datasets, models, mechanisms checked) before any cell runs
     built = list(groups([scenario for _, scenario in todo]))
     root.mkdir(parents=True, exist_ok=True)
+    tick = (lambda k: None) if bar is None else bar.update
+    if bar is not None:
+        bar.total = sum(s.train.rounds * len(s.seeds) for _, s in todo)
+        bar.refresh()
     for group in built:
+        rounds = group[0][1].scenario.train.rounds
         if resolve_engine(group[0][1].scenario, engine) == "batch":
-            outcomes = run_cells([exp for _, exp in group], max_batch=max_batch)
+            outcomes = run_cells(
+                [exp for _, exp in group],
+                max_batch=max_batch,
+                progress=lambda runs, rounds=rounds: tick(runs * rounds),
+            )
         else:
-            outcomes = [run_scenario(exp.scenario, engine="mesa") for _, exp in group]
+            outcomes = [
+                run_scenario(exp.scenario, engine="mesa", progress=tick) for _, exp in group
+            ]
         for (i, _), result in zip(group, outcomes, strict=True):
             folder = todo[i][0]
             _replace_run(folder, result.files(), write_run)
