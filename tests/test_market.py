@@ -107,11 +107,15 @@ def test_without_trades_the_market_is_its_siloed_twin(experiment, compiles):
 
 
 def test_same_seed_same_numbers_and_seeds_differ(experiment, batch_result):
-    twice = batch.run_cells([knobs(experiment, "seeds=[1, 1]")]).records[0]
-    for leaf in jax.tree.leaves(twice):
-        np.testing.assert_array_equal(leaf[0], leaf[1])
+    """Seeds in the other order (duplicate seeds are refused): each seed gives the same
+    numbers wherever it sits in the batch, and the two seeds differ."""
+    swapped = batch.run_cells([knobs(experiment, "seeds=[1, 0]")]).records[0]
+    again = batch.run_cells([experiment]).records[0]
+    for new, old in zip(jax.tree.leaves(swapped), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(new[0], old[1])
+        np.testing.assert_array_equal(new[1], old[0])
     rounds = batch_result.rounds
-    market_loss = np.asarray(twice.test_loss[0][:, 0, :], np.float64).ravel()
+    market_loss = np.asarray(swapped.test_loss[0][:, 0, :], np.float64).ravel()
     np.testing.assert_array_equal(rounds[rounds["seed"] == 1]["loss"], market_loss)
     assert not np.array_equal(rounds[rounds["seed"] == 0]["loss"], market_loss)
 
