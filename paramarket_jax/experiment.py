@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paramarket_jax.broker import align_mode
 from paramarket_jax.data import Dataset, load_dataset, partition
 from paramarket_jax.economics import STRATEGIES, Economy, StrategyParams
 from paramarket_jax.mechanisms import Knobs, make_mechanism
@@ -49,13 +50,6 @@ def load_shared_dataset(scenario: Scenario) -> Dataset:
     k_data = jax.random.split(jax.random.key(d.seed), 3)[0]
     options = dict(d.options) | ({"path": d.path} if d.path else {})
     return load_dataset(d.dataset, k_data, **options)
-
-
-def align_mode(align: bool | str) -> str:
-    """``broker.align`` as a mode name: true is ``pairwise``, false ``none``."""
-    if isinstance(align, bool):
-        return "pairwise" if align else "none"
-    return align
 
 
 def spec_of(scenario: Scenario, dataset: Dataset) -> MarketSpec:

@@ -14,6 +14,7 @@ from typing import Any
 import tomli_w
 
 from paramarket_jax.broker.merge import PAPER_ALPHAS
+from paramarket_jax.broker.value import ALIGN_MODES
 from paramarket_jax.economics import QUALITIES, REVENUES, STRATEGIES
 from paramarket_jax.errors import ParamarketError
 
@@ -54,7 +55,6 @@ def _reals(desc: str, ok: Callable[[float], bool]) -> tuple[str, Callable]:
 
 
 BOOL = ("true or false", lambda v: type(v) is bool)
-ALIGN_MODES = ("none", "pairwise", "reference")
 STR = ("a string", lambda v: type(v) is str)
 SEEDS = (
     "a non-empty list of distinct integers >= 0",

@@ -296,7 +296,6 @@ class MarketModel(mesa.Model):
         self.k_entry = jax.random.fold_in(k_run, ENTRY_STREAM) if self.config.agents.entry else None
         self.state = init_jit(self.spec, self.params, k_init)
         self.round = 0
-        self.initial_cash = float(self.config.economics.initial_cash)
         self.record: RoundRecord | None = None
         self._records: list[RoundRecord] = []
         self.accounts = _accounts(self.state)
@@ -337,11 +336,6 @@ class MarketModel(mesa.Model):
         self.datacollector.collect(self)  # step 0: the market before any round
 
     # ---- reporters ----
-
-    @property
-    def broker_take(self) -> float:
-        """The broker's cumulative take."""
-        return self.broker.take
 
     def _utility(self, twin: int | None) -> float:
         """A twin's agents' total utility, sum(cash - endowment) over every slot (a
