@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import pathlib
+import shlex
 import sys
 
 from paramarket_jax.errors import ParamarketError
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seeds", default=None, help="seeds to run, e.g. 0,1,2 or 0-4")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_report_option(run)
     add_engine_options(run)
     sweep = sub.add_parser("sweep", help="run a grid of overrides x seeds into one folder")
     sweep.add_argument("scenario", help="bundled scenario name or TOML file")
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", default=None, help="seeds of every cell, e.g. 0-4")
     sweep.add_argument("--out", required=True, help="sweep folder (resumes if it exists)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_report_option(sweep)
     sweep.add_argument(
         "--force",
         action="store_true",
@@ -114,7 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_options(sweep)
     sub.add_parser("scenarios", help="list bundled scenarios")
+    for name, text in (
+        ("plot", "draw a run's or sweep's figures as PNG files into its folder"),
+        ("report", "write DIR/report.html: one self-contained page with the figures and tables"),
+    ):
+        cmd = sub.add_parser(name, help=text, description=text + " (reads the tables only)")
+        cmd.add_argument("folder", metavar="DIR", help="a run folder or a sweep folder")
     return parser
+
+
+def add_report_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-report",
+        dest="report",
+        action="store_false",
+        help="write the tables only: no figures and no report.html (paramarket report DIR "
+        "draws them later)",
+    )
 
 
 def cmd_scenarios(args) -> int:
@@ -143,7 +162,7 @@ def cmd_run(args) -> int:
     total = scenario.train.rounds * len(scenario.seeds)
     with tqdm(total=total, desc="rounds", disable=args.quiet, file=sys.stderr) as bar:
         result = run_scenario(scenario, engine=engine, max_batch=args.batch, progress=bar.update)
-    write_run(out, result.files())
+    write_run(out, result.files(report=args.report))
     print_summary(scenario, result.summary)
     print(f"wrote {out}/")
     return 0
@@ -207,19 +226,39 @@ def cmd_sweep(args) -> int:
             max_batch=args.batch,
             force=args.force,
             bar=bar,
+            report=args.report,
+            command=shlex.join(["paramarket", *args.argv]),
         )
     keys = [key for key, _ in grid]
     cols = ["market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare", "mutual_gain",
             "trades", "revenue_of_sellers"]  # fmt: skip
     print(table.groupby(keys)[cols].mean().round(4).to_string())
-    print(f"wrote {args.out}/sweep.parquet")
+    print(f"wrote {args.out}/sweep.parquet" + (" and report.html" if args.report else ""))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from paramarket_jax.report import write_plots
+
+    for path in write_plots(args.folder):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from paramarket_jax.report import write_report
+
+    print(f"wrote {write_report(args.folder)}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
-        commands = {"run": cmd_run, "sweep": cmd_sweep, "scenarios": cmd_scenarios}
+        commands = {"run": cmd_run, "sweep": cmd_sweep, "scenarios": cmd_scenarios,
+                    "plot": cmd_plot, "report": cmd_report}  # fmt: skip
         return commands[args.command](args)
     except ParamarketError as err:
         print(f"paramarket: error: {err}", file=sys.stderr)

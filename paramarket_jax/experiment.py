@@ -95,7 +95,9 @@ def params_of(scenario: Scenario) -> MarketParams:
     roles = ~seller_only if s.broker.sellers else np.arange(n) < (n + 1) // 2
     return MarketParams(
         learning_rate=jnp.full((n,), s.train.learning_rate, jnp.float32),
-        alphas=f32(s.broker.alphas),
+        # weights above the cap become 0 (the buyer's own model: never a gain, never bought),
+        # so capped and uncapped cells share one compiled call
+        alphas=f32(np.where(np.asarray(s.broker.alphas) <= s.broker.max_alpha, s.broker.alphas, 0)),
         knobs=Knobs(
             reserve=f32(m.reserve),
             beta=f32(m.beta),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
 from collections.abc import Callable
 
 import jax
 import numpy as np
 import pandas as pd
 
-from paramarket_jax import batch, plots, results
+from paramarket_jax import batch, results
 from paramarket_jax.errors import ParamarketError, unknown
 from paramarket_jax.experiment import Experiment, build
 from paramarket_jax.scenario import Scenario, dumps
@@ -41,19 +42,28 @@ class RunResult:
     trades: pd.DataFrame
     summary: dict
 
-    def files(self) -> dict[str, object]:
-        """Run-folder contents for :func:`paramarket_jax.results.write_run`."""
-        title = f"{self.scenario.name} ({len(self.scenario.seeds)} seeds)"
-        return {
-            "scenario.toml": dumps(self.scenario),
+    def files(self, report: bool = True) -> dict[str, object]:
+        """Run-folder contents for :func:`paramarket_jax.results.write_run`: the tables, and
+        with ``report`` the figures (PNG) and the self-contained ``report.html``."""
+        text = dumps(self.scenario)
+        files: dict[str, object] = {
+            "scenario.toml": text,
             "rounds.parquet": self.rounds,
             "trades.parquet": self.trades,
             "summary.json": self.summary,
-            "accuracy.png": functools.partial(plots.accuracy_per_round, self.rounds, title=title),
-            "mean_accuracy.png": functools.partial(
-                plots.mean_accuracy_per_round, self.rounds, title=title
-            ),
         }
+        if report:
+            from paramarket_jax.report import run_outputs
+
+            outputs = run_outputs(text, self.rounds, self.trades, self.summary, self.scenario.name)
+            for name, content in outputs.items():
+                files[name] = functools.partial(_write, content=content)
+        return files
+
+
+def _write(path, content: str | bytes) -> None:
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    pathlib.Path(path).write_bytes(data)
 
 
 def result_of(experiment: Experiment, records) -> RunResult:

@@ -160,6 +160,7 @@ class BrokerConfig:
     restarts: int = 1
     choose: str = "objective"
     alphas: tuple[float, ...] = PAPER_ALPHAS
+    max_alpha: float = 1.0
     layers: tuple[str, ...] = ()
     candidates: int = 0
     pick: str = "random"
@@ -266,6 +267,7 @@ RULES: dict[str, tuple] = {
     "broker.choose": ("one of objective, validation", lambda v: v in ("objective", "validation")),
     "broker.pick": ("one of random, top", lambda v: v in ("random", "top")),
     "broker.alphas": ALPHAS,
+    "broker.max_alpha": _real("a number in (0, 1]", lambda v: 0 < v <= 1),
     "broker.layers": STRS,
     "broker.candidates": _int(0),
     "broker.max_sweeps": _int(1),
@@ -417,6 +419,11 @@ def from_dict(table: Mapping[str, Any]) -> Scenario:
     if bad:
         raise ParamarketError(
             f"scenario key 'broker.sellers' must list agents in [0, {n - 1}], got {bad[0]}"
+        )
+    if min(scenario.broker.alphas) > scenario.broker.max_alpha:
+        raise ParamarketError(
+            f"scenario key 'broker.max_alpha' ({scenario.broker.max_alpha}) is below every "
+            f"merge weight in broker.alphas (smallest {min(scenario.broker.alphas)})"
         )
     if len(set(scenario.broker.sellers)) == n:
         raise ParamarketError("scenario key 'broker.sellers' must leave at least one buyer")

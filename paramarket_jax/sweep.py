@@ -161,8 +161,11 @@ def run_sweep(
     max_batch: int | None = None,
     force: bool = False,
     bar=None,
+    report: bool = True,
+    command: str | None = None,
 ) -> pd.DataFrame:
-    """Run every missing cell of the grid and (re)write ``out/sweep.parquet``.
+    """Run every missing cell of the grid and (re)write ``out/sweep.parquet``, ``sweep.json``
+    (what was swept) and, with ``report``, ``report.html`` and the sweep's figures.
 
     Args:
         base: bundled scenario name or TOML path.
@@ -176,6 +179,9 @@ def run_sweep(
         max_batch: most runs per compiled call of the batch path.
         bar: optional progress bar (tqdm-like: ``total``, ``refresh()``, ``update(k)``) over
             the rounds x seeds of the cells to run; its total is set once they are known.
+        report: write the sweep's figures and ``report.html`` at the end (cells get tables
+            only; ``paramarket report`` on a cell folder draws one).
+        command: the command line, recorded in ``sweep.json`` and the report.
         force: rerun complete cells whose scenario differs from the requested one (else
             such a cell stops the sweep, naming the differing keys, before any compute).
     """
@@ -224,11 +230,20 @@ def run_sweep(
             ]
         for (i, _), result in zip(group, outcomes, strict=True):
             folder = todo[i][0]
-            _replace_run(folder, result.files(), write_run)
+            _replace_run(folder, result.files(report=False), write_run)
             if progress is not None:
                 progress(folder.name, False)
     table = sweep_table(root, planned)
     tmp = root / ".sweep.parquet.tmp"
     table.to_parquet(tmp, index=False)
     os.replace(tmp, root / "sweep.parquet")
+    meta = dict(scenario=base, grid=[[k, list(v)] for k, v in grid], overrides=list(overrides),
+                command=command)  # fmt: skip
+    tmp = root / ".sweep.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, root / "sweep.json")
+    if report:
+        from paramarket_jax.report import sweep_outputs, write_files
+
+        write_files(root, sweep_outputs(root))
     return table

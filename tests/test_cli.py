@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+from pages import check_report
 
 from paramarket_jax.cli import main, parse_seeds
 
@@ -32,14 +33,16 @@ def test_run_writes_the_run_folder(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "market_acc" in text and "siloed_acc" in text
     names = {p.name for p in out.iterdir()}
-    assert names == {
-        "scenario.toml",
-        "rounds.parquet",
-        "trades.parquet",
-        "summary.json",
-        "accuracy.png",
-        "mean_accuracy.png",
-    }
+    tables = {"scenario.toml", "rounds.parquet", "trades.parquet", "summary.json"}
+    figures = {"welfare.png", "accuracy.png", "accuracy_per_agent.png", "utility_gain.png",
+               "prices_volume.png", "trade_matrix.png", "value_scatter.png"}  # fmt: skip
+    assert names == tables | figures | {"report.html"}
+    check_report(out / "report.html", min_images=len(figures))
+    # --no-report: the tables only (the same compiled call, so this costs no compile)
+    assert main(["run", "--out", str(tmp_path / "bare"), "--no-report", "--seeds", "0,1",
+                 *SMALL]) == 0  # fmt: skip
+    assert {p.name for p in (tmp_path / "bare").iterdir()} == tables
+    capsys.readouterr()
     rounds = pd.read_parquet(out / "rounds.parquet")
     assert set(rounds["seed"]) == {0, 1} and len(rounds) == 2 * 2 * 2
     assert {"seed", "round", "agent", "loss", "accuracy", "siloed_loss", "siloed_accuracy"} <= set(
@@ -151,6 +154,10 @@ def test_sweep_runs_every_cell_once_and_resumes(tmp_path, capsys):
     assert capsys.readouterr().err.count("ran ") == 2
     assert "gamma = 3" in (out / "mechanism.beta=0" / "scenario.toml").read_text()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    # the sweep's report and figures; cells hold tables only
+    assert json.loads((out / "sweep.json").read_text())["grid"] == [["mechanism.beta", [0, 1]]]
+    check_report(out / "report.html", min_images=2)
+    assert not list(out.glob("*/*.png")) and not list(out.glob("*/report.html"))
 
 
 def test_sweep_rejects_a_bad_cell_before_running(tmp_path, capsys):

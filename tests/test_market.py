@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from pages import check_report
 from shrink import SHRINK
 
 from paramarket_jax import batch
@@ -13,6 +14,7 @@ from paramarket_jax import round as market_round
 from paramarket_jax import scenario as sc
 from paramarket_jax.experiment import build, seed_data
 from paramarket_jax.market.model import MarketModel
+from paramarket_jax.results import write_run
 from paramarket_jax.runs import result_of, run_scenario
 
 THREE = [
@@ -209,7 +211,7 @@ def test_siloed_twin_off_leaves_its_columns_empty():
 
 
 @pytest.mark.parametrize("name", sorted(sc.bundled()))
-def test_every_bundled_scenario_runs_a_shrunk_round(name):
+def test_every_bundled_scenario_runs_a_shrunk_round(name, tmp_path):
     base = sc.load(name)
     extra = ["data.num_samples=600"] if base.data.dataset == "mnist1d" else []
     if base.agents.n > 6:  # the many-agent scenarios at small N
@@ -223,6 +225,9 @@ def test_every_bundled_scenario_runs_a_shrunk_round(name):
     assert central.between(0, 1).all() if s.baselines.centralized else central.isna().all()
     assert set(result.trades["round"]) <= {1}
     assert result.summary["rounds"] == 2
+    # every bundled scenario gets its figures and its one-file report
+    out = write_run(tmp_path / name, result.files())
+    check_report(out / "report.html", min_images=6)
 
 
 def test_chunked_valuation_gives_the_same_market(experiment, batch_result):

@@ -1,0 +1,347 @@
+"""One self-contained HTML page per run or sweep folder, and its figures as PNG files.
+
+Reads only what a run wrote (``scenario.toml``, ``rounds.parquet``, ``trades.parquet``,
+``summary.json``; a sweep's ``sweep.parquet``, ``sweep.json`` and its cells). The page
+embeds every figure as a base64 PNG and uses no script, stylesheet or link outside itself,
+so it reads offline and can be mailed as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+import pandas as pd
+
+from paramarket_jax import plots
+from paramarket_jax.errors import ParamarketError
+
+RUN_FILES = ("scenario.toml", "rounds.parquet", "trades.parquet", "summary.json")
+
+CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, Helvetica, Arial, sans-serif;
+       max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td.l, th.l { text-align: left; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; height: auto; }
+figcaption { font-size: 0.85em; color: #444; max-width: 800px; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
+.kpi { display: inline-block; margin: 0 1.5em 0.5em 0; } .kpi b { font-size: 1.3em; }
+"""
+
+
+def _read(path: pathlib.Path, kind: str):
+    try:
+        if kind == "parquet":
+            return pd.read_parquet(path)
+        if kind == "json":
+            return json.loads(path.read_text())
+        return path.read_text()
+    except FileNotFoundError:
+        raise ParamarketError(f"{path} is missing") from None
+    except (OSError, ValueError) as err:
+        raise ParamarketError(f"{path} cannot be read: {err}".splitlines()[0]) from None
+
+
+def folder_kind(folder: str | os.PathLike) -> str:
+    """``run`` or ``sweep``; anything else is a one-line error naming what is missing."""
+    path = pathlib.Path(folder)
+    if not path.exists():
+        raise ParamarketError(f"{path} does not exist; give a run or sweep folder")
+    if not path.is_dir():
+        raise ParamarketError(f"{path} is a file; give a run or sweep folder")
+    if (path / "sweep.parquet").is_file():
+        return "sweep"
+    if (path / "rounds.parquet").is_file():
+        return "run"
+    raise ParamarketError(
+        f"{path} is neither a run folder (no rounds.parquet) nor a sweep folder (no sweep.parquet)"
+    )
+
+
+def load_run(folder: str | os.PathLike) -> dict:
+    """A run folder's tables, summary and scenario text."""
+    path = pathlib.Path(folder)
+    out = {
+        "rounds": _read(path / "rounds.parquet", "parquet"),
+        "trades": _read(path / "trades.parquet", "parquet"),
+        "summary": _read(path / "summary.json", "json"),
+        "scenario": _read(path / "scenario.toml", "text"),
+    }
+    missing = {"seed", "round", "agent", "utility", "siloed_utility"} - set(out["rounds"].columns)
+    if missing or not len(out["rounds"]):
+        raise ParamarketError(f"{path / 'rounds.parquet'} is not a rounds table of paramarket")
+    return out
+
+
+def _scalar(v):
+    return v if np.isscalar(v) or v is None else json.dumps(np.asarray(v).tolist())
+
+
+def load_sweep(folder: str | os.PathLike) -> dict:
+    """A sweep folder's table, its swept knobs, and every complete cell's tables."""
+    path = pathlib.Path(folder)
+    table = _read(path / "sweep.parquet", "parquet")
+    meta = _read(path / "sweep.json", "json") if (path / "sweep.json").exists() else {}
+    columns = list(table.columns)
+    if "cell" not in columns or "seed" not in columns:
+        raise ParamarketError(f"{path / 'sweep.parquet'} is not a sweep table of paramarket")
+    knobs = [k for k, _ in meta.get("grid", [])] or columns[
+        columns.index("cell") + 1 : columns.index("seed")
+    ]
+    for knob in knobs:
+        table[knob] = table[knob].map(_scalar)
+    cell_rounds, cell_trades = {}, {}
+    for cell in dict.fromkeys(table["cell"]):
+        if (path / cell / "rounds.parquet").is_file():
+            cell_rounds[cell] = _read(path / cell / "rounds.parquet", "parquet")
+            cell_trades[cell] = _read(path / cell / "trades.parquet", "parquet")
+    first = next(iter(cell_rounds), None)
+    scenario = _read(path / first / "scenario.toml", "text") if first else ""
+    return dict(
+        table=table,
+        knobs=knobs,
+        meta=meta,
+        cell_rounds=cell_rounds,
+        cell_trades=cell_trades,
+        scenario=scenario,
+    )
+
+
+# ---- HTML -----------------------------------------------------------------------------------
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _num(v, fmt=".3f") -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    if isinstance(v, bool | np.bool_):
+        return "yes" if v else "no"
+    if isinstance(v, int | np.integer):
+        return str(int(v))
+    if isinstance(v, float | np.floating):
+        return f"{v:{fmt}}"
+    return _e(v)
+
+
+def _table(df: pd.DataFrame, left: int = 1) -> str:
+    head = "".join(
+        f'<th class="{"l" if i < left else ""}">{_e(c)}</th>' for i, c in enumerate(df.columns)
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="{"l" if i < left else ""}">{_num(v)}</td>' for i, v in enumerate(row)
+        )
+        + "</tr>"
+        for row in df.itertuples(index=False)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figures(figures: dict) -> str:
+    parts = []
+    for name, (png, caption) in figures.items():
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(
+            f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>"
+        )
+    return "\n".join(parts)
+
+
+def _page(title: str, body: str) -> str:
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n"
+        f"<h1>{_e(title)}</h1>\n{body}\n"
+        f'<p style="color:#888;font-size:0.8em">paramarket report, written {stamp}.</p>'
+        "\n</body></html>\n"
+    )
+
+
+def _kpis(items) -> str:
+    return (
+        "<p>"
+        + "".join(f'<span class="kpi">{_e(k)}<br><b>{v}</b></span>' for k, v in items)
+        + "</p>"
+    )
+
+
+def run_html(scenario_text: str, summary: dict, figures: dict, name: str) -> str:
+    """The report page of one run."""
+    k = len(summary["seeds"])
+    acc_gain = summary["market_accuracy"] - summary["siloed_accuracy"]
+    kpis = _kpis(
+        [
+            ("mean test accuracy, market", f"{summary['market_accuracy']:.3f}"),
+            ("siloed", f"{summary['siloed_accuracy']:.3f} ({acc_gain:+.3f})"),
+            ("welfare, market", f"{summary['welfare']:.3f}"),
+            ("siloed", f"{summary['siloed_welfare']:.3f}"),
+            ("broker take", f"{summary['broker_take']:.3f}"),
+            ("trades (all seeds)", str(summary["trade_count"])),
+            ("mutual gain", f"{summary['mutual_gain_fraction'] * k:.0f}/{k} seeds"),
+            (
+                "every agent more accurate",
+                f"{summary['accuracy_gain_all_fraction'] * k:.0f}/{k} seeds",
+            ),
+        ]
+    )
+    agents = pd.DataFrame(summary["agents"])
+    cols = [
+        "agent",
+        "market_accuracy",
+        "siloed_accuracy",
+        "gain",
+        "gain_std",
+        "utility",
+        "siloed_utility",
+        "trades",
+        "sales",
+    ]
+    agents = agents[[c for c in cols if c in agents]].rename(
+        columns={
+            "gain": "accuracy gain",
+            "gain_std": "sd over seeds",
+            "trades": "bought/run",
+            "sales": "sold/run",
+        }
+    )
+    per_seed = pd.DataFrame(
+        [
+            {
+                "seed": int(s),
+                **{
+                    f: v[f]
+                    for f in (
+                        "welfare",
+                        "siloed_welfare",
+                        "broker_take",
+                        "trades",
+                        "mutual_gain",
+                        "accuracy_gain_all",
+                    )
+                },
+            }
+            for s, v in summary["per_seed"].items()
+        ]
+    )
+    body = (
+        f"<p>Seeds {_e(summary['seeds'])}, {summary['rounds']} rounds. Welfare is the sum of "
+        "the agents' utilities (cash gained) plus the broker's take; every agent is measured "
+        "against its siloed twin, the same agent trained alone.</p>"
+        f"{kpis}<h2>Figures</h2>{_figures(figures)}"
+        f"<h2>Agents (final round, mean over seeds)</h2>{_table(agents)}"
+        f"<h2>Per seed</h2>{_table(per_seed)}"
+        f"<h2>Scenario</h2><pre>{_e(scenario_text)}</pre>"
+    )
+    return _page(f"paramarket run: {name}", body)
+
+
+def sweep_html(data: dict, figures: dict, name: str) -> str:
+    """The report page of one sweep."""
+    table, knobs, meta = data["table"], data["knobs"], data["meta"]
+    t = plots.sweep_metrics(table)
+    g = t.groupby(knobs, sort=False)
+    cells = g[["accuracy_gain", "welfare_gain"]].agg(["mean", "std"])
+    cells.columns = [f"{m} {s}" for m, s in cells.columns]
+    cells["mutual-gain share"] = g["mutual_gain"].mean()
+    cells["trades/run"] = g["trades"].mean()
+    cells["seeds"] = g["seed"].count()
+    cells = cells.reset_index()
+    grid = meta.get("grid") or [[k, list(dict.fromkeys(table[k]))] for k in knobs]
+    swept = "".join(
+        f"<li><code>{_e(k)}</code> = {_e(', '.join(map(str, v)))}</li>" for k, v in grid
+    )
+    fixed = meta.get("overrides", [])
+    command = meta.get("command")
+    planned = int(np.prod([len(v) for _, v in grid])) if grid else len(cells)
+    body = (
+        f"<p>Base scenario <code>{_e(meta.get('scenario', '?'))}</code>; "
+        f"{len(cells)} of {planned} cells complete, seeds {_e(sorted(set(table['seed'])))}."
+        "</p><h2>What was swept</h2><ul>"
+        + swept
+        + "</ul>"
+        + (f"<p>Set in every cell: <code>{_e(' '.join(fixed))}</code></p>" if fixed else "")
+        + (f"<pre>{_e(command)}</pre>" if command else "")
+        + f"<h2>Figures</h2>{_figures(figures)}"
+        f"<h2>Cells (mean and standard deviation over seeds)</h2>{_table(cells, len(knobs))}"
+        f"<h2>Scenario of the first cell</h2><pre>{_e(data['scenario'])}</pre>"
+    )
+    return _page(f"paramarket sweep: {name}", body)
+
+
+# ---- folders --------------------------------------------------------------------------------
+
+
+def run_outputs(scenario_text: str, rounds, trades, summary: dict, name: str) -> dict:
+    """Figures (name -> PNG bytes) and ``report.html`` for one run's tables."""
+    figures = plots.run_figures(rounds, trades, title=name)
+    out = {k: png for k, (png, _) in figures.items()}
+    out["report.html"] = run_html(scenario_text, summary, figures, name)
+    return out
+
+
+def sweep_outputs(folder: str | os.PathLike) -> dict:
+    """Figures (name -> PNG bytes) and ``report.html`` for a sweep folder."""
+    data = load_sweep(folder)
+    if not len(data["table"]):
+        raise ParamarketError(f"{folder}: the sweep has no finished cell yet")
+    figures = plots.sweep_figures(
+        data["table"], data["knobs"], data["cell_rounds"], data["cell_trades"]
+    )
+    out = {k: png for k, (png, _) in figures.items()}
+    out["report.html"] = sweep_html(data, figures, pathlib.Path(folder).resolve().name)
+    return out
+
+
+def folder_outputs(folder: str | os.PathLike) -> dict:
+    """Figures and report of a run or sweep folder, read from its tables only."""
+    if folder_kind(folder) == "sweep":
+        return sweep_outputs(folder)
+    run = load_run(folder)
+    name = pathlib.Path(folder).resolve().name
+    return run_outputs(run["scenario"], run["rounds"], run["trades"], run["summary"], name)
+
+
+def write_files(folder: str | os.PathLike, files: dict) -> list[pathlib.Path]:
+    """Write each file beside the tables atomically (a temporary sibling, then a rename)."""
+    path = pathlib.Path(folder)
+    written = []
+    for name, content in files.items():
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path / name)
+        except BaseException:
+            pathlib.Path(tmp).unlink(missing_ok=True)
+            raise
+        written.append(path / name)
+    return written
+
+
+def write_report(folder: str | os.PathLike) -> pathlib.Path:
+    """``paramarket report DIR``: write DIR/report.html."""
+    files = folder_outputs(folder)
+    return write_files(folder, {"report.html": files["report.html"]})[0]
+
+
+def write_plots(folder: str | os.PathLike) -> list[pathlib.Path]:
+    """``paramarket plot DIR``: write every figure of DIR as a PNG file in DIR."""
+    files = folder_outputs(folder)
+    files.pop("report.html")
+    return write_files(folder, files)

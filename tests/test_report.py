@@ -1,0 +1,250 @@
+"""Figures and the one-file HTML report, drawn from result tables only (no compute here)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from pages import browser, check_report, decode_png, screenshot
+
+from paramarket_jax import plots, report
+from paramarket_jax import scenario as sc
+from paramarket_jax.cli import main
+from paramarket_jax.results import ROUND_COLUMNS, TRADE_COLUMNS, summarize, write_run
+from paramarket_jax.runs import RunResult
+from paramarket_jax.sweep import cell_name, sweep_table
+
+RUN_FIGURES = {
+    "welfare.png",
+    "accuracy.png",
+    "utility_gain.png",
+    "prices_volume.png",
+    "trade_matrix.png",
+    "value_scatter.png",
+}
+
+
+def fake_tables(seed=0, n=3, rounds=6, seeds=(0, 1), trade_rate=0.5):
+    """Rounds and trades tables shaped like a run's (random numbers, consistent columns)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in seeds:
+        cash = np.zeros(n)
+        silo = np.zeros(n)
+        for r in range(rounds):
+            cash += rng.uniform(0, 1, n)
+            silo += rng.uniform(0, 0.8, n)
+            for a in range(n):
+                row = dict.fromkeys(ROUND_COLUMNS, 0.0)
+                row.update(
+                    seed=s,
+                    round=r,
+                    agent=a,
+                    accuracy=rng.uniform(0.5, 1),
+                    siloed_accuracy=rng.uniform(0.3, 0.8),
+                    utility=cash[a],
+                    siloed_utility=silo[a],
+                    cash=cash[a],
+                    siloed_cash=silo[a],
+                    payment=rng.uniform(0, 0.1),
+                    receipt=rng.uniform(0, 0.1),
+                    fedavg_accuracy=np.nan,
+                    central_accuracy=0.9,
+                    alive=True,
+                    siloed_alive=True,
+                    trades=r,
+                )
+                rows.append(row)
+    rounds_df = pd.DataFrame(rows)[["seed", "round", "agent", *ROUND_COLUMNS]]
+    trades = []
+    for s in seeds:
+        for r in range(1, rounds):
+            for b in range(n):
+                if rng.uniform() < trade_rate:
+                    value = rng.uniform(0, 1)
+                    row = dict.fromkeys(TRADE_COLUMNS, 0.0)
+                    row.update(
+                        seed=s,
+                        round=r,
+                        buyer=b,
+                        seller=(b + 1) % n,
+                        value=value,
+                        realized_value=value + rng.normal(0, 0.1),
+                        price=rng.uniform(0, value),
+                    )
+                    trades.append(row)
+    trades_df = pd.DataFrame(trades, columns=TRADE_COLUMNS)
+    trades_df["estimation_error"] = trades_df["value"] - trades_df["realized_value"]
+    return rounds_df, trades_df
+
+
+def fake_result(**kw) -> RunResult:
+    rounds, trades = fake_tables(**kw)
+    return RunResult(sc.load("paper_two_agent"), rounds, trades, summarize(rounds, trades))
+
+
+def test_a_run_folder_holds_every_figure_and_a_self_contained_report(tmp_path):
+    out = write_run(tmp_path / "run", fake_result().files())
+    names = {p.name for p in out.iterdir()}
+    assert RUN_FIGURES | {"accuracy_per_agent.png", "report.html"} <= names
+    for name in names - {"report.html"}:
+        if name.endswith(".png"):
+            decode_png((out / name).read_bytes())
+    text = check_report(out / "report.html", min_images=len(RUN_FIGURES))
+    assert "paper_two_agent" in text and "siloed" in text and "Per seed" in text
+    assert "[broker]" in text  # the scenario is on the page
+    assert oct((out / "report.html").stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_tables_only_without_the_report(tmp_path):
+    out = write_run(tmp_path / "run", fake_result().files(report=False))
+    assert {p.name for p in out.iterdir()} == {
+        "scenario.toml",
+        "rounds.parquet",
+        "trades.parquet",
+        "summary.json",
+    }
+    # drawn later from the tables alone, by the commands
+    assert main(["report", str(out)]) == 0
+    assert main(["plot", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert RUN_FIGURES | {"report.html"} <= names and not any(n.startswith(".") for n in names)
+    check_report(out / "report.html", min_images=len(RUN_FIGURES))
+
+
+def test_the_report_is_the_same_from_memory_and_from_the_folder(tmp_path):
+    result = fake_result()
+    out = write_run(tmp_path / "run", result.files(report=False))
+    from_folder = report.folder_outputs(out)
+    from_memory = report.run_outputs(
+        (out / "scenario.toml").read_text(), result.rounds, result.trades, result.summary, "run"
+    )
+    assert from_folder.keys() == from_memory.keys()
+    for name in from_folder.keys() - {"report.html"}:
+        assert np.array_equal(decode_png(from_folder[name]), decode_png(from_memory[name])), name
+
+
+def test_welfare_per_round_ends_at_the_summary_welfare():
+    result = fake_result()
+    w = plots.welfare_by_round(result.rounds)
+    last = w.xs(result.rounds["round"].max(), level="round")
+    assert np.isclose(last["market"].mean(), result.summary["welfare"])
+    assert np.isclose(last["siloed"].mean(), result.summary["siloed_welfare"])
+
+
+def test_figures_cope_with_no_trades_one_seed_and_many_agents():
+    few = fake_tables(trade_rate=0.0, seeds=(3,))
+    figures = plots.run_figures(*few)
+    assert figures.keys() >= RUN_FIGURES
+    many = fake_tables(n=40, rounds=3)
+    figures = plots.run_figures(*many)
+    assert "accuracy_per_agent.png" not in figures  # 40 agents: no per-agent lines
+    for png, caption in figures.values():
+        decode_png(png)
+        assert caption
+
+
+def make_sweep(root, grid, seeds=(0, 1)):
+    """A sweep folder of fake cells, as `paramarket sweep` lays it out."""
+    base = sc.load("duopoly_bargaining")
+    planned = []
+    for i, values in enumerate(
+        np.array(np.meshgrid(*[v for _, v in grid])).T.reshape(-1, len(grid))
+    ):
+        assignment = {
+            k: (v.item() if hasattr(v, "item") else v)
+            for (k, _), v in zip(grid, values, strict=True)
+        }
+        rounds, trades = fake_tables(seed=i, n=2, seeds=seeds)
+        result = RunResult(base, rounds, trades, summarize(rounds, trades))
+        write_run(root / cell_name(assignment), result.files(report=False))
+        planned.append((assignment, base))
+    sweep_table(root, planned).to_parquet(root / "sweep.parquet", index=False)
+    meta = dict(
+        scenario="duopoly_bargaining",
+        grid=[[k, v] for k, v in grid],
+        overrides=["train.rounds=6"],
+        command="paramarket sweep duopoly_bargaining ...",
+    )
+    (root / "sweep.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [
+        [("mechanism.beta", [0.0, 0.5, 1.0])],
+        [("economics.gamma", [0.5, 2.0]), ("mechanism.name", ["take_it", "posted_price"])],
+        [
+            ("economics.gamma", [1.0, 2.0]),
+            ("broker.align", ["reference", "none"]),
+            ("mechanism.beta", [0.0, 1.0]),
+        ],
+    ],
+    ids=["one-knob", "numeric-x-named", "three-knobs"],
+)
+def test_a_sweep_report_has_a_panel_per_knob_and_reads_offline(tmp_path, grid):
+    make_sweep(tmp_path, grid)
+    assert main(["report", str(tmp_path)]) == 0
+    text = check_report(tmp_path / "report.html", min_images=3)
+    for key, values in grid:
+        assert key in text and all(str(v) in text for v in values)
+    assert "paramarket sweep duopoly_bargaining" in text and "train.rounds=6" in text
+    assert main(["plot", str(tmp_path)]) == 0
+    for name in ("sweep_gains.png", "sweep_welfare.png", "value_scatter.png"):
+        decode_png((tmp_path / name).read_bytes())
+
+
+def test_sweep_panels_are_wider_with_more_knobs():
+    one, two = (
+        [("mechanism.beta", [0.0, 1.0])],
+        [("mechanism.beta", [0.0, 1.0]), ("economics.gamma", [1.0, 2.0])],
+    )
+    widths = []
+    for grid in (one, two):
+        rows = [
+            {
+                "cell": "c",
+                **{k: v[s % 2] for k, v in grid},
+                "seed": s,
+                "welfare": s,
+                "siloed_welfare": 0.0,
+                "market_accuracy": 0.5,
+                "siloed_accuracy": 0.4,
+                "mutual_gain": bool(s % 2),
+                "trades": 1,
+            }
+            for s in range(4)
+        ]
+        widths.append(
+            decode_png(plots.sweep_panels(pd.DataFrame(rows), [k for k, _ in grid])).shape[1]
+        )
+    assert widths[1] > widths[0]
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p: p / "missing", "does not exist"),
+        (lambda p: (p / "file.txt").write_text("x") and p / "file.txt", "is a file"),
+        (lambda p: p, "neither a run folder"),
+        (lambda p: (p / "rounds.parquet").write_text("not parquet") and p, "cannot be read"),
+    ],
+    ids=["missing", "a-file", "empty", "corrupt-table"],
+)
+@pytest.mark.parametrize("command", ["report", "plot"])
+def test_bad_folders_exit_2_in_one_line_and_write_nothing(tmp_path, capsys, make, needle, command):
+    folder = make(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main([command, str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.skipif(browser() is None, reason="no Chromium on this machine (apt install chromium)")
+def test_the_report_renders_in_a_headless_browser(tmp_path):
+    out = write_run(tmp_path / "run", fake_result().files())
+    pixels = screenshot(out / "report.html", tmp_path / "shot.png")
+    rgb = (pixels[..., :3] * 255).round().astype(int)
+    market_blue = np.all(np.abs(rgb - [0x1F, 0x6F, 0xB4]) <= 6, axis=-1)
+    assert market_blue.sum() > 500, "the embedded figures did not render"
