@@ -114,16 +114,30 @@ def _stack_params(cells: Sequence[Experiment], runs: list[tuple[int, int]]):
     return jax.tree.unflatten(treedef, axes), jax.tree.unflatten(treedef, values)
 
 
-def _stack_data(per_seed: dict[int, tuple[MarketData, jax.Array]], runs):
+def _run_data(cells: Sequence[Experiment], runs) -> list[tuple[MarketData, jax.Array]]:
+    """Every run's partition and key. Cells may differ in split options (``data.split.d``):
+    each cell partitions with its own; cells with equal data settings share the work."""
+    cache: dict[tuple, tuple[MarketData, jax.Array]] = {}
+    out = []
+    for c, s in runs:
+        scenario = cells[c].scenario
+        key = (repr(scenario.data), scenario.agents.n, s)
+        if key not in cache:
+            cache[key] = seed_data(cells[c], s)
+        out.append(cache[key])
+    return out
+
+
+def _stack_data(per_run: list[tuple[MarketData, jax.Array]]):
     """Shared feature arrays once; every run's index arrays and raw key data stacked."""
-    first = per_seed[runs[0][1]][0]
-    batched = [per_seed[s][0] for _, s in runs]
+    first = per_run[0][0]
 
     def pick(axis, leaf_first, *leaves):
         return leaf_first if axis is None else np.stack([np.asarray(v) for v in leaves])
 
+    batched = [d for d, _ in per_run]
     stacked = jax.tree.map(pick, DATA_AXES, first, *batched, is_leaf=lambda x: x is None)
-    keys = np.stack([np.asarray(jax.random.key_data(per_seed[s][1])) for _, s in runs])
+    keys = np.stack([np.asarray(jax.random.key_data(k)) for _, k in per_run])
     return stacked, keys
 
 
@@ -153,11 +167,11 @@ def run_cells(
         if c.dataset is not first.dataset:
             raise ParamarketError("run_cells needs cells that share one dataset")
     runs = [(c, s) for c in range(len(cells)) for s in seeds]
-    per_seed = {s: seed_data(first, s) for s in seeds}
+    per_run = _run_data(cells, runs)
     param_axes, params = _stack_params(cells, runs)
-    data, keys = _stack_data(per_seed, runs)
+    data, keys = _stack_data(per_run)
     total = len(runs)
-    eval_rows = int(per_seed[seeds[0]][0].agents.val_idx.shape[1])
+    eval_rows = int(per_run[0][0].agents.val_idx.shape[1])
     fit = max(1, memory_budget() // max(run_bytes(spec, eval_rows), 1))
     chunk = max(1, min(total, max_batch or total, fit))
     n_calls = -(-total // chunk)

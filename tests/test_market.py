@@ -196,6 +196,13 @@ def test_cells_with_different_knobs_differ_and_match_their_own_runs(experiment):
     alone = batch.run_cells([experiment]).records[0]
     np.testing.assert_allclose(together[0].test_loss[0], alone.test_loss[0], rtol=2e-5)
     assert not np.allclose(together[1].test_loss[0], alone.test_loss[0])
+    # cells that differ in the split (d) partition with their own d, not the first cell's
+    c = knobs(experiment, "seeds=[0]", "data.split.d=0.5")
+    mixed = batch.run_cells([a, c]).records
+    own = batch.run_cells([knobs(experiment, "data.split.d=0.5")]).records[0]
+    np.testing.assert_allclose(mixed[1].test_loss[0], own.test_loss[0], rtol=2e-5)
+    np.testing.assert_allclose(mixed[0].test_loss[0], alone.test_loss[0], rtol=2e-5)
+    assert not np.allclose(mixed[1].test_loss[0], mixed[0].test_loss[0])
 
 
 def test_siloed_twin_off_leaves_its_columns_empty():
