@@ -1,6 +1,7 @@
 """Markdown tables for the README's studies, read from sweep folders' sweep.parquet only.
 
 python analysis/tables.py replication runs/replication_digits runs/replication_mnist1d
+python analysis/tables.py alignment runs/alignment_digits runs/alignment_mnist1d
 python analysis/tables.py duopoly runs/duopoly
 python analysis/tables.py license runs/license
 python analysis/tables.py scale runs/scale
@@ -101,12 +102,35 @@ def scale(folders: list[str]) -> str:
     return "\n".join(rows)
 
 
+def alignment(folders: list[str]) -> str:
+    """Accuracy gain over siloed, aligned against not, by dataset, trading start and cap."""
+    rows = [
+        "| dataset | trading from | max alpha | gain, aligned (points) | gain, not aligned "
+        "| aligned - not (paired by seed) | seeds aligned ahead |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for folder in folders:
+        df = _load(folder)
+        dataset = pathlib.Path(folder).name.split("_")[-1]
+        df["gap"] = 100 * (df["market_accuracy"] - df["siloed_accuracy"])
+        keys = ["trading.start", "broker.max_alpha"]
+        wide = df.pivot_table(index=[*keys, "seed"], columns="broker.align", values="gap")
+        wide["diff"] = wide[True] - wide[False]
+        for (start, cap), g in wide.groupby(level=keys, sort=True):
+            rows.append(
+                f"| {dataset} | {start} | {cap} | {_ms(g[True], '.1f')} | {_ms(g[False], '.1f')} "
+                f"| {_ms(g['diff'], '+.1f')} | {int((g['diff'] > 0).sum())}/{len(g)} |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("study", choices=["replication", "duopoly", "license", "scale"])
+    ap.add_argument("study", choices=["replication", "alignment", "duopoly", "license", "scale"])
     ap.add_argument("folders", nargs="+")
     args = ap.parse_args()
-    tables = {"replication": replication, "duopoly": duopoly, "license": license_, "scale": scale}
+    tables = {"replication": replication, "alignment": alignment, "duopoly": duopoly,
+              "license": license_, "scale": scale}  # fmt: skip
     table = tables[args.study]
     print(table(args.folders))
 

@@ -286,9 +286,12 @@ def run_figures(rounds: pd.DataFrame, trades: pd.DataFrame, title: str = "") -> 
 # ---- sweeps ---------------------------------------------------------------------------------
 
 
-def _shade(k: int, n: int):
-    """The k-th of n line colours for a knob's values (viridis without its pale yellow)."""
-    return plt.get_cmap("viridis")(0.85 * k / max(n - 1, 1))
+def _shade(k: int, values: list):
+    """The k-th line colour for a knob's values: ordered shades (viridis without its pale
+    yellow) for numbers, distinct hues for names."""
+    if not _is_numeric(values):
+        return plt.get_cmap("tab10")(k % 10)
+    return plt.get_cmap("viridis")(0.85 * k / max(len(values) - 1, 1))
 
 
 def _is_numeric(values) -> bool:
@@ -351,11 +354,12 @@ def sweep_panels(table: pd.DataFrame, knobs: list[str]) -> bytes:
                     k - (len(line_values) - 1) / 2
                 )
                 order = np.argsort(xs)
-                color = MARKET if lv is None else _shade(k, len(line_values))
+                color = MARKET if lv is None else _shade(k, line_values)
                 ax.errorbar(
                     xs[order],
                     mean.to_numpy()[order],
                     yerr=sd.to_numpy()[order],
+                    ls="-" if labels is None else "none",  # names: no line between them
                     marker="o",
                     ms=4,
                     capsize=3,
@@ -411,7 +415,7 @@ def sweep_welfare_per_round(cell_rounds: dict, table: pd.DataFrame, knobs: list[
         for k, lv in enumerate(lines):
             rows_ = sub[sub[first] == lv]
             per_seed = rows_.groupby(["round", "seed"])["gain"].mean().unstack("seed")
-            color = _shade(k, len(lines))
+            color = _shade(k, lines)
             _band(ax, per_seed, color, f"{first}={lv}")
         ax.axhline(0, color="0.3", lw=0.8)
         ax.set_title("" if pv is None else f"{second}={pv}", fontsize=10)
