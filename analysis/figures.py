@@ -61,7 +61,7 @@ def replication(folders: list[str]):
         df["align"] = df["broker.align"].map(lambda v: v is True or v in ("pairwise", "true"))
         _lines(ax, df, "data.split.d", "align", "acc_gain", ALIGN.get, offset=0.008)
         ax.set_title(f"{_dataset(folder)}: market - siloed", fontsize=10)
-        ax.set_xlabel("scarcity d (share of the other agents' classes held)")
+        ax.set_xlabel("d (share of the other agent's classes each agent holds)")
     np.atleast_1d(axes)[0].set_ylabel("final test accuracy gain\nover siloed (points)")
     np.atleast_1d(axes)[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return fig

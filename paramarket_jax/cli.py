@@ -164,7 +164,7 @@ def cmd_run(args) -> int:
         result = run_scenario(scenario, engine=engine, max_batch=args.batch, progress=bar.update)
     write_run(out, result.files(report=args.report))
     print_summary(scenario, result.summary)
-    print(f"wrote {out}/")
+    print(f"wrote {out}/" + (f" (open {out}/report.html)" if args.report else ""))
     return 0
 
 

@@ -95,9 +95,10 @@ def accuracy_per_round(rounds: pd.DataFrame, title: str = "") -> bytes:
 def accuracy_per_agent(rounds: pd.DataFrame, title: str = "") -> bytes:
     """Each agent's test accuracy per round, market (solid) against siloed (dashed)."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    palette = plt.get_cmap("Dark2")  # not the market's blue nor the siloed orange
+    tab = plt.get_cmap("tab10")
+    palette = [tab(i) for i in (2, 3, 4, 5, 6, 8, 9, 7)]  # never the market blue or siloed orange
     for agent, df in rounds.groupby("agent"):
-        c = palette(int(agent) % 8)
+        c = palette[int(agent) % len(palette)]
         for col, style, label in (("accuracy", "-", "market"), ("siloed_accuracy", "--", "siloed")):
             table = df.pivot_table(index="round", columns="seed", values=col)
             _band(ax, table, c, f"agent {agent} {label}", style)
@@ -183,7 +184,7 @@ def trade_matrix(trades: pd.DataFrame, n_agents: int, title: str = "") -> bytes:
             aspect="equal",
             interpolation="nearest",
             vmin=0,
-            vmax=max(float(m.max()), 1e-9),
+            vmax=float(m.max()) if m.max() > 0 else 1.0,
         )
         fig.colorbar(im, ax=ax, shrink=0.85)
         ax.set_xlabel("seller (agent)")
@@ -194,6 +195,8 @@ def trade_matrix(trades: pd.DataFrame, n_agents: int, title: str = "") -> bytes:
             ax.set_yticks(range(n_agents))
         if not len(trades):
             _empty(ax, "no trades")
+        elif not m.any():
+            _empty(ax, "every trade at price 0")
     fig.suptitle(title or "who bought from whom", fontsize=11)
     return _png(fig)
 

@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import tempfile
+import tomllib
 
 import numpy as np
 import pandas as pd
@@ -312,7 +313,10 @@ def folder_outputs(folder: str | os.PathLike) -> dict:
     if folder_kind(folder) == "sweep":
         return sweep_outputs(folder)
     run = load_run(folder)
-    name = pathlib.Path(folder).resolve().name
+    try:
+        name = str(tomllib.loads(run["scenario"])["name"])
+    except (tomllib.TOMLDecodeError, KeyError):
+        name = pathlib.Path(folder).resolve().name
     return run_outputs(run["scenario"], run["rounds"], run["trades"], run["summary"], name)
 
 

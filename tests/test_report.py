@@ -117,7 +117,11 @@ def test_the_report_is_the_same_from_memory_and_from_the_folder(tmp_path):
     out = write_run(tmp_path / "run", result.files(report=False))
     from_folder = report.folder_outputs(out)
     from_memory = report.run_outputs(
-        (out / "scenario.toml").read_text(), result.rounds, result.trades, result.summary, "run"
+        (out / "scenario.toml").read_text(),
+        result.rounds,
+        result.trades,
+        result.summary,
+        result.scenario.name,
     )
     assert from_folder.keys() == from_memory.keys()
     for name in from_folder.keys() - {"report.html"}:
