@@ -59,7 +59,7 @@ def folder_kind(folder: str | os.PathLike) -> str:
         raise ParamarketError(f"{path} does not exist; give a run or sweep folder")
     if not path.is_dir():
         raise ParamarketError(f"{path} is a file; give a run or sweep folder")
-    if (path / "sweep.parquet").is_file():
+    if (path / "sweep.parquet").is_file() or (path / "sweep.json").is_file():
         return "sweep"
     if (path / "rounds.parquet").is_file():
         return "run"
@@ -90,7 +90,11 @@ def _scalar(v):
 def load_sweep(folder: str | os.PathLike) -> dict:
     """A sweep folder's table, its swept knobs, and every complete cell's tables."""
     path = pathlib.Path(folder)
+    if not (path / "sweep.parquet").is_file():
+        raise ParamarketError(f"{path}: the sweep has no finished cell yet")
     table = _read(path / "sweep.parquet", "parquet")
+    if not len(table):
+        raise ParamarketError(f"{path}: the sweep has no finished cell yet")
     meta = _read(path / "sweep.json", "json") if (path / "sweep.json").exists() else {}
     columns = list(table.columns)
     if "cell" not in columns or "seed" not in columns:
@@ -298,8 +302,6 @@ def run_outputs(scenario_text: str, rounds, trades, summary: dict, name: str) ->
 def sweep_outputs(folder: str | os.PathLike) -> dict:
     """Figures (name -> PNG bytes) and ``report.html`` for a sweep folder."""
     data = load_sweep(folder)
-    if not len(data["table"]):
-        raise ParamarketError(f"{folder}: the sweep has no finished cell yet")
     figures = plots.sweep_figures(
         data["table"], data["knobs"], data["cell_rounds"], data["cell_trades"]
     )

@@ -22,8 +22,16 @@ import pandas as pd
 from paramarket_jax import scenario as sc
 from paramarket_jax.errors import ParamarketError
 
-SEED_FIELDS = ("mutual_gain", "accuracy_gain_all", "welfare", "siloed_welfare", "broker_take",
-               "trades", "revenue_of_sellers", "mean_abs_estimation_error")  # fmt: skip
+SEED_FIELDS = (
+    "mutual_gain",
+    "accuracy_gain_all",
+    "welfare",
+    "siloed_welfare",
+    "broker_take",
+    "trades",
+    "revenue_of_sellers",
+    "mean_abs_estimation_error",
+)
 
 
 def parse_grid(text: str) -> tuple[str, list]:
@@ -130,6 +138,21 @@ def _replace_run(folder: pathlib.Path, files: dict, write_run) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _atomic_text(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_table(root: pathlib.Path, planned) -> pd.DataFrame:
+    """(Re)write ``sweep.parquet`` from the finished cells' summaries, atomically."""
+    table = sweep_table(root, planned)
+    tmp = root / ".sweep.parquet.tmp"
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, root / "sweep.parquet")
+    return table
+
+
 def groups(scenarios: list[sc.Scenario]):
     """Indices of scenarios that can share one batch call, with their experiments.
 
@@ -164,8 +187,9 @@ def run_sweep(
     report: bool = True,
     command: str | None = None,
 ) -> pd.DataFrame:
-    """Run every missing cell of the grid and (re)write ``out/sweep.parquet``, ``sweep.json``
-    (what was swept) and, with ``report``, ``report.html`` and the sweep's figures.
+    """Run every missing cell of the grid into ``out``: ``sweep.json`` (what is swept) first,
+    ``sweep.parquet`` (one row per finished cell x seed) after every batch of cells, and at
+    the end, with ``report``, ``report.html`` and the sweep's figures.
 
     Args:
         base: bundled scenario name or TOML path.
@@ -212,6 +236,13 @@ def run_sweep(
     # every cell is built (datasets, models, mechanisms checked) before any cell runs
     built = list(groups([scenario for _, scenario in todo]))
     root.mkdir(parents=True, exist_ok=True)
+    meta = dict(
+        scenario=base,
+        grid=[[k, list(v)] for k, v in grid],
+        overrides=list(overrides),
+        command=command,
+    )
+    _atomic_text(root / "sweep.json", json.dumps(meta, indent=2) + "\n")
     tick = (lambda k: None) if bar is None else bar.update
     if bar is not None:
         bar.total = sum(s.train.rounds * len(s.seeds) for _, s in todo)
@@ -233,15 +264,8 @@ def run_sweep(
             _replace_run(folder, result.files(report=False), write_run)
             if progress is not None:
                 progress(folder.name, False)
-    table = sweep_table(root, planned)
-    tmp = root / ".sweep.parquet.tmp"
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, root / "sweep.parquet")
-    meta = dict(scenario=base, grid=[[k, list(v)] for k, v in grid], overrides=list(overrides),
-                command=command)  # fmt: skip
-    tmp = root / ".sweep.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, root / "sweep.json")
+        _write_table(root, planned)  # the finished cells so far: a report works mid-sweep
+    table = _write_table(root, planned)
     if report:
         from paramarket_jax.report import sweep_outputs, write_files
 

@@ -198,6 +198,17 @@ def test_a_sweep_report_has_a_panel_per_knob_and_reads_offline(tmp_path, grid):
         decode_png((tmp_path / name).read_bytes())
 
 
+def test_a_report_mid_sweep_shows_the_finished_cells(tmp_path, capsys):
+    (tmp_path / "sweep.json").write_text(json.dumps({"grid": [["mechanism.beta", [0, 1]]]}))
+    assert main(["report", str(tmp_path)]) == 2  # started, nothing finished yet
+    assert "no finished cell yet" in capsys.readouterr().err
+    make_sweep(tmp_path, [("mechanism.beta", [0.0, 0.5, 1.0])])
+    table = pd.read_parquet(tmp_path / "sweep.parquet")
+    table[table["mechanism.beta"] < 1].to_parquet(tmp_path / "sweep.parquet")  # one to go
+    assert main(["report", str(tmp_path)]) == 0
+    assert "2 of 3 cells complete" in check_report(tmp_path / "report.html", min_images=3)
+
+
 def test_sweep_panels_are_wider_with_more_knobs():
     one, two = (
         [("mechanism.beta", [0.0, 1.0])],
