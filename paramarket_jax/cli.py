@@ -264,8 +264,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paramarket: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("paramarket: interrupted; nothing was written", file=sys.stderr)
+        print(f"paramarket: interrupted; {interrupted(args)}", file=sys.stderr)
         return 130
+
+
+def interrupted(args) -> str:
+    """What an interrupt left behind: a run writes all or nothing; a sweep keeps its
+    finished cells (each written atomically) and resumes from them."""
+    if args.command != "sweep":
+        return "nothing was written"
+    done = sorted(p.parent.name for p in pathlib.Path(args.out).glob("*/summary.json"))
+    if not done:
+        return "no cell had finished, so no cell was written"
+    return (
+        f"{len(done)} finished cell(s) are kept in {args.out}; run the same command again "
+        "to resume from them"
+    )
 
 
 if __name__ == "__main__":

@@ -229,3 +229,27 @@ def test_sweep_checks_every_cell_before_running_any(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "k must be an integer >= 1, got 0" in err and "ran" not in err
     assert not out.exists()
+
+
+def test_an_interrupt_says_what_it_kept(tmp_path, capsys, monkeypatch):
+    import paramarket_jax.runs
+    import paramarket_jax.sweep
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(paramarket_jax.sweep, "run_sweep", stop)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "duopoly_bargaining", "--grid", "mechanism.beta=0,1", "--out", str(out),
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 130
+    assert "no cell had finished" in capsys.readouterr().err
+    (out / "mechanism.beta=0").mkdir(parents=True)
+    (out / "mechanism.beta=0" / "summary.json").write_text("{}")
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "1 finished cell(s) are kept" in err and "nothing was written" not in err
+    monkeypatch.setattr(paramarket_jax.runs, "run_scenario", stop)
+    assert main(["run", "--out", str(tmp_path / "run"), "--quiet"]) == 130
+    assert "nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
