@@ -58,8 +58,9 @@ class Parser(argparse.ArgumentParser):
     """Usage errors in one line, exit code 2 (like every other bad input)."""
 
     def error(self, message: str):
-        print(f"paramarket: error: {message} (see paramarket {self.prog.split()[-1]} --help)",
-              file=sys.stderr)  # fmt: skip
+        command = " ".join(self.prog.split()[1:2])  # "paramarket run" -> "run"; top level: ""
+        see = f"paramarket {command} --help" if command else "paramarket --help"
+        print(f"paramarket: error: {message} (see {see})", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -156,7 +157,7 @@ def cmd_run(args) -> int:
         overrides.append(f"seeds={parse_seeds(args.seeds)}")
     scenario = sc.load(args.scenario, overrides)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = pathlib.Path(args.out or f"runs/{scenario.name}-{stamp}")
+    out = pathlib.Path(args.out if args.out is not None else f"runs/{scenario.name}-{stamp}")
     check_out_dir(out)
     engine = resolve_engine(scenario, args.engine)
     total = scenario.train.rounds * len(scenario.seeds)
@@ -191,6 +192,13 @@ def print_summary(scenario, summary: dict) -> None:
         f"{summary['broker_take']:.3f}"
     )
     k = len(seeds)
+    bad = {seed: s["diverged_agents"] for seed, s in summary["per_seed"].items()
+           if s.get("diverged_agents")}  # fmt: skip
+    if bad:
+        where = "; ".join(
+            f"seed {seed}: agent(s) {', '.join(map(str, a))}" for seed, a in bad.items()
+        )
+        print(f"diverged (frozen, out of trading; see train.diverge_loss): {where}")
     print(
         f"every agent beats its siloed twin: accuracy "
         f"{summary['accuracy_gain_all_fraction'] * k:.0f}/{k} seeds, utility (mutual gain) "
@@ -201,6 +209,7 @@ def print_summary(scenario, summary: dict) -> None:
 def cmd_sweep(args) -> int:
     from tqdm import tqdm
 
+    from paramarket_jax.results import check_out_dir
     from paramarket_jax.sweep import parse_grid, run_sweep
 
     if not args.grid:
@@ -210,6 +219,7 @@ def cmd_sweep(args) -> int:
         overrides.append(f"seeds={parse_seeds(args.seeds)}")
 
     grid = [parse_grid(g) for g in args.grid]
+    check_out_dir(args.out, resume=True)  # a usable folder, before any compute
     # one bar over every round x seed of the cells to run, with an ETA; cell lines above it
     with tqdm(total=0, desc="sweep rounds", disable=args.quiet, file=sys.stderr) as bar:
 
@@ -266,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"paramarket: interrupted; {interrupted(args)}", file=sys.stderr)
         return 130
+    except Exception as err:  # out of memory (host or accelerator): one line, no traceback
+        if not isinstance(err, MemoryError) and "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        print("paramarket: error: out of memory; lower agents.n, train.rounds, the number "
+              "of seeds or --batch", file=sys.stderr)  # fmt: skip
+        return 2
 
 
 def interrupted(args) -> str:

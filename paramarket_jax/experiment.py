@@ -94,7 +94,7 @@ def params_of(scenario: Scenario) -> MarketParams:
     seller_only[list(s.broker.sellers)] = True
     roles = ~seller_only if s.broker.sellers else np.arange(n) < (n + 1) // 2
     return MarketParams(
-        learning_rate=jnp.full((n,), s.train.learning_rate, jnp.float32),
+        learning_rate=f32(per_agent(s.train.learning_rate, n)),
         # weights above the cap become 0 (the buyer's own model: never a gain, never bought),
         # so capped and uncapped cells share one compiled call
         alphas=f32(np.where(np.asarray(s.broker.alphas) <= s.broker.max_alpha, s.broker.alphas, 0)),
@@ -129,6 +129,7 @@ def params_of(scenario: Scenario) -> MarketParams:
         seller_only=jnp.asarray(seller_only),
         initial_alive=jnp.arange(n) < (s.agents.initial or n),
         bankruptcy=jnp.asarray(e.bankruptcy),
+        diverge_loss=f32(s.train.diverge_loss),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 
@@ -17,6 +18,7 @@ ROUND_COLUMNS = [
     "loss", "accuracy", "val_accuracy", "siloed_loss", "siloed_accuracy", "fedavg_accuracy",
     "central_accuracy", "trades", "revenue", "cost", "payment", "receipt", "fees", "cash",
     "utility", "siloed_revenue", "siloed_cash", "siloed_utility", "alive", "siloed_alive",
+    "diverged", "siloed_diverged",
 ]  # fmt: skip
 TRADE_COLUMNS = [
     "seed", "round", "buyer", "seller", "alpha", "predicted_gain", "realized_gain", "value",
@@ -70,6 +72,8 @@ def rounds_table(records, seeds, twin_names=("market", "siloed")) -> pd.DataFram
         "siloed_utility": siloed_cash - siloed_endowment,
         "alive": twin(r.alive, "market") > 0,
         "siloed_alive": twin(r.alive, "siloed") > 0,
+        "diverged": twin(r.diverged, "market") > 0,
+        "siloed_diverged": twin(r.diverged, "siloed") > 0,
     }
     assert list(columns)[3:] == ROUND_COLUMNS
     return pd.DataFrame(columns)
@@ -101,11 +105,28 @@ def trades_table(records, seeds) -> pd.DataFrame:
     return df[TRADE_COLUMNS]
 
 
+def market_lost(diverged, alive, test_loss) -> np.ndarray:
+    """Rounds after which the market twin has no agent left that trains: every agent in
+    the market has diverged (a non-finite test loss counts as diverged), and some has.
+
+    Args:
+        diverged, alive, test_loss: (..., T, N) host arrays (records' leaves).
+
+    Returns:
+        (...) bool.
+    """
+    gone = np.asarray(diverged)[..., 0, :] | ~np.isfinite(np.asarray(test_loss)[..., 0, :])
+    alive = np.asarray(alive, bool)[..., 0, :]
+    return (gone | ~alive).all(-1) & (gone & alive).any(-1)
+
+
 def check_finite_losses(records, seeds, learning_rate) -> None:
-    """Raise ParamarketError naming the first round and seed whose loss is not finite."""
-    bad = ~np.isfinite(np.asarray(records.test_loss)).reshape(*np.shape(records.test_loss)[:2], -1)
-    if bad.any():
-        s, r = (int(v[0]) for v in np.nonzero(bad.any(-1)))
+    """Raise ParamarketError naming the first round and seed after which every agent of
+    the market twin has diverged (:func:`market_lost`). A run in which only some agents
+    diverge completes: they are frozen and marked (``diverged`` columns)."""
+    lost = market_lost(records.diverged, records.alive, records.test_loss)
+    if lost.any():
+        s, r = (int(v[0]) for v in np.nonzero(lost))
         raise diverged(r, seeds[s], learning_rate)
 
 
@@ -123,7 +144,9 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
     ``mutual_gain`` for a seed (DESIGN.md s4): every agent's utility (revenue - costs -
     payments + receipts - fees, summed over rounds) exceeds its siloed twin's.
     ``accuracy_gain_all``: every agent ends with higher test accuracy than its twin.
-    Welfare is the agents' total utility plus the broker's take.
+    Welfare is the agents' total utility plus the broker's take. ``diverged``: market agents
+    whose training diverged by the last round (frozen, no longer trading), a count per
+    seed (with ``diverged_agents``), per agent the seeds in which it did, and the mean.
     """
     last = rounds[rounds["round"] == rounds["round"].max()]
     per_seed = {}
@@ -146,6 +169,8 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
             broker_take=broker,
             trades=int(len(t)),
             alive=int(df["alive"].sum()),
+            diverged=int(df["diverged"].sum()),
+            diverged_agents=df.loc[df["diverged"].astype(bool), "agent"].astype(int).tolist(),
             revenue_of_sellers=float(t["price"].sum()),
             mean_abs_estimation_error=float(t["estimation_error"].abs().mean()) if len(t) else None,
         )
@@ -165,6 +190,7 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
                 central_accuracy=_mean_or_none(df["central_accuracy"]),
                 trades=float((trades["buyer"] == agent).sum() / n_seeds),
                 sales=float((trades["seller"] == agent).sum() / n_seeds),
+                diverged=int(df["diverged"].astype(bool).sum()),
             )
         )
     seeds = per_seed.values()
@@ -183,6 +209,7 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
         broker_take=float(np.mean([s["broker_take"] for s in seeds])),
         trade_count=int(len(trades)),
         alive=float(np.mean([s["alive"] for s in seeds])),
+        diverged=float(np.mean([s["diverged"] for s in seeds])),
         mean_price=float(trades["price"].mean()) if len(trades) else None,
         mean_abs_estimation_error=float(errors.mean()) if len(trades) else None,
         per_seed=per_seed,
@@ -193,29 +220,138 @@ def _mean_or_none(col: pd.Series):
     return None if col.isna().all() else float(col.mean())
 
 
-def check_out_dir(out: str | os.PathLike) -> pathlib.Path:
-    """The run folder must not exist yet, or be empty, so nothing earlier is overwritten."""
-    path = pathlib.Path(out)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ParamarketError(f"--out {path} already exists and is not empty; choose a new folder")
-    existing = next(p for p in path.resolve().parents if p.exists())
+# Temporary run folders are named ``.<name>.<pid>.<8 random characters>`` (tempfile's
+# alphabet has no dots), so stale ones of a killed run can be told apart from anyone else's.
+_TEMP_TAIL = re.compile(r"(\d+)\.[a-z0-9_]{8}")
+
+
+def _temp_prefix(path: pathlib.Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def _name_max(folder: pathlib.Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_writable(path: pathlib.Path, what: str = "--out") -> None:
+    """Raise ParamarketError unless a folder can be created at ``path`` (and a temporary
+    sibling beside it): every missing part of it fits a file name, and the nearest existing
+    folder above it takes a new folder (probed by creating and removing one)."""
+    try:
+        absolute = pathlib.Path(path).resolve()
+        existing = next(p for p in absolute.parents if p.exists())
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ParamarketError(f"{what} {path}: not a usable path ({_strerror(err)})") from None
     if not existing.is_dir():
-        raise ParamarketError(f"--out {path}: {existing} is a file, not a folder")
+        raise ParamarketError(f"{what} {path}: {existing} is a file, not a folder")
+    limit = _name_max(existing)
+    missing = [p for p in [absolute, *absolute.parents] if existing in p.parents]
+    names = [p.name for p in missing] + [_temp_prefix(absolute) + "x" * 8]
+    too_long = [n for n in names if len(os.fsencode(n)) > limit]
+    if too_long:
+        raise ParamarketError(
+            f"{what} {path}: the name {too_long[0][:40]!r}... is longer than this file system "
+            f"allows ({limit} bytes)"
+        )
+    try:
+        probe = tempfile.mkdtemp(prefix=_temp_prefix(absolute), dir=existing)
+        os.rmdir(probe)
+    except OSError as err:
+        raise ParamarketError(
+            f"{what} {path}: cannot create a folder in {existing} ({_strerror(err)}); "
+            f"choose a writable location"
+        ) from None
+
+
+def _strerror(err: BaseException) -> str:
+    return getattr(err, "strerror", None) or str(err)
+
+
+def check_out_dir(out: str | os.PathLike, *, resume: bool = False) -> pathlib.Path:
+    """The run folder must not exist yet, or be an empty folder, so nothing earlier is
+    overwritten; it must be creatable (checked before any compute). Returns it as a Path.
+
+    Args:
+        out: the folder.
+        resume: a sweep folder, which may already hold cells: it must be a folder (or
+            creatable) in which new folders can be made.
+    """
+    path = pathlib.Path(out)
+    if not str(out):
+        raise ParamarketError("--out must name a folder, got an empty path")
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+        not_empty = is_dir and any(path.iterdir())
+    except (OSError, ValueError) as err:
+        raise ParamarketError(f"--out {path}: not a usable path ({_strerror(err)})") from None
+    if exists and not is_dir:
+        raise ParamarketError(
+            f"--out {path} already exists and is not a folder; choose a new folder"
+        )
+    if not_empty and not resume:
+        raise ParamarketError(f"--out {path} already exists and is not empty; choose a new folder")
+    check_writable(path / "cell" if resume and is_dir else path)
     return path
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's live process (or not a pid we can ask about): keep
+    return True
+
+
+def clean_stale_temps(path: pathlib.Path) -> list[pathlib.Path]:
+    """Remove temporary siblings ``.<name>.<pid>.*`` of ``path`` left by killed runs (their
+    pid no longer exists); returns what was removed. Nobody else's folders are touched."""
+    parent, head = path.parent, f".{path.name}."
+    removed = []
+    try:
+        entries = [e for e in parent.iterdir() if e.name.startswith(head)]
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_TAIL.fullmatch(entry.name[len(head) :])
+        if match is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_run(out: str | os.PathLike, files: dict[str, object]) -> pathlib.Path:
-    """Write a run folder atomically: everything goes to a temporary sibling, then renames.
+    """Write a run folder atomically: everything goes to a temporary sibling
+    (``.<name>.<pid>.XXXXXXXX``), then renames; stale temporaries of killed runs are
+    removed first. The folder gets the usual permissions (``0o777`` less the umask).
 
     Args:
         out: the run folder (must not exist or be empty).
         files: file name -> a DataFrame (Parquet), dict (JSON), str (text), or a callable
             taking the destination path (plots).
     """
-    path = check_out_dir(out)
-    path.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.resolve().parent))
+    given = check_out_dir(out)
+    path = given.resolve()  # a symbolic link to an empty folder (or to none) is followed
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         for name, content in files.items():
             dest = tmp / name
             if isinstance(content, pd.DataFrame):
@@ -232,4 +368,4 @@ def write_run(out: str | os.PathLike, files: dict[str, object]) -> pathlib.Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+    return given

@@ -132,6 +132,8 @@ class MarketParams(NamedTuple):
         initial_alive: (N,) bool agents in the market at round 0 (the others are free
             slots that entrants take, see :func:`enter`).
         bankruptcy: () bool an agent whose cash falls below zero leaves the market.
+        diverge_loss: () an agent whose training loss after a round's local training
+            exceeds this times its initial loss has diverged (see :func:`diverging`).
     """
 
     learning_rate: jax.Array
@@ -145,6 +147,7 @@ class MarketParams(NamedTuple):
     seller_only: jax.Array
     initial_alive: jax.Array
     bankruptcy: jax.Array
+    diverge_loss: jax.Array
 
 
 class MarketData(NamedTuple):
@@ -174,6 +177,12 @@ class MarketState(NamedTuple):
             trades, earns nor pays (fixed shapes: leaving and entering never recompile).
         endowment: (T, N) cash put into each slot so far (the initial cash, plus what
             each entrant brought): utility is ``cash - endowment``.
+        diverged: (T, N) bool agents whose local training diverged (see
+            :func:`diverging`): frozen at their last finite model, they never train or
+            trade again, but stay in the market (evaluated, earning with that model).
+        initial_loss: (T, N) the loss of each agent's freshly initialised model, on its
+            first minibatch before its first update (NaN until the agent first trains; an
+            entrant's is measured when it first trains).
     """
 
     twins: Population
@@ -183,6 +192,8 @@ class MarketState(NamedTuple):
     trade_count: jax.Array
     alive: jax.Array
     endowment: jax.Array
+    diverged: jax.Array
+    initial_loss: jax.Array
 
 
 class Trades(NamedTuple):
@@ -248,6 +259,7 @@ class RoundRecord(NamedTuple):
         trade_count: (N,) int32 purchases so far.
         alive: (T, N) bool agents in the market after the round.
         endowment: (T, N) cash put into each slot so far (see ``MarketState``).
+        diverged: (T, N) bool agents whose training has diverged, this round or before.
     """
 
     traded: jax.Array
@@ -264,6 +276,7 @@ class RoundRecord(NamedTuple):
     trade_count: jax.Array
     alive: jax.Array
     endowment: jax.Array
+    diverged: jax.Array
 
 
 def fedavg(pop: Population, weights: jax.Array) -> Population:
@@ -307,6 +320,8 @@ def init(spec: MarketSpec, params: MarketParams, key: jax.Array) -> MarketState:
         trade_count=jnp.zeros(spec.n, jnp.int32),
         alive=jnp.broadcast_to(params.initial_alive, (spec.twins, spec.n)),
         endowment=cash,
+        diverged=jnp.zeros((spec.twins, spec.n), bool),
+        initial_loss=jnp.full((spec.twins, spec.n), jnp.nan, jnp.float32),
     )
 
 
@@ -317,9 +332,10 @@ def enter(
 
     An entrant starts in every twin (its siloed twin is the same newcomer never trading):
     fresh weights and optimizer from ``key``, the initial cash, no purchases, a fresh
-    bandit. Everyone else is untouched. Called between rounds by the Mesa view. The slot's
-    earlier utility stays in its accounts (the endowment grows by what the entrant brings
-    beyond the leaver's cash), so welfare still counts what the leaver lost.
+    bandit, not diverged (its initial loss is measured when it first trains). Everyone
+    else is untouched. Called between rounds by the Mesa view. The slot's earlier utility
+    stays in its accounts (the endowment grows by what the entrant brings beyond the
+    leaver's cash), so welfare still counts what the leaver lost.
     """
     slots = jnp.asarray(slots, bool) & ~state.alive[MARKET]
     fresh = spec.make_trainer().init(key, spec.n, params.learning_rate)
@@ -343,18 +359,64 @@ def enter(
         strategy=strategy,
         trade_count=jnp.where(slots, 0, state.trade_count),
         alive=state.alive | slots[None],
+        diverged=state.diverged & ~slots[None],
+        initial_loss=jnp.where(slots[None], jnp.nan, state.initial_loss),
     )
 
 
-def _train(spec, trainer, data: MarketData, state: MarketState, key) -> MarketState:
+def diverging(params, losses: jax.Array, initial_loss: jax.Array, limit) -> jax.Array:
+    """Which agents' local training of this round diverged.
+
+    An agent diverged when any of its parameters or minibatch losses is not finite, or its
+    training loss at the end of the round (its last minibatch's) exceeds ``limit`` times
+    its initial loss (the finite explosion: a loss of 1e17 is a number, not a model).
+
+    Args:
+        params: trained parameters, leaves (..., N, ...) with ``losses``' leading axes.
+        losses: (..., N, steps) the round's minibatch losses.
+        initial_loss: (..., N) each agent's initial loss (NaN: not known, no ratio test).
+        limit: () ``MarketParams.diverge_loss``.
+
+    Returns:
+        (..., N) bool.
+    """
+    lead = losses.shape[:-1]
+    finite = jnp.isfinite(losses).all(-1)
+    for leaf in jax.tree.leaves(params):
+        finite = finite & jnp.isfinite(leaf.reshape(*lead, -1)).all(-1)
+    return ~finite | (losses[..., -1] > limit * initial_loss)
+
+
+def _train(spec, trainer, params, data: MarketData, state: MarketState, key):
+    """Local training of every twin's agents that are in the market and not diverged.
+
+    An agent whose training diverges this round (:func:`diverging`) keeps its parameters
+    and optimizer state from before the round (its last finite model), is marked diverged
+    and never trains again; FedAvg leaves it out of the average.
+
+    Returns:
+        The new state and (T, N) bool: the agents that trained this round (and pay its
+        compute), diverging or not.
+    """
     agents = data.agents
-    twins, _ = jax.vmap(lambda p: trainer.train(p, key, agents, spec.local_steps))(state.twins)
+    twins, losses = jax.vmap(lambda p: trainer.train(p, key, agents, spec.local_steps))(
+        state.twins
+    )  # losses (T, N, steps)
+    active = state.alive & ~state.diverged
+    # the first minibatch loss of an agent's first round is its fresh model's loss
+    initial_loss = jnp.where(
+        active & jnp.isnan(state.initial_loss), losses[..., 0], state.initial_loss
+    )
+    diverged = active & diverging(twins.params, losses, initial_loss, params.diverge_loss)
+    keep = active & ~diverged
+    # (before averaging: a zero weight times a NaN is still NaN)
+    twins = _where_alive(keep, twins, state.twins)
     if spec.fedavg:
         i = spec.twin_names.index("fedavg")
-        weights = agents.train_size * state.alive[i]
+        weights = agents.train_size * keep[i]
         avg = fedavg(jax.tree.map(lambda v: v[i], twins), weights.astype(float))
         twins = jax.tree.map(lambda t, a: t.at[i].set(a), twins, avg)
-    twins = _where_alive(state.alive, twins, state.twins)
+        twins = _where_alive(keep, twins, state.twins)
     central = state.central
     if central is not None:
         pooled = agents._replace(
@@ -365,11 +427,17 @@ def _train(spec, trainer, data: MarketData, state: MarketState, key) -> MarketSt
         central, _ = trainer.train(
             central, jax.random.fold_in(key, spec.n), pooled, spec.local_steps * spec.n
         )
-    return state._replace(twins=twins, central=central)
+    state = state._replace(
+        twins=twins,
+        central=central,
+        diverged=state.diverged | diverged,
+        initial_loss=initial_loss,
+    )
+    return state, active
 
 
 def _where_alive(alive, new, old):
-    """Per-agent pick over (T, N, ...) leaves: dead agents keep ``old``."""
+    """Per-agent pick over (T, N, ...) leaves: agents not in ``alive`` keep ``old``."""
     return jax.tree.map(
         lambda u, v: jnp.where(alive.reshape(alive.shape + (1,) * (u.ndim - 2)), u, v), new, old
     )
@@ -405,7 +473,8 @@ def value(spec: MarketSpec, params: MarketParams, data: MarketData, pop_params, 
     """The broker's try-before-buy of a round: candidates, their scores and permutations.
 
     Args:
-        pop_params: the market twin's parameters (N, ...); alive: (N,) bool;
+        pop_params: the market twin's parameters (N, ...); alive: (N,) bool agents that
+            may trade (in the market and not diverged);
         loss_v: (N,) each agent's own validation loss (the ``top`` pick's score).
 
     Returns:
@@ -448,14 +517,21 @@ def _trade(spec: MarketSpec, state: MarketState, key, trainer, model, data, para
     k_cand, k_align, k_strat, k_roles = jax.random.split(key, 4)
     pop = jax.tree.map(lambda v: v[MARKET], state.twins)
     alive = state.alive[MARKET]
+    # only agents in the market trade, and a diverged agent neither buys nor sells
+    trading = alive & ~state.diverged[MARKET]
     loss_v, acc_v = trainer.evaluate(pop.params, agents.x_val, agents.y_val, agents.val_idx)
-    cands, val, perms = value(spec, params, data, pop.params, alive, loss_v, k_cand, k_align)
+    cands, val, perms = value(spec, params, data, pop.params, trading, loss_v, k_cand, k_align)
     layers = spec.layers or None
     gain, alpha, mask = gains_matrix(val, n)
     sells = params.seller_only
     mask = jnp.where(sells.any(), mask & sells[None, :] & ~sells[:, None], mask)
-    mask = mask & alive[:, None] & alive[None, :]  # only agents in the market trade
-    # money: values from the broker's validation estimate of each buyer's new quality
+    mask = mask & trading[:, None] & trading[None, :]
+    # a merge whose validation loss is not finite is never offered (whatever the quality
+    # measure makes of it: accuracy stays finite when the loss is NaN)
+    finite = jnp.zeros((n, n), bool).at[val.buyer, val.seller].set(jnp.isfinite(val.loss_after))
+    mask = mask & finite
+    # money: values from the broker's validation estimate of each buyer's new quality (a
+    # diverged agent still sells to customers with its frozen model: it competes)
     q_val = jnp.where(alive, quality(loss_v, acc_v, kind=spec.quality), 0.0)
     q_pair = quality(val.loss_after, val.acc_after, kind=spec.quality)
     q_new = jnp.broadcast_to(q_val[:, None], (n, n)).at[val.buyer, val.seller].set(q_pair)
@@ -565,7 +641,7 @@ def step(
     trainer = spec.make_trainer(model)
     agents = data.agents
     k_train, k_trade = jax.random.split(key)
-    state = _train(spec, trainer, data, state, k_train)
+    state, trained = _train(spec, trainer, params, data, state, k_train)
     traded = is_trading_round(params, r)
     state, trades, flows = jax.lax.cond(
         traded,
@@ -591,8 +667,9 @@ def step(
     rev = jax.vmap(lambda q, a: revenue(jnp.where(a, q, 0.0), econ, spec.revenue))(
         q_test, state.alive
     )
+    # a diverged agent earns with its frozen model; compute is paid by those who trained
     rev = jnp.where(state.alive, rev, 0.0)
-    cost = jnp.where(state.alive, econ.step_cost * spec.local_steps, 0.0)
+    cost = jnp.where(trained, econ.step_cost * spec.local_steps, 0.0)
     cash = state.cash + rev - cost
     # an agent whose cash falls below zero leaves (if the scenario says so)
     alive = state.alive & ~(params.bankruptcy & (cash < 0))
@@ -612,6 +689,7 @@ def step(
         trade_count=state.trade_count,
         alive=state.alive,
         endowment=state.endowment,
+        diverged=state.diverged,
     )
     return state, record
 

@@ -6,8 +6,13 @@ import copy
 import dataclasses
 import inspect
 import math
+import os
 import pathlib
+import stat
 import tomllib
+import types
+import typing
+from collections import abc
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,16 +35,29 @@ SCENARIO_DIR = next(
 # ---- field rules: (description of allowed values, predicate) ----
 
 
+# JAX computes in 32 bits: integer keys must fit int32 (seeds, which only seed random keys,
+# int64) and numbers float32 (larger ones would become inf).
+MAX_INT = 2**31 - 1
+MAX_SEED = 2**63 - 1
+MAX_REAL = 3.0e38
+
+
 def _int(low: int) -> tuple[str, Callable]:
-    return f"an integer >= {low}", lambda v: type(v) is int and v >= low
+    return f"an integer >= {low}", lambda v: type(v) is int and low <= v <= MAX_INT
+
+
+def _finite(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v) and abs(v) <= MAX_REAL
 
 
 def _real(desc: str, ok: Callable[[float], bool]) -> tuple[str, Callable]:
-    return desc, lambda v: type(v) in (int, float) and math.isfinite(v) and ok(v)
+    return desc, lambda v: _finite(v) and ok(v)
 
 
 def _choice(names: Callable[[], Mapping]) -> tuple[Callable[[], str], Callable]:
-    return (lambda: "one of " + ", ".join(sorted(names()))), lambda v: v in names()
+    return (
+        lambda: "one of " + ", ".join(sorted(names()))
+    ), lambda v: type(v) is str and v in names()
 
 
 def _reals(desc: str, ok: Callable[[float], bool]) -> tuple[str, Callable]:
@@ -47,9 +65,7 @@ def _reals(desc: str, ok: Callable[[float], bool]) -> tuple[str, Callable]:
 
     def check(v):
         items = v if isinstance(v, list) else [v]
-        return items != [] and all(
-            type(x) in (int, float) and math.isfinite(x) and ok(x) for x in items
-        )
+        return items != [] and all(_finite(x) and ok(x) for x in items)
 
     return f"a number or a list of {desc} (one per agent)", check
 
@@ -61,8 +77,16 @@ SEEDS = (
     lambda v: (
         isinstance(v, list)
         and v != []
-        and all(type(x) is int and x >= 0 for x in v)
+        and all(type(x) is int and 0 <= x <= MAX_SEED for x in v)
         and len(set(v)) == len(v)
+    ),
+)
+NAME = (
+    "a string without /, \\, control characters or a leading dot (it names the run folder)",
+    lambda v: (
+        type(v) is str
+        and not v.startswith(".")
+        and not any(c in "/\\" or not c.isprintable() for c in v)
     ),
 )
 STRS = ("a list of strings", lambda v: isinstance(v, list) and all(type(x) is str for x in v))
@@ -142,10 +166,11 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     optimizer: str = "sgd"
-    learning_rate: float = 1e-2
+    learning_rate: float | tuple[float, ...] = 1e-2  # one for everyone, or one per agent
     batch_size: int = 32
     local_steps: int = 40
     rounds: int = 30
+    diverge_loss: float = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +262,7 @@ class Scenario:
 # Rules per dotted key; tables with an "options" field also take the registered item's
 # own keyword options (checked against its signature, values checked when it is built).
 RULES: dict[str, tuple] = {
-    "name": STR,
+    "name": NAME,
     "description": STR,
     "seeds": SEEDS,
     "agents.n": _int(2),
@@ -247,16 +272,20 @@ RULES: dict[str, tuple] = {
     "agents.entry_max": _int(1),
     "data.dataset": _choice(_datasets),
     "data.path": STR,
-    "data.seed": _int(0),
+    "data.seed": ("an integer >= 0", lambda v: type(v) is int and 0 <= v <= MAX_SEED),
     "data.split.name": _choice(_partitioners),
     "data.split.eval_size": _int(1),
     "data.split.eval_mix": ("one of shard, global", lambda v: v in ("shard", "global")),
     "model.name": _choice(_models),
     "train.optimizer": _choice(_optimizers),
-    "train.learning_rate": _real("a number > 0", lambda v: v > 0),
+    "train.learning_rate": (
+        "a number > 0, or a list of numbers > 0 (one per agent)",
+        _reals("", lambda v: v > 0)[1],
+    ),
     "train.batch_size": _int(1),
     "train.local_steps": _int(1),
     "train.rounds": _int(1),
+    "train.diverge_loss": _real("a number > 1", lambda v: v > 1),
     "trading.start": _int(0),
     "trading.every": _int(1),
     "broker.align": (
@@ -328,6 +357,12 @@ OPEN_TABLES = {
     "model": ("name", _models),
     "mechanism": ("name", _mechanisms),
 }
+OPEN_KINDS = {
+    "data": "dataset",
+    "data.split": "partitioner",
+    "model": "model",
+    "mechanism": "mechanism",
+}
 NOT_OPTIONS = {"data": {"path", "seed"}}
 # keys that take one value for every agent or a list with one value per agent
 PER_AGENT = {
@@ -335,7 +370,74 @@ PER_AGENT = {
     "strategies.kind",
     "strategies.shade",
     "strategies.markup",
+    "train.learning_rate",
 }
+# per-agent keys whose one number stays a number (not a list of one) in the scenario
+KEPT_SCALAR = {"train.learning_rate"}
+
+
+# ---- open tables: the registered item's options, typed by its factory's annotations ----
+
+_KINDS = {  # annotation -> (one, many, check)
+    bool: ("true or false", "booleans", lambda v: type(v) is bool),
+    int: ("an integer", "integers", lambda v: type(v) is int and abs(v) <= MAX_INT),
+    float: ("a number", "numbers", _finite),
+    str: ("a string", "strings", lambda v: type(v) is str),
+    pathlib.Path: ("a string", "strings", lambda v: type(v) is str),
+    os.PathLike: ("a string", "strings", lambda v: type(v) is str),
+}
+_SEQUENCES = (list, tuple, abc.Sequence)
+
+
+def _option_kind(annotation) -> tuple[str, str, Callable] | None:
+    """(one, many, check) for values of a factory option's annotation; None: unchecked."""
+    if annotation in _KINDS:
+        return _KINDS[annotation]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [_option_kind(a) for a in args if a is not type(None)]
+        if not kinds or None in kinds:
+            return None
+        unique = list({k[0]: k for k in kinds}.values())
+        one = " or ".join(k[0] for k in unique)
+        many = " or ".join(k[1] for k in unique)
+        return one, many, lambda v: any(k[2](v) for k in unique)
+    if origin in _SEQUENCES:
+        inner = _option_kind(args[0]) if args else ("a value", "values", lambda v: True)
+        if inner is None:
+            return None
+        return (
+            f"a list of {inner[1]}",
+            f"lists of {inner[1]}",
+            lambda v: isinstance(v, list | tuple) and all(inner[2](x) for x in v),
+        )
+    return None
+
+
+def _option_kinds(fn: Callable) -> dict[str, tuple]:
+    """Option name -> (one, many, check) from a registered factory's annotations."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve: leave its options unchecked
+        return {}
+    kinds = {name: _option_kind(hint) for name, hint in hints.items()}
+    return {name: kind for name, kind in kinds.items() if kind is not None}
+
+
+def _check_option_types(prefix: str, name: str, fn: Callable, options) -> None:
+    """Each option's value must have its factory's annotated type and fit 32-bit arithmetic
+    (a safety net behind the registries' own checkers, which also check ranges)."""
+    if isinstance(fn, Mapping | tuple | list | frozenset | set):
+        return
+    kinds = _option_kinds(fn)
+    for key, value in options.items():
+        kind = kinds.get(key)
+        if kind is not None and not kind[2](value):
+            raise ParamarketError(
+                f"scenario key {_join(prefix, key)!r} must be {kind[0]}"
+                f"{_range_hint(_join(prefix, key), value)} (an option of "
+                f"{OPEN_KINDS[prefix]} {name!r}), got {_shown(value)}"
+            )
 
 
 def keyword_options(fn: Callable) -> list[str]:
@@ -354,10 +456,34 @@ def _describe(desc) -> str:
     return desc() if callable(desc) else desc
 
 
+def _leaves(value) -> list:
+    return [x for v in value for x in _leaves(v)] if isinstance(value, list) else [value]
+
+
+def _range_hint(key: str, value) -> str:
+    """What a value that looks right but does not fit 32/64-bit arithmetic breaks."""
+    leaves = _leaves(value)
+    most = MAX_SEED if key in ("seeds", "data.seed") else MAX_INT
+    if any(type(x) is int and abs(x) > most for x in leaves):
+        return f" (integers at most {most})"
+    if any(type(x) is float and math.isfinite(x) and abs(x) > MAX_REAL for x in leaves):
+        return f" (numbers at most {MAX_REAL:g} in size: float32)"
+    return ""
+
+
+def _shown(value, most: int = 200) -> str:
+    """repr(value), cut to ``most`` characters (an error message stays readable)."""
+    text = repr(value)
+    return text if len(text) <= most else text[:most] + "..."
+
+
 def _check(key: str, value) -> None:
     desc, ok = RULES[key]
     if not ok(value):
-        raise ParamarketError(f"scenario key {key!r} must be {_describe(desc)}, got {value!r}")
+        raise ParamarketError(
+            f"scenario key {key!r} must be {_describe(desc)}{_range_hint(key, value)}, "
+            f"got {_shown(value)}"
+        )
 
 
 def _build(cls, table: Mapping[str, Any], prefix: str):
@@ -375,7 +501,7 @@ def _build(cls, table: Mapping[str, Any], prefix: str):
             kwargs[key] = _build(SECTIONS[full], value, full)
         elif key in known:
             _check(full, value)
-            if full in PER_AGENT and not isinstance(value, list):
+            if full in PER_AGENT and full not in KEPT_SCALAR and not isinstance(value, list):
                 value = [value]
             kwargs[key] = tuple(value) if isinstance(value, list) else value
         elif open_table is not None:
@@ -430,15 +556,41 @@ def from_dict(table: Mapping[str, Any]) -> Scenario:
     for key in sorted(PER_AGENT):
         section, field = key.split(".")
         value = getattr(getattr(scenario, section), field)
-        if len(value) not in (1, n):
+        if isinstance(value, tuple) and len(value) not in (1, n):
             raise ParamarketError(
                 f"scenario key {key!r} must have 1 or agents.n = {n} entries, got {len(value)}"
             )
+    _check_registered(scenario)
     return scenario
+
+
+def _check_registered(scenario: Scenario) -> None:
+    """Option values of the chosen dataset, partitioner, model and mechanism, checked by
+    their registries without loading data or building anything heavy, then against the
+    factories' annotations."""
+    from paramarket_jax.data import check_partition_options
+    from paramarket_jax.data.datasets import check_dataset_options, dataset_num_classes
+    from paramarket_jax.mechanisms import make_mechanism
+    from paramarket_jax.models import check_options
+
+    d, m = scenario.data, scenario.model
+    check_dataset_options(d.dataset, **dict(d.options), **({"path": d.path} if d.path else {}))
+    k = dataset_num_classes(d.dataset, **dict(d.options))
+    check_partition_options(d.split.name, scenario.agents.n, k, **dict(d.split.options))
+    check_options(m.name, **dict(m.options))
+    make_mechanism(scenario.mechanism.name, **dict(scenario.mechanism.options))
+    for prefix, (name_key, registry) in OPEN_TABLES.items():
+        section = scenario
+        for part in prefix.split("."):
+            section = getattr(section, part)
+        name = getattr(section, name_key)
+        _check_option_types(prefix, name, registry()[name], section.options)
 
 
 def per_agent(values: tuple, n: int) -> list:
     """A per-agent setting as a list of N values (one value repeats for everyone)."""
+    if not isinstance(values, tuple | list):
+        values = (values,)
     return list(values) * n if len(values) == 1 else list(values)
 
 
@@ -477,6 +629,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word: a string such as a dataset name
+    except RecursionError:
+        raise ParamarketError(f"--set {key}=...: the value is nested too deeply") from None
     return key.split("."), value
 
 
@@ -512,25 +666,69 @@ def bundled() -> dict[str, pathlib.Path]:
     return {p.stem: p for p in sorted(SCENARIO_DIR.glob("*.toml"))}
 
 
+MAX_SCENARIO_BYTES = 1 << 20  # a scenario TOML is a few KiB; refuse anything over 1 MiB
+
+
 def read_table(name_or_path: str) -> dict[str, Any]:
-    """Parse a bundled scenario by name, or a TOML file by path."""
+    """Parse a bundled scenario by name, or a TOML file by path.
+
+    Raises:
+        ParamarketError: unknown name, or a path that is not a regular file of at most
+            ``MAX_SCENARIO_BYTES`` bytes of UTF-8 TOML (checked before reading it).
+    """
     path = pathlib.Path(name_or_path)
     if not path.suffix and name_or_path in bundled():
         path = bundled()[name_or_path]
-    elif not path.exists():
+    try:
+        info = path.stat() if name_or_path else None
+    except (OSError, ValueError):
+        info = None
+    if info is None:
         raise ParamarketError(
             f"no scenario {name_or_path!r}: not a file, and bundled scenarios are "
             f"{', '.join(bundled())}"
         )
+    if not stat.S_ISREG(info.st_mode):
+        what = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise ParamarketError(f"scenario {path}: {what}; expected a TOML file")
+    if info.st_size > MAX_SCENARIO_BYTES:
+        raise ParamarketError(
+            f"scenario {path}: {info.st_size} bytes, more than a scenario's limit of "
+            f"{MAX_SCENARIO_BYTES}; expected a TOML file"
+        )
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as err:
-        raise ParamarketError(f"{path}: invalid TOML: {err}") from None
+            data = fh.read(MAX_SCENARIO_BYTES + 1)
     except OSError as err:
         raise ParamarketError(f"{path}: cannot read: {err.strerror}") from None
+    if len(data) > MAX_SCENARIO_BYTES:
+        raise ParamarketError(
+            f"scenario {path}: more than a scenario's limit of {MAX_SCENARIO_BYTES} bytes"
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        hint = (
+            "; it looks like UTF-16: save it as UTF-8"
+            if data[:2] in (b"\xff\xfe", b"\xfe\xff")
+            else ""
+        )
+        raise ParamarketError(
+            f"{path}: invalid TOML: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+            f"{err.start}){hint}"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise ParamarketError(f"{path}: invalid TOML: nested too deeply") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ParamarketError(f"{path}: invalid TOML: {' '.join(str(err).split())}") from None
 
 
 def load(name_or_path: str, overrides: list[str] = ()) -> Scenario:
     """Load, override and validate a scenario."""
-    return from_dict(apply_overrides(read_table(name_or_path), list(overrides)))
+    table = read_table(name_or_path)
+    try:
+        return from_dict(apply_overrides(table, list(overrides)))
+    except RecursionError:  # a value nested deeper than copying or checking it allows
+        raise ParamarketError("scenario values are nested too deeply") from None

@@ -31,6 +31,7 @@ SEED_FIELDS = (
     "trades",
     "revenue_of_sellers",
     "mean_abs_estimation_error",
+    "diverged",
 )
 
 
@@ -42,6 +43,8 @@ def parse_grid(text: str) -> tuple[str, list]:
     key, raw = (s.strip() for s in text.split("=", 1))
     try:
         values = tomllib.loads(f"v = [{raw}]")["v"]
+    except RecursionError:
+        raise ParamarketError(f"--grid {key}=...: values nested too deeply") from None
     except tomllib.TOMLDecodeError:
         values = [v.strip() for v in raw.split(",") if v.strip()]
     if not key or not values:

@@ -148,6 +148,12 @@ def loss_and_accuracy(model: Model, params, x: jax.Array, y: jax.Array):
     return loss, (logits.argmax(-1) == y).mean(dtype=jnp.float32)
 
 
+def _best_finite(losses: jax.Array) -> jax.Array:
+    """(K,) column of each row's lowest finite loss (argmin would pick a NaN). A row with
+    no finite loss keeps a non-finite one, and such a candidate is never offered."""
+    return jnp.where(jnp.isfinite(losses), losses, jnp.inf).argmin(axis=1)
+
+
 def _score(model, layers, alphas, buyer, sellers, x, y):
     """One buyer against K aligned sellers at A alphas -> per-seller scores (K,)."""
     before, _ = loss_and_accuracy(model, buyer, x, y)
@@ -156,7 +162,7 @@ def _score(model, layers, alphas, buyer, sellers, x, y):
         return loss_and_accuracy(model, merge(buyer, seller, alpha, layers), x, y)
 
     losses, accs = jax.vmap(jax.vmap(one, (None, 0)), (0, None))(sellers, alphas)  # (K, A)
-    best = losses.argmin(axis=1)
+    best = _best_finite(losses)
     after = jnp.take_along_axis(losses, best[:, None], 1)[:, 0]
     gain = jnp.where(before > 0, (before - after) / before, 0.0)
     acc = jnp.take_along_axis(accs, best[:, None], 1)[:, 0]
@@ -180,7 +186,7 @@ def _score_restarts(model, layers, alphas, buyer, sellers, x, y):
     losses, accs = jax.vmap(jax.vmap(over_alphas, (0, None)), (0, None))(sellers, alphas)
     k, r, a = losses.shape  # (K, R, A)
     losses, accs = losses.reshape(k, r * a), accs.reshape(k, r * a)
-    best = losses.argmin(axis=1)
+    best = _best_finite(losses)
     after = jnp.take_along_axis(losses, best[:, None], 1)[:, 0]
     gain = jnp.where(before > 0, (before - after) / before, 0.0)
     acc = jnp.take_along_axis(accs, best[:, None], 1)[:, 0]

@@ -1,6 +1,20 @@
 """Offline datasets and their partition among agents."""
 
-from paramarket_jax.data.datasets import DATASETS, Dataset, load_dataset
-from paramarket_jax.data.partition import PARTITIONERS, Partition, partition
+from paramarket_jax.data.datasets import DATASETS, Dataset, check_dataset_options, load_dataset
+from paramarket_jax.data.partition import (
+    PARTITIONERS,
+    Partition,
+    check_partition_options,
+    partition,
+)
 
-__all__ = ["DATASETS", "PARTITIONERS", "Dataset", "Partition", "load_dataset", "partition"]
+__all__ = [
+    "DATASETS",
+    "PARTITIONERS",
+    "Dataset",
+    "Partition",
+    "check_dataset_options",
+    "check_partition_options",
+    "load_dataset",
+    "partition",
+]

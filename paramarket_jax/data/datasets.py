@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +66,9 @@ def is_real(value) -> bool:
 def require(ok: bool, where: str, option: str, allowed: str, value) -> None:
     """Raise ParamarketError `where: option 'x' must be <allowed>, got <value>` unless ok."""
     if not ok:
-        raise ParamarketError(f"{where}: option {option!r} must be {allowed}, got {value!r}")
+        shown = repr(value)
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        raise ParamarketError(f"{where}: option {option!r} must be {allowed}, got {shown}")
 
 
 def check_int(where: str, option: str, value, low: int = 1) -> int:
@@ -96,20 +99,25 @@ def with_option_check(kind: str, name: str, fn: Callable) -> Callable:
         `fn` with the same signature, raising ParamarketError naming the unknown options
         and the allowed ones instead of TypeError.
     """
-    parameters = inspect.signature(fn).parameters.values()
-    allowed = tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
     @functools.wraps(fn)
     def call(*args, **options):
-        extra = sorted(set(options) - set(allowed))
-        if extra:
-            raise ParamarketError(
-                f"{kind} {name!r}: unknown option {', '.join(map(repr, extra))}; "
-                f"allowed: {', '.join(allowed) or 'none'}"
-            )
+        _unknown_options(kind, name, fn, options)
         return fn(*args, **options)
 
     return call
+
+
+def _unknown_options(kind: str, name: str, fn: Callable, options) -> None:
+    """Raise ParamarketError naming options that are not keyword-only parameters of fn."""
+    parameters = inspect.signature(fn).parameters.values()
+    allowed = tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    extra = sorted(set(options) - set(allowed))
+    if extra:
+        raise ParamarketError(
+            f"{kind} {name!r}: unknown option {', '.join(map(repr, extra))}; "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        )
 
 
 # ---- shared steps ----
@@ -193,11 +201,16 @@ def assemble(
 
 def _directory(name: str, path, expected: str) -> Path:
     """The `path` option of a file-backed dataset, which is required."""
-    if path is None:
+    if path is None or str(path) == "":
         raise ParamarketError(
             f"dataset {name!r} needs option 'path': a directory holding {expected}"
         )
-    return Path(path).expanduser()
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as error:  # ~user of an unknown user
+        raise ParamarketError(
+            f"dataset {name!r}: cannot expand the path {path!r}: {error}"
+        ) from None
 
 
 def _check_labels(name: str, directory: Path, num_classes: int, *labels: np.ndarray) -> None:
@@ -241,13 +254,7 @@ def load_digits(
     """
     from sklearn.datasets import load_digits as sklearn_digits
 
-    require(
-        is_real(test_fraction) and 0 < test_fraction < 1,
-        "dataset 'digits'",
-        "test_fraction",
-        "a number in (0, 1)",
-        test_fraction,
-    )
+    _check_digits(test_fraction=test_fraction, val_fraction=val_fraction, max_train=max_train)
     bunch = sklearn_digits()
     x, y = bunch.images[..., None] / 16.0, bunch.target
     k_test, k_val = jax.random.split(key)
@@ -285,7 +292,8 @@ def load_mnist1d(
     """
     from mnist1d.data import get_dataset_args, make_dataset
 
-    num_samples = check_int("dataset 'mnist1d'", "num_samples", num_samples, low=10)
+    _check_mnist1d(num_samples=num_samples, val_fraction=val_fraction, max_train=max_train)
+    num_samples = int(num_samples)
     k_seed, k_val = jax.random.split(key)
     args = get_dataset_args()
     args.num_samples = num_samples
@@ -355,13 +363,17 @@ def load_gaussian(
         val_fraction: share of the train pool moved to validation.
         max_train: cap on the number of training examples.
     """
-    where = "dataset 'gaussian'"
-    n_train = check_int(where, "n_train", n_train, low=2)
-    n_test = check_int(where, "n_test", n_test)
-    dim = check_int(where, "dim", dim)
-    num_classes = check_int(where, "num_classes", num_classes, low=2)
-    require(is_real(separation) and separation >= 0, where, "separation", ">= 0", separation)
-    require(is_real(noise) and noise > 0, where, "noise", "> 0", noise)
+    _check_gaussian(
+        n_train=n_train,
+        n_test=n_test,
+        dim=dim,
+        num_classes=num_classes,
+        separation=separation,
+        noise=noise,
+        val_fraction=val_fraction,
+        max_train=max_train,
+    )
+    n_train, n_test, dim, num_classes = int(n_train), int(n_test), int(dim), int(num_classes)
     k_means, k_train, k_test, k_val = jax.random.split(key, 4)
     directions = host_rng(k_means).standard_normal((num_classes, dim))
     means = separation * directions / np.linalg.norm(directions, axis=1, keepdims=True)
@@ -388,6 +400,7 @@ def _load_idx(name: str, key: jax.Array, path, val_fraction, max_train) -> Datas
     Pixels stay uint8 until `assemble` indexes them: scaling to [0, 1] before standardising
     would not change the result, and converting 60k images to float32 up front doubles memory.
     """
+    _check_files(name, path=path, val_fraction=val_fraction, max_train=max_train)
     directory = _directory(name, path, files.IDX_EXPECTED)
     x_pool, y_pool, x_test, y_test = files.read_idx_dataset(directory, name)
     _check_labels(name, directory, 10, y_pool, y_test)
@@ -456,6 +469,7 @@ def load_cifar10(
         val_fraction: share of the train split moved to validation.
         max_train: cap on the number of training examples.
     """
+    _check_files("cifar10", path=path, val_fraction=val_fraction, max_train=max_train)
     directory = _directory("cifar10", path, files.CIFAR_EXPECTED)
     x_pool, y_pool, x_test, y_test = files.read_cifar_batches(directory)
     _check_labels("cifar10", directory, 10, y_pool, y_test)
@@ -484,6 +498,111 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
         "cifar10": load_cifar10,
     }.items()
 }
+
+
+# ---- option checks without loading (a scenario's data options are checked when it loads) ----
+
+MAX_MNIST1D_SAMPLES = 1_000_000
+MAX_GAUSSIAN_VALUES = 1 << 28  # generated floats: 1 GiB of float32
+
+
+def _check_common(where: str, val_fraction, max_train) -> None:
+    require(
+        is_real(val_fraction) and 0 < val_fraction < 1,
+        where,
+        "val_fraction",
+        "a number in (0, 1)",
+        val_fraction,
+    )
+    if max_train is not None:
+        check_int(where, "max_train", max_train)
+
+
+def _check_digits(*, test_fraction=0.2, val_fraction=0.15, max_train=None) -> None:
+    where = "dataset 'digits'"
+    require(
+        is_real(test_fraction) and 0 < test_fraction < 1,
+        where,
+        "test_fraction",
+        "a number in (0, 1)",
+        test_fraction,
+    )
+    _check_common(where, val_fraction, max_train)
+
+
+def _check_mnist1d(*, num_samples=5000, val_fraction=0.15, max_train=None) -> None:
+    where = "dataset 'mnist1d'"
+    require(
+        is_int(num_samples) and 10 <= num_samples <= MAX_MNIST1D_SAMPLES,
+        where,
+        "num_samples",
+        f"an integer in [10, {MAX_MNIST1D_SAMPLES}]",
+        num_samples,
+    )
+    _check_common(where, val_fraction, max_train)
+
+
+def _check_gaussian(
+    *,
+    n_train=4000,
+    n_test=1000,
+    dim=64,
+    num_classes=10,
+    separation=2.0,
+    noise=1.0,
+    val_fraction=0.15,
+    max_train=None,
+) -> None:
+    where = "dataset 'gaussian'"
+    n_train = check_int(where, "n_train", n_train, low=2)
+    n_test = check_int(where, "n_test", n_test)
+    dim = check_int(where, "dim", dim)
+    num_classes = check_int(where, "num_classes", num_classes, low=2)
+    require(is_real(separation) and separation >= 0, where, "separation", ">= 0", separation)
+    require(is_real(noise) and noise > 0, where, "noise", "> 0", noise)
+    _check_common(where, val_fraction, max_train)
+    values = (n_train + n_test + num_classes) * dim
+    if values > MAX_GAUSSIAN_VALUES:
+        raise ParamarketError(
+            f"{where}: options (n_train + n_test + num_classes) x dim must be at most "
+            f"{MAX_GAUSSIAN_VALUES} values, got ({n_train} + {n_test} + {num_classes}) x {dim} "
+            f"= {values}"
+        )
+
+
+def _check_files(name: str, *, path=None, val_fraction=0.15, max_train=None) -> None:
+    where = f"dataset {name!r}"
+    if path is not None and not isinstance(path, str | os.PathLike):
+        raise ParamarketError(f"{where}: option 'path' must be a folder name, got {path!r}")
+    _check_common(where, val_fraction, max_train)
+
+
+OPTION_CHECKS: dict[str, Callable[..., None]] = {
+    "digits": _check_digits,
+    "mnist1d": _check_mnist1d,
+    "gaussian": _check_gaussian,
+    "mnist": functools.partial(_check_files, "mnist"),
+    "fashion_mnist": functools.partial(_check_files, "fashion_mnist"),
+    "cifar10": functools.partial(_check_files, "cifar10"),
+}
+
+
+def dataset_num_classes(name: str, **options) -> int:
+    """The number of classes K of dataset ``name`` with ``options``, without loading it
+    (every file-backed dataset and digits/mnist1d have 10; gaussian has its option)."""
+    return int(options.get("num_classes", 10)) if name == "gaussian" else 10
+
+
+def check_dataset_options(name: str, **options) -> None:
+    """Check a dataset's name and option values without loading it (files are not read).
+
+    Raises:
+        ParamarketError: unknown name or option, or a bad option value.
+    """
+    if name not in DATASETS:
+        raise unknown("dataset", name, DATASETS)
+    _unknown_options("dataset", name, DATASETS[name], options)
+    OPTION_CHECKS[name](**options)
 
 
 def load_dataset(name: str, key: jax.Array, **options) -> Dataset:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import io
 import math
+import os
 import pickle
+import stat
 import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -39,6 +43,70 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+MAX_IDX_BYTES = 1 << 32
+"""Largest (uncompressed) IDX file read: 4 GiB (MNIST's largest file is 47 MB)."""
+MAX_CIFAR_BATCH_BYTES = 1 << 28
+"""Largest CIFAR batch read: 256 MiB (the official batches are about 31 MB)."""
+
+
+def _read_up_to(stream: BinaryIO, n: int, chunk: int = 1 << 24) -> bytes:
+    """Up to n bytes of a stream of unknown length, in chunks (no n-byte buffer up front,
+    so a small corrupt file whose header claims gigabytes costs nothing)."""
+    parts, got = [], 0
+    while got < n:
+        part = stream.read(min(chunk, n - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _read_idx_stream(stream: BinaryIO, size: int | None) -> np.ndarray:
+    """Decode an IDX file from a binary stream, the header first.
+
+    Args:
+        stream: positioned at the start of the (uncompressed) file.
+        size: the file's size when known (raw files): checked against the header before
+            the values are read; None for compressed streams (read up to what the header
+            says, then checked to end there).
+
+    Raises:
+        ValueError: bad magic number, unknown dtype code, or a size that disagrees with
+            the header (or exceeds MAX_IDX_BYTES).
+    """
+    head = stream.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
+        raise ValueError("bad magic number (not an IDX file)")
+    code, ndim = head[2], head[3]
+    if code not in IDX_DTYPES:
+        raise ValueError(f"unknown IDX dtype code 0x{code:02x}")
+    header = 4 + 4 * ndim
+    raw_dims = stream.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise ValueError(f"truncated header: {4 + len(raw_dims)} bytes, need {header}")
+    dims = struct.unpack(f">{ndim}I", raw_dims)
+    dtype = IDX_DTYPES[code]
+    expected = header + math.prod(dims) * dtype.itemsize
+    if expected > MAX_IDX_BYTES:
+        raise ValueError(
+            f"header gives shape {tuple(dims)}: {expected} bytes, more than {MAX_IDX_BYTES}"
+        )
+    if size is not None and size != expected:
+        raise ValueError(f"{size} bytes, expected {expected} for shape {tuple(dims)}")
+    body = (
+        stream.read(expected - header)
+        if size is not None
+        else _read_up_to(stream, expected - header)
+    )
+    if len(body) < expected - header:
+        raise ValueError(f"{header + len(body)} bytes, expected {expected} for shape {tuple(dims)}")
+    if size is None and stream.read(1):
+        raise ValueError(f"more than the {expected} bytes expected for shape {tuple(dims)}")
+    values = np.frombuffer(body, dtype=dtype).reshape(dims)
+    return values.astype(dtype.newbyteorder("="))
+
+
 def parse_idx(data: bytes) -> np.ndarray:
     """Decode the bytes of an IDX file.
 
@@ -54,25 +122,33 @@ def parse_idx(data: bytes) -> np.ndarray:
     Raises:
         ValueError: bad magic number, unknown dtype code or a size that disagrees with the header.
     """
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError("bad magic number (not an IDX file)")
-    code, ndim = data[2], data[3]
-    if code not in IDX_DTYPES:
-        raise ValueError(f"unknown IDX dtype code 0x{code:02x}")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"truncated header: {len(data)} bytes, need {header}")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = IDX_DTYPES[code]
-    expected = header + math.prod(dims) * dtype.itemsize
-    if len(data) != expected:
-        raise ValueError(f"{len(data)} bytes, expected {expected} for shape {tuple(dims)}")
-    values = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
-    return values.astype(dtype.newbyteorder("="))
+    return _read_idx_stream(io.BytesIO(data), len(data))
+
+
+def _regular_file(path: Path, what: str) -> os.stat_result | None:
+    """The file's stat if it is a regular file; None if it does not exist.
+
+    Raises:
+        ParamarketError: it exists but is not a regular file (a folder, a device, a pipe)
+            or cannot be examined.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise ParamarketError(f"cannot read {what} {path}: {_one_line(error)}") from error
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise ParamarketError(f"{what} {path} is {kind}")
+    return info
 
 
 def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file, raw or gzip-compressed (detected from its first bytes).
+
+    The header is read first: a raw file's size must agree with it before any value is
+    read, and a compressed one is decompressed only as far as the header says.
 
     Args:
         path: the file.
@@ -81,18 +157,40 @@ def read_idx(path: str | Path) -> np.ndarray:
         The stored array, e.g. (n, 28, 28) uint8 images or (n,) uint8 labels.
 
     Raises:
-        ParamarketError: the file is missing, unreadable, truncated or not IDX.
+        ParamarketError: the file is missing, not a regular file, unreadable, truncated,
+            too large or not IDX.
     """
     path = Path(path)
+    info = _regular_file(path, "IDX file")
+    if info is None:
+        raise ParamarketError(f"missing IDX file {path}")
     try:
-        data = path.read_bytes()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        return parse_idx(data)
-    except FileNotFoundError as error:
-        raise ParamarketError(f"missing IDX file {path}") from error
+        with path.open("rb") as handle:
+            compressed = handle.read(2) == b"\x1f\x8b"
+            handle.seek(0)
+            if compressed:
+                with gzip.GzipFile(fileobj=handle) as stream:
+                    return _read_idx_stream(stream, None)
+            return _read_idx_stream(handle, info.st_size)
     except (OSError, EOFError, zlib.error, ValueError) as error:
         raise ParamarketError(f"corrupt IDX file {path}: {_one_line(error)}") from error
+
+
+def _folder(directory: str | Path, name: str, expected: str) -> Path:
+    """The dataset folder ``directory``, which must exist and be a folder."""
+    directory = Path(directory)
+    try:
+        exists, is_dir = directory.exists(), directory.is_dir()
+    except (OSError, ValueError) as error:
+        raise ParamarketError(f"{name}: cannot read {directory}: {_one_line(error)}") from error
+    if not exists:
+        raise ParamarketError(f"{name}: missing directory {directory}; expected {expected}")
+    if not is_dir:
+        raise ParamarketError(
+            f"{name}: {directory} is a file, not a directory; data.path must name the folder "
+            f"holding {expected}"
+        )
+    return directory
 
 
 def _find_idx(directory: Path, stem: str, name: str) -> Path:
@@ -130,9 +228,7 @@ def read_idx_dataset(
     Raises:
         ParamarketError: missing directory or file, corrupt file or mismatched shapes.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ParamarketError(f"{name}: missing directory {directory}; expected {IDX_EXPECTED}")
+    directory = _folder(directory, name, IDX_EXPECTED)
     arrays = [_read_idx_in(directory, stem, name) for stem in IDX_FILES]
     for images, labels, split in ((arrays[0], arrays[1], "train"), (arrays[2], arrays[3], "t10k")):
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -140,7 +236,23 @@ def read_idx_dataset(
                 f"{name}: {split} images of shape {images.shape} do not match labels of shape "
                 f"{labels.shape} in {directory}; expected (n, h, w) images and (n,) labels"
             )
+        if min(images.shape[1:]) < 1:
+            raise ParamarketError(
+                f"{name}: {split} images of shape {images.shape} in {directory} are empty; "
+                f"expected (n, h, w) images with h, w >= 1"
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ParamarketError(
+                f"{name}: {split} labels in {directory} are {labels.dtype}; expected integers"
+            )
+        if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+            raise ParamarketError(f"{name}: {split} images in {directory} are not all finite")
     x_train, y_train, x_test, y_test = arrays
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ParamarketError(
+            f"{name}: train images {x_train.shape[1:]} and t10k images {x_test.shape[1:]} in "
+            f"{directory} differ in size; expected one image size"
+        )
     return x_train, y_train, x_test, y_test
 
 
@@ -162,8 +274,17 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         ParamarketError: missing, corrupt or wrongly shaped batch.
     """
-    if not path.is_file():
+    try:
+        info = _regular_file(path, "CIFAR batch")
+    except ParamarketError as error:
+        raise ParamarketError(f"cifar10: {error}; expected {CIFAR_EXPECTED}") from error
+    if info is None:
         raise ParamarketError(f"cifar10: missing {path}; expected {CIFAR_EXPECTED}")
+    if info.st_size > MAX_CIFAR_BATCH_BYTES:
+        raise ParamarketError(
+            f"cifar10: batch {path} has {info.st_size} bytes, more than {MAX_CIFAR_BATCH_BYTES}; "
+            f"expected {CIFAR_EXPECTED}"
+        )
     try:
         with path.open("rb") as handle:
             batch = pickle.load(handle, encoding="bytes")
@@ -203,9 +324,7 @@ def read_cifar_batches(
     Raises:
         ParamarketError: missing directory or batch, or a corrupt batch.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ParamarketError(f"cifar10: missing directory {directory}; expected {CIFAR_EXPECTED}")
+    directory = _folder(directory, "cifar10", CIFAR_EXPECTED)
     if (directory / CIFAR_SUBDIR).is_dir():
         directory = directory / CIFAR_SUBDIR
     train = [read_cifar_batch(directory / stem) for stem in CIFAR_TRAIN]

@@ -10,6 +10,7 @@ import numpy as np
 
 from paramarket_jax.data.datasets import (
     Dataset,
+    _unknown_options,
     check_int,
     host_rng,
     is_real,
@@ -19,6 +20,7 @@ from paramarket_jax.data.datasets import (
 from paramarket_jax.errors import ParamarketError, unknown
 
 DIRICHLET_TRIES = 1000
+MAX_WEIGHT = 1e30  # relative shard sizes: larger ones overflow their sum
 DEFAULT_EVAL_SIZE = 256
 
 
@@ -75,11 +77,29 @@ def _group(owner: np.ndarray, n_agents: int) -> list[np.ndarray]:
     return np.split(order, np.cumsum(np.bincount(owner, minlength=n_agents))[:-1])
 
 
-def _check_agents(where: str, n_agents: int, most: int, why: str) -> None:
-    """Raise ParamarketError unless 1 <= n_agents <= most."""
+def _check_agents(
+    where: str, n_agents: int, n_examples: int, option: str | None = None, per_agent: int = 1
+) -> None:
+    """Raise ParamarketError unless n_agents >= 1 agents can each hold ``per_agent`` of the
+    n_examples training examples (``per_agent`` is the value of ``option``, if given)."""
     check_int(where, "n_agents", n_agents)
-    if n_agents > most:
-        raise ParamarketError(f"{where}: 'n_agents' must be <= {most} ({why}), got {n_agents}")
+    if n_agents * per_agent <= n_examples:
+        return
+    if option is None:
+        raise ParamarketError(
+            f"{where}: 'n_agents' (agents.n) must be in [1, {n_examples}] (at most one agent "
+            f"per training example), got {n_agents}"
+        )
+    fixes = []
+    if n_examples // per_agent >= 1:
+        fixes.append(f"agents.n in [1, {n_examples // per_agent}] for {option} = {per_agent}")
+    if n_examples // n_agents >= 1:
+        fixes.append(f"{option} in [1, {n_examples // n_agents}] for agents.n = {n_agents}")
+    raise ParamarketError(
+        f"{where}: 'n_agents' (agents.n) x option {option!r} must be at most the {n_examples} "
+        f"training examples ({' or '.join(fixes) or 'too few examples'}), got "
+        f"{n_agents} x {per_agent}"
+    )
 
 
 # ---- partitioners: (key, labels (n,), n_agents, num_classes, **options) -> N index arrays ----
@@ -100,16 +120,11 @@ def iid(
             ``[8, 1, 1, 1, 1]``: one data-rich agent); default equal sizes (differing by at
             most one).
     """
-    _check_agents("partitioner 'iid'", n_agents, len(labels), "number of training examples")
+    _check_iid(n_agents, weights=weights)
+    _check_agents("partitioner 'iid'", n_agents, len(labels))
     order = host_rng(key).permutation(len(labels))
     if weights is None:
         return [np.sort(shard) for shard in np.array_split(order, n_agents)]
-    ok = (
-        isinstance(weights, list | tuple)
-        and len(weights) == n_agents
-        and all(is_real(w) and w > 0 for w in weights)
-    )
-    require(ok, "partitioner 'iid'", "weights", f"a list of {n_agents} positive numbers", weights)
     counts = np.maximum(largest_remainder(np.asarray(weights, float), len(labels)), 1)
     cuts = np.minimum(np.cumsum(counts)[:-1], len(labels) - 1)
     return [np.sort(shard) for shard in np.split(order, cuts)]
@@ -155,9 +170,9 @@ def dirichlet(
         min_size: smallest allowed shard, >= 1.
     """
     where = "partitioner 'dirichlet'"
-    require(is_real(alpha) and alpha > 0, where, "alpha", "> 0", alpha)
-    min_size = check_int(where, "min_size", min_size)
-    _check_agents(where, n_agents, len(labels) // min_size, "training examples / min_size")
+    _check_dirichlet(n_agents, alpha=alpha, min_size=min_size)
+    min_size = int(min_size)
+    _check_agents(where, n_agents, len(labels), "min_size", min_size)
     for attempt in range(DIRICHLET_TRIES):
         owner = _dirichlet_owner(
             jax.random.fold_in(key, attempt), labels, n_agents, num_classes, float(alpha)
@@ -186,9 +201,8 @@ def class_split(
         num_classes: K.
         d: kept fraction of the other classes, in (0, 1].
     """
-    where = "partitioner 'class_split'"
-    require(is_real(d) and 0 < d <= 1, where, "d", "a number in (0, 1]", d)
-    _check_agents(where, n_agents, num_classes, "num_classes: one class block per agent")
+    _check_class_split(n_agents, d=d)
+    _check_class_blocks(n_agents, num_classes)
     sizes = np.bincount(labels, minlength=num_classes)
     keep = np.where(sizes > 0, np.maximum(1, np.round(d * sizes)), 0)
     blocks = np.array_split(np.arange(num_classes), n_agents)
@@ -217,8 +231,9 @@ def shards(
         shards_per_agent: s; the label-sorted train set is cut into N * s near-equal shards.
     """
     where = "partitioner 'shards'"
-    per_agent = check_int(where, "shards_per_agent", shards_per_agent)
-    _check_agents(where, n_agents, len(labels) // per_agent, "training examples / shards_per_agent")
+    _check_shards(n_agents, shards_per_agent=shards_per_agent)
+    per_agent = int(shards_per_agent)
+    _check_agents(where, n_agents, len(labels), "shards_per_agent", per_agent)
     rng = host_rng(key)
     pieces = np.array_split(_class_order(rng, labels), n_agents * per_agent)
     deal = rng.permutation(n_agents * per_agent).reshape(n_agents, per_agent)
@@ -234,6 +249,87 @@ PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
         "shards": shards,
     }.items()
 }
+
+
+# ---- option checks without data (a scenario's split options are checked when it loads) ----
+
+
+def _check_iid(n_agents: int, *, weights=None) -> None:
+    where = "partitioner 'iid'"
+    check_int(where, "n_agents", n_agents)
+    if weights is None:
+        return
+    ok = (
+        isinstance(weights, list | tuple)
+        and len(weights) == n_agents
+        and all(is_real(w) and 0 < w <= MAX_WEIGHT for w in weights)
+    )
+    require(
+        ok,
+        where,
+        "weights",
+        f"a list of agents.n = {n_agents} positive numbers (at most {MAX_WEIGHT:g})",
+        weights,
+    )
+
+
+def _check_dirichlet(n_agents: int, *, alpha=0.5, min_size=2) -> None:
+    where = "partitioner 'dirichlet'"
+    check_int(where, "n_agents", n_agents)
+    require(is_real(alpha) and alpha > 0, where, "alpha", "a number > 0", alpha)
+    check_int(where, "min_size", min_size)
+
+
+def _check_class_split(n_agents: int, *, d=0.1) -> None:
+    where = "partitioner 'class_split'"
+    check_int(where, "n_agents", n_agents)
+    require(is_real(d) and 0 < d <= 1, where, "d", "a number in (0, 1]", d)
+
+
+def _check_shards(n_agents: int, *, shards_per_agent=2) -> None:
+    where = "partitioner 'shards'"
+    check_int(where, "n_agents", n_agents)
+    check_int(where, "shards_per_agent", shards_per_agent)
+
+
+OPTION_CHECKS: dict[str, Callable[..., None]] = {
+    "iid": _check_iid,
+    "dirichlet": _check_dirichlet,
+    "class_split": _check_class_split,
+    "shards": _check_shards,
+}
+
+
+def check_partition_options(
+    name: str, n_agents: int, num_classes: int | None = None, **options
+) -> None:
+    """Check a partitioner's name and option values for ``n_agents`` agents without data
+    (what needs the examples, such as enough of them per agent, is checked when splitting).
+
+    Args:
+        name: a key of PARTITIONERS.
+        n_agents: N.
+        num_classes: the dataset's K if known (``class_split`` needs N <= K).
+        **options: the partitioner's keyword options.
+
+    Raises:
+        ParamarketError: unknown name or option, or a bad option value.
+    """
+    if name not in PARTITIONERS:
+        raise unknown("partitioner", name, PARTITIONERS)
+    _unknown_options("partitioner", name, PARTITIONERS[name], options)
+    OPTION_CHECKS[name](n_agents, **options)
+    if name == "class_split" and num_classes is not None:
+        _check_class_blocks(n_agents, num_classes)
+
+
+def _check_class_blocks(n_agents: int, num_classes: int) -> None:
+    if n_agents > num_classes:
+        raise ParamarketError(
+            f"partitioner 'class_split': 'n_agents' (agents.n) must be in [1, {num_classes}] "
+            f"(one class block per agent: at most the dataset's {num_classes} classes), "
+            f"got {n_agents}"
+        )
 
 
 # ---- evaluation subsets ----
@@ -349,14 +445,14 @@ def partition(
     check_int(f"partitioner {name!r}", "n_agents", n_agents)
     if eval_size is not None:
         check_int(f"partitioner {name!r}", "eval_size", eval_size)
+    if eval_mix not in EVAL_MIXES:
+        raise ParamarketError(f"eval_mix must be one of {', '.join(EVAL_MIXES)}, got {eval_mix!r}")
     k_train, k_val, k_test = jax.random.split(key, 3)
     labels = np.asarray(dataset.y_train)
     pieces = PARTITIONERS[name](k_train, labels, n_agents, dataset.num_classes, **options)
     empty = [i for i, piece in enumerate(pieces) if len(piece) == 0]
     if empty:
         raise ParamarketError(f"partitioner {name!r}: agents {empty} got no training examples")
-    if eval_mix not in EVAL_MIXES:
-        raise ParamarketError(f"eval_mix must be one of {', '.join(EVAL_MIXES)}, got {eval_mix!r}")
     k = dataset.num_classes
     if eval_mix == "global":
         histograms = np.tile(np.bincount(labels, minlength=k), (n_agents, 1))

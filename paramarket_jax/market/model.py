@@ -30,7 +30,7 @@ from mesa.agent import AgentSet  # mesa.agent re-exports it in 3.5 too
 from paramarket_jax import scenario as sc
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.experiment import Experiment, build, dataset_key, seed_data
-from paramarket_jax.results import diverged
+from paramarket_jax.results import diverged, market_lost
 from paramarket_jax.round import MARKET, RoundRecord, enter_jit, init_jit, step_jit
 
 NAN = float("nan")
@@ -124,6 +124,12 @@ class TraderAgent(mesa.Agent):
         """In the market (the market twin): not bankrupt, or entered."""
         return bool(self.model.accounts.alive[MARKET, self.index])
 
+    @property
+    def diverged(self) -> bool:
+        """Its training diverged (market twin): frozen, it no longer trains or trades."""
+        record = self.model.record
+        return record is not None and bool(record.diverged[MARKET, self.index])
+
     def consider_entry(self) -> None:
         """A free slot's would-be entrant takes a place while the round's quota lasts.
 
@@ -144,6 +150,7 @@ AGENT_VIEWS = (
     "utility",
     "siloed_utility",
     "alive",
+    "diverged",
 )
 
 
@@ -324,6 +331,7 @@ class MarketModel(mesa.Model):
                 "realized_gain": lambda m: m.broker.realized_gain,
                 "gini": lambda m: m.gini,
                 "alive": lambda m: int(m.accounts.alive[MARKET].sum()),
+                "diverged": lambda m: m.diverged,
                 "entered": lambda m: m.entered[-1] if m.entered else 0,
                 "exited": lambda m: m.exited[-1] if m.exited else 0,
             },
@@ -362,6 +370,12 @@ class MarketModel(mesa.Model):
         return float(acc.mean()) if acc.size else NAN
 
     @property
+    def diverged(self) -> int:
+        """Market agents whose training has diverged so far (entrants start afresh)."""
+        r = self.record
+        return 0 if r is None else int(np.asarray(r.diverged[MARKET]).sum())
+
+    @property
     def gini(self) -> float:
         """Gini of the market agents' cash, over the agents in the market (debts count as 0)."""
         a = self.accounts
@@ -379,7 +393,7 @@ class MarketModel(mesa.Model):
         r = jnp.asarray(self.round, jnp.int32)
         self.state, record = step_jit(self.spec, self.params, self.data, self.state, key, r)
         self.record = jax.device_get(record)
-        if not np.isfinite(self.record.test_loss).all():
+        if market_lost(self.record.diverged, self.record.alive, self.record.test_loss):
             raise diverged(self.round, self.seed_value, self.config.train.learning_rate)
         self._records.append(self.record)
         self.broker.observe(self.record)

@@ -23,6 +23,10 @@ MECHANISMS: dict[str, Callable[..., Mechanism]] = {
 }
 """Mechanism factories by name; keyword arguments are static options (shapes, counts)."""
 
+MAX_COUNT = 1 << 16
+"""Largest integer static option (a count such as ``k`` or ``capacity``): counts shape the
+compiled program, so absurd ones would exhaust memory instead of failing clearly."""
+
 
 def options(name: str) -> dict[str, object]:
     """Static options of mechanism ``name`` with their defaults."""
@@ -47,9 +51,15 @@ def make_mechanism(name: str, **static_options) -> Mechanism:
       ParamarketError: for an unknown name, an unknown option or a bad option value.
     """
     allowed = options(name)
-    for key in static_options:
+    for key, value in static_options.items():
         if key not in allowed:
             if not allowed:
                 raise ParamarketError(f"mechanism {name!r} takes no options, got {key!r}")
             raise unknown(f"option of mechanism {name!r}", key, allowed)
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if type(allowed[key]) is int and not (is_int and value <= MAX_COUNT):
+            raise ParamarketError(  # the factory checks the lower bound of a valid integer
+                f"mechanism {name!r}: option {key} must be an integer >= 1 and at most "
+                f"{MAX_COUNT} (scenario key 'mechanism.{key}'), got {value!r}"
+            )
     return MECHANISMS[name](**static_options)

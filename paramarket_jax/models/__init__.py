@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from paramarket_jax.errors import ParamarketError, unknown
 from paramarket_jax.models.base import Model
-from paramarket_jax.models.cnn import make_cnn
-from paramarket_jax.models.mlp import make_mlp
+from paramarket_jax.models.cnn import cnn_options, make_cnn
+from paramarket_jax.models.mlp import make_mlp, mlp_widths
 from paramarket_jax.models.spec import (
     PermutationSpec,
     apply_permutation,
@@ -18,17 +18,25 @@ from paramarket_jax.models.spec import (
     random_perms,
     unflatten,
 )
-from paramarket_jax.models.wrn import make_wrn
+from paramarket_jax.models.wrn import make_wrn, wrn_options
 
 MODELS: dict[str, Callable[..., Model]] = {"mlp": make_mlp, "cnn": make_cnn, "wrn": make_wrn}
+# each model's option checker: same keyword options as its factory, no input shape needed
+OPTION_CHECKS: dict[str, Callable] = {"mlp": mlp_widths, "cnn": cnn_options, "wrn": wrn_options}
 
 
-def make_model(name: str, input_shape, num_classes: int, **options) -> Model:
-    """Build a registered model for inputs of ``input_shape`` and ``num_classes`` outputs.
+def check_options(name: str, **options) -> None:
+    """Check a model's name and options without building it (no dataset needed).
 
     Raises:
-        ParamarketError: unknown model name or option.
+        ParamarketError: unknown model or option, or a bad option value (naming the
+            scenario key ``model.<option>`` and the allowed values).
     """
+    _check_names(name, options)
+    OPTION_CHECKS[name](**options)
+
+
+def _check_names(name: str, options) -> None:
     if name not in MODELS:
         raise unknown("model", name, MODELS)
     allowed = [
@@ -41,6 +49,15 @@ def make_model(name: str, input_shape, num_classes: int, **options) -> Model:
         raise ParamarketError(
             f"unknown option {bad[0]!r} for model {name!r}; allowed: {', '.join(allowed)}"
         )
+
+
+def make_model(name: str, input_shape, num_classes: int, **options) -> Model:
+    """Build a registered model for inputs of ``input_shape`` and ``num_classes`` outputs.
+
+    Raises:
+        ParamarketError: unknown model name or option.
+    """
+    _check_names(name, options)
     return MODELS[name](input_shape, num_classes, **options)
 
 
@@ -49,6 +66,7 @@ __all__ = [
     "Model",
     "PermutationSpec",
     "apply_permutation",
+    "check_options",
     "flatten",
     "identity_perms",
     "invert",

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from paramarket_jax.errors import ParamarketError
 from paramarket_jax.models.spec import PermutationSpec, check_spec, flatten
 
 
@@ -41,17 +45,70 @@ class Model:
     @property
     def num_params(self) -> int:
         shapes = jax.eval_shape(self.init, jax.random.key(0))
-        return sum(int(jnp.prod(jnp.array(s.shape))) for s in jax.tree.leaves(shapes))
+        return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+
+
+# ---- option checks: bad model options are user input (scenario keys ``model.<option>``) ----
+
+MAX_UNITS = 1 << 16  # most units (widths, channels) of one layer
+MAX_PARAMS = 1 << 30  # most parameters of one model (4 GiB of float32 per agent and copy)
+
+
+def _shown(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def option_error(model: str, option: str, allowed: str, value) -> ParamarketError:
+    """``scenario key 'model.<option>' must be <allowed> for model '<model>', got <value>``."""
+    shown = repr(_shown(value))
+    shown = shown if len(shown) <= 200 else shown[:200] + "..."
+    return ParamarketError(
+        f"scenario key 'model.{option}' must be {allowed} for model {model!r}, got {shown}"
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def int_option(model: str, option: str, value, low: int = 1, high: int = MAX_UNITS) -> int:
+    """The integer option ``value``, checked to lie in [low, high]."""
+    if not (_is_int(value) and low <= value <= high):
+        raise option_error(model, option, f"an integer in [{low}, {high}]", value)
+    return int(value)
+
+
+def ints_option(model: str, option: str, value, low: int = 1, high: int = MAX_UNITS) -> tuple:
+    """The option ``value``: a non-empty list of integers in [low, high], as a tuple."""
+    ok = (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) > 0
+        and all(_is_int(v) and low <= v <= high for v in value)
+    )
+    if not ok:
+        raise option_error(model, option, f"a non-empty list of integers in [{low}, {high}]", value)
+    return tuple(int(v) for v in value)
 
 
 def build(
     name: str, module: nn.Module, input_shape, num_classes: int, axes: dict[str, tuple]
 ) -> Model:
-    """Make a :class:`Model`, reading permutation sizes off the initialised shapes."""
+    """Make a :class:`Model`, reading permutation sizes off the initialised shapes.
+
+    Raises:
+        ParamarketError: the model would have more than ``MAX_PARAMS`` parameters.
+    """
     input_shape = tuple(int(d) for d in input_shape)
     shapes = jax.eval_shape(
         lambda k: module.init(k, jnp.zeros((1, *input_shape), jnp.float32)), jax.random.key(0)
     )
+    n_params = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+    if n_params > MAX_PARAMS:
+        raise ParamarketError(
+            f"model {name!r} would have {n_params} parameters for inputs {input_shape}, more "
+            f"than {MAX_PARAMS}; choose smaller model options"
+        )
     flat = flatten(shapes)
     sizes: dict[str, int] = {}
     for path, names in axes.items():

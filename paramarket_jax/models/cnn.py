@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from paramarket_jax.errors import ParamarketError
-from paramarket_jax.models.base import Model, build
+from paramarket_jax.models.base import Model, build, int_option, ints_option
 
 
 def as_spatial(x: jnp.ndarray, input_shape: tuple[int, ...]) -> jnp.ndarray:
@@ -49,9 +49,7 @@ def make_cnn(
         channels: output channels of each conv layer.
         kernel: kernel size along every spatial axis.
     """
-    channels = tuple(int(c) for c in channels)
-    if not channels or min(channels) < 1:
-        raise ParamarketError(f"cnn channels must be positive integers, got {list(channels)}")
+    channels, kernel = cnn_options(channels=channels, kernel=kernel)
     input_shape = tuple(int(d) for d in input_shape)
     if len(input_shape) not in (1, 3):
         raise ParamarketError(f"cnn needs (D,) or (H, W, C) inputs, got {input_shape}")
@@ -65,3 +63,12 @@ def make_cnn(
     axes["params/Dense_0/bias"] = (None,)
     module = CNN(channels, num_classes, input_shape, kernel)
     return build("cnn", module, input_shape, num_classes, axes)
+
+
+def cnn_options(*, channels: Sequence[int] = (16, 32), kernel: int = 3) -> tuple[tuple, int]:
+    """:func:`make_cnn`'s options, checked: (channels, kernel).
+
+    Raises:
+        ParamarketError: naming the scenario key (``model.channels``, ``model.kernel``).
+    """
+    return ints_option("cnn", "channels", channels), int_option("cnn", "kernel", kernel)

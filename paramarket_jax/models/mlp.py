@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 
-from paramarket_jax.errors import ParamarketError, unknown
-from paramarket_jax.models.base import Model, build
+from paramarket_jax.models.base import Model, build, ints_option, option_error
 
 PAPER_WIDTHS = (32, 32, 32, 16)
+PRESETS = {"paper": PAPER_WIDTHS, "paper_cifar": (256, 256, 256, 128)}
 
 
 class MLP(nn.Module):
@@ -48,12 +48,18 @@ def make_mlp(
         widths: hidden widths; overrides ``preset``.
         preset: ``paper`` (32-32-32-16) or ``paper_cifar`` (256-256-256-128).
     """
-    if widths is None:
-        presets = {"paper": PAPER_WIDTHS, "paper_cifar": (256, 256, 256, 128)}
-        if preset not in presets:
-            raise unknown("mlp preset", preset, presets)
-        widths = presets[preset]
-    widths = tuple(int(w) for w in widths)
-    if not widths or min(widths) < 1:
-        raise ParamarketError(f"mlp widths must be positive integers, got {list(widths)}")
+    widths = mlp_widths(widths=widths, preset=preset)
     return build("mlp", MLP(widths, num_classes), input_shape, num_classes, mlp_axes(len(widths)))
+
+
+def mlp_widths(*, widths: Sequence[int] | None = None, preset: str = "paper") -> tuple[int, ...]:
+    """The hidden widths that :func:`make_mlp`'s options give, checked.
+
+    Raises:
+        ParamarketError: naming the scenario key (``model.widths``, ``model.preset``).
+    """
+    if not (isinstance(preset, str) and preset in PRESETS):
+        raise option_error("mlp", "preset", "one of " + ", ".join(PRESETS), preset)
+    if widths is None:
+        return PRESETS[preset]
+    return ints_option("mlp", "widths", widths)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from paramarket_jax.errors import ParamarketError
-from paramarket_jax.models.base import Model, build
+from paramarket_jax.models.base import Model, build, int_option, option_error
 from paramarket_jax.models.cnn import as_spatial
 
 
@@ -70,10 +71,7 @@ def make_wrn(
         widen: width multiplier k.
         base: channels of the stem (16 in the WRN paper).
     """
-    if depth < 10 or (depth - 4) % 6:
-        raise ParamarketError(f"wrn depth must be 6n+4 with n >= 1 (10, 16, 22, ...), got {depth}")
-    if widen < 1 or base < 1:
-        raise ParamarketError(f"wrn widen and base must be >= 1, got widen={widen}, base={base}")
+    depth, widen, base = wrn_options(depth=depth, widen=widen, base=base)
     input_shape = tuple(int(d) for d in input_shape)
     if len(input_shape) not in (1, 3):
         raise ParamarketError(f"wrn needs (D,) or (H, W, C) inputs, got {input_shape}")
@@ -100,3 +98,20 @@ def make_wrn(
     axes[f"{p}head/bias"] = (None,)
     module = WideResNet(depth, widen, base, num_classes, input_shape)
     return build("wrn", module, input_shape, num_classes, axes)
+
+
+MAX_DEPTH = 994  # 6 * 165 + 4
+
+
+def wrn_options(*, depth: int = 10, widen: int = 1, base: int = 16) -> tuple[int, int, int]:
+    """:func:`make_wrn`'s options, checked: (depth, widen, base).
+
+    Raises:
+        ParamarketError: naming the scenario key (``model.depth``, ``model.widen``, ...).
+    """
+    ok = isinstance(depth, int | np.integer) and not isinstance(depth, bool)
+    if not (ok and 10 <= depth <= MAX_DEPTH and (depth - 4) % 6 == 0):
+        raise option_error(
+            "wrn", "depth", f"an integer 6n+4 in [10, {MAX_DEPTH}] (10, 16, 22, ...)", depth
+        )
+    return int(depth), int_option("wrn", "widen", widen), int_option("wrn", "base", base)
