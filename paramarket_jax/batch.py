@@ -22,7 +22,14 @@ import numpy as np
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.experiment import Experiment, seed_data
 from paramarket_jax.population import AgentData
-from paramarket_jax.round import MarketData, MarketSpec, simulate
+from paramarket_jax.round import (
+    MarketData,
+    MarketParams,
+    MarketSpec,
+    init,
+    simulate,
+    simulate_chunk,
+)
 
 # index arrays differ between seeds; feature arrays are shared by every seed
 DATA_AXES = MarketData(
@@ -55,6 +62,37 @@ def simulate_runs(spec: MarketSpec, rounds: int, param_axes, params, data, keys)
         return simulate(spec, p, d, jax.random.wrap_key_data(k), rounds)[1]
 
     return jax.vmap(one, in_axes=(param_axes, DATA_AXES, 0))(params, data, keys)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def init_runs(spec: MarketSpec, param_axes, params, keys):
+    """B runs' initial states, as :func:`~paramarket_jax.round.simulate` draws them (from
+    the first half of each run key's split): leaves with a leading axis B."""
+
+    def one(p, k):
+        k_init, _ = jax.random.split(jax.random.wrap_key_data(k))
+        return init(spec, p, k_init)
+
+    return jax.vmap(one, in_axes=(param_axes, 0))(params, keys)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def simulate_runs_chunk(spec: MarketSpec, length: int, param_axes, params, data, states, keys,
+                        start):  # fmt: skip
+    """Rounds ``start .. start + length - 1`` of B runs from their ``states``: ``vmap`` of
+    :func:`~paramarket_jax.round.simulate_chunk` (``start`` unbatched and traced, so one
+    compilation per ``length``). Chained from :func:`init_runs`' states, the chunks'
+    records are :func:`simulate_runs`' records.
+
+    Returns:
+        (states after the chunk, RoundRecord with leaves (B, length, ...)).
+    """
+
+    def one(p, d, s, k):
+        _, k_rounds = jax.random.split(jax.random.wrap_key_data(k))
+        return simulate_chunk(spec, p, d, s, k_rounds, start, length)
+
+    return jax.vmap(one, in_axes=(param_axes, DATA_AXES, 0, 0))(params, data, states, keys)
 
 
 def run_bytes(spec: MarketSpec, eval_rows: int) -> int:
@@ -141,23 +179,55 @@ def _stack_data(per_run: list[tuple[MarketData, jax.Array]]):
     return stacked, keys
 
 
-def run_cells(
-    cells: Sequence[Experiment],
-    *,
-    max_batch: int | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> BatchOutput:
-    """Every seed of every cell, through as few compiled calls as the memory budget allows.
+class Batch(NamedTuple):
+    """Every run of a batch of cells, stacked and padded for :func:`run_cells`' calls.
 
-    Args:
-        cells: experiments that share one spec, dataset, number of rounds and seed list
-            (cells of a sweep that differ only in numeric knobs).
-        max_batch: most runs per compiled call (default: as many as fit the budget).
-        progress: called with the number of runs finished after each call.
-
-    Returns:
-        :class:`BatchOutput`; ``records[c]`` has leaves (len(seeds), rounds, ...).
+    Attributes:
+        spec, rounds, seeds: what every cell shares.
+        param_axes: a MarketParams of 0 (batched leaf) or None (shared leaf).
+        params, data, keys: host arrays, batched leaves with a leading axis
+            ``calls * chunk`` (the last run repeated as padding).
+        total: runs (cells x seeds); chunk: runs per compiled call; calls: calls.
     """
+
+    spec: MarketSpec
+    rounds: int
+    seeds: list
+    param_axes: MarketParams
+    params: MarketParams
+    data: MarketData
+    keys: np.ndarray
+    total: int
+    chunk: int
+    calls: int
+
+    def call(self, i: int):
+        """The params, data and keys of compiled call ``i`` (runs ``i * chunk ...``)."""
+        sl = slice(i * self.chunk, (i + 1) * self.chunk)
+        cut = lambda axis, leaf: leaf if axis is None else leaf[sl]  # noqa: E731
+        is_none = lambda x: x is None  # noqa: E731
+        return (
+            jax.tree.map(cut, self.param_axes, self.params, is_leaf=is_none),
+            jax.tree.map(cut, DATA_AXES, self.data, is_leaf=is_none),
+            self.keys[sl],
+        )
+
+    def pad(self, tree):
+        """Pad a tree of host arrays with a leading axis ``total`` to ``calls * chunk``."""
+        pad = self.calls * self.chunk - self.total
+        if not pad:
+            return tree
+        return jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]), tree)
+
+    def per_cell(self, records) -> list:
+        """Split host records with a leading axis ``total`` into one per cell."""
+        k = len(self.seeds)
+        cells = self.total // k
+        return [jax.tree.map(lambda x, c=c: x[c * k : (c + 1) * k], records) for c in range(cells)]
+
+
+def prepare(cells: Sequence[Experiment], max_batch: int | None = None) -> Batch:
+    """Stack every seed of every cell into one padded :class:`Batch` (see :func:`run_cells`)."""
     first = cells[0]
     spec, sc = first.spec, first.scenario
     rounds, seeds = sc.train.rounds, list(sc.seeds)
@@ -186,24 +256,95 @@ def run_cells(
     params = jax.tree.map(padded, param_axes, params, is_leaf=is_none)
     data = jax.tree.map(padded, DATA_AXES, data, is_leaf=is_none)
     keys = padded(0, keys)
+    return Batch(spec, rounds, seeds, param_axes, params, data, keys, total, chunk, n_calls)
+
+
+def run_cells(
+    cells: Sequence[Experiment],
+    *,
+    max_batch: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> BatchOutput:
+    """Every seed of every cell, through as few compiled calls as the memory budget allows.
+
+    Args:
+        cells: experiments that share one spec, dataset, number of rounds and seed list
+            (cells of a sweep that differ only in numeric knobs).
+        max_batch: most runs per compiled call (default: as many as fit the budget).
+        progress: called with the number of runs finished after each call.
+
+    Returns:
+        :class:`BatchOutput`; ``records[c]`` has leaves (len(seeds), rounds, ...).
+    """
+    b = prepare(cells, max_batch)
     outs = []
-    for i in range(n_calls):
-        sl = slice(i * chunk, (i + 1) * chunk)
-        cut = lambda axis, leaf, sl=sl: leaf if axis is None else leaf[sl]  # noqa: E731
-        rec = simulate_runs(
-            spec,
-            rounds,
-            param_axes,
-            jax.tree.map(cut, param_axes, params, is_leaf=is_none),
-            jax.tree.map(cut, DATA_AXES, data, is_leaf=is_none),
-            keys[sl],
-        )
+    for i in range(b.calls):
+        rec = simulate_runs(b.spec, b.rounds, b.param_axes, *b.call(i))
         outs.append(jax.device_get(rec))
         if progress is not None:
-            progress(min(chunk, total - i * chunk))
-    records = jax.tree.map(lambda *xs: np.concatenate(xs)[:total], *outs)
-    k = len(seeds)
-    per_cell = [
-        jax.tree.map(lambda x, c=c: x[c * k : (c + 1) * k], records) for c in range(len(cells))
-    ]
-    return BatchOutput(per_cell, n_calls, chunk)
+            progress(min(b.chunk, b.total - i * b.chunk))
+    records = jax.tree.map(lambda *xs: np.concatenate(xs)[: b.total], *outs)
+    return BatchOutput(b.per_cell(records), b.calls, b.chunk)
+
+
+class Carry(NamedTuple):
+    """A batch between chunks of rounds (what a checkpoint holds), host arrays.
+
+    Attributes:
+        done: rounds run so far.
+        states: MarketState of every run (cells x seeds), leaves (total, ...).
+        records: RoundRecord of the rounds so far, leaves (total, done, ...); None before
+            the first round.
+    """
+
+    done: int
+    states: object
+    records: object
+
+
+def run_cells_chunked(
+    cells: Sequence[Experiment],
+    every: int,
+    *,
+    max_batch: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    start: Callable[[Batch], Carry | None] | None = None,
+    save: Callable[[Batch, Carry], None] | None = None,
+) -> BatchOutput:
+    """:func:`run_cells` in chunks of ``every`` rounds, the carry handed to ``save`` after
+    each chunk (the last one too), so a killed run can go on from it: the same records.
+
+    Args:
+        cells, max_batch: as for :func:`run_cells`.
+        every: rounds per chunk (the last chunk may be shorter: one more compilation).
+        progress: called with the number of runs x rounds finished after each call.
+        start: given the prepared batch, the carry to go on from (None: from round 0).
+        save: called with the batch and the carry after every chunk.
+    """
+    b = prepare(cells, max_batch)
+    carry = start(b) if start is not None else None
+    if carry is None:
+        states = [jax.device_get(init_runs(b.spec, b.param_axes, *b.call(i)[::2]))
+                  for i in range(b.calls)]  # fmt: skip
+        states = jax.tree.map(lambda *xs: np.concatenate(xs)[: b.total], *states)
+        carry = Carry(0, states, None)
+    while carry.done < b.rounds:
+        length = min(every, b.rounds - carry.done)
+        padded = b.pad(carry.states)
+        outs = []
+        for i in range(b.calls):
+            params, data, keys = b.call(i)
+            sl = slice(i * b.chunk, (i + 1) * b.chunk)
+            states = jax.tree.map(lambda x, sl=sl: x[sl], padded)
+            out = simulate_runs_chunk(b.spec, length, b.param_axes, params, data, states, keys,
+                                      np.int32(carry.done))  # fmt: skip
+            outs.append(jax.device_get(out))
+            if progress is not None:
+                progress(min(b.chunk, b.total - i * b.chunk) * length)
+        states, records = jax.tree.map(lambda *xs: np.concatenate(xs)[: b.total], *outs)
+        if carry.records is not None:
+            records = jax.tree.map(lambda a, c: np.concatenate([a, c], 1), carry.records, records)
+        carry = Carry(carry.done + length, states, records)
+        if save is not None:
+            save(b, carry)
+    return BatchOutput(b.per_cell(carry.records), b.calls, b.chunk)

@@ -54,6 +54,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+DEFAULT_SCENARIO = "paper_two_agent"
+
+
 class Parser(argparse.ArgumentParser):
     """Usage errors in one line, exit code 2 (like every other bad input)."""
 
@@ -71,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "scenario",
         nargs="?",
-        default="paper_two_agent",
-        help="bundled scenario name or TOML file (default paper_two_agent)",
+        default=None,
+        help=f"bundled scenario name or TOML file (default {DEFAULT_SCENARIO})",
     )
     run.add_argument(
         "--out", default=None, help="run folder to create (default runs/<scenario>-<time>)"
@@ -89,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     add_report_option(run)
     add_engine_options(run)
+    run.set_defaults(engine=None)  # auto; None tells --resume that --engine was not given
+    run.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="save every run's state every K rounds into the --out folder, so a killed run "
+        "goes on with --resume (batch engine only)",
+    )
+    run.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="go on with a run started with --checkpoint-every that was killed or "
+        "interrupted: DIR is its --out; the scenario and options come from DIR/run.json",
+    )
     sweep = sub.add_parser("sweep", help="run a grid of overrides x seeds into one folder")
     sweep.add_argument("scenario", help="bundled scenario name or TOML file")
     sweep.add_argument(
@@ -148,25 +167,102 @@ def cmd_scenarios(args) -> int:
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
+    from paramarket_jax import checkpoint
     from paramarket_jax import scenario as sc
     from paramarket_jax.results import check_out_dir, write_run
-    from paramarket_jax.runs import resolve_engine, run_scenario
+    from paramarket_jax.runs import CHECKPOINT_ENGINE, resolve_engine, run_scenario
 
+    if args.resume is not None:
+        return resume_run(args)
     overrides = list(args.overrides)
     if args.seeds is not None:
         overrides.append(f"seeds={parse_seeds(args.seeds)}")
-    scenario = sc.load(args.scenario, overrides)
+    scenario = sc.load(args.scenario or DEFAULT_SCENARIO, overrides)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = pathlib.Path(args.out if args.out is not None else f"runs/{scenario.name}-{stamp}")
     check_out_dir(out)
-    engine = resolve_engine(scenario, args.engine)
-    total = scenario.train.rounds * len(scenario.seeds)
-    with tqdm(total=total, desc="rounds", disable=args.quiet, file=sys.stderr) as bar:
-        result = run_scenario(scenario, engine=engine, max_batch=args.batch, progress=bar.update)
-    write_run(out, result.files(report=args.report))
+    engine = resolve_engine(scenario, args.engine or "auto")
+    if args.checkpoint_every is not None:
+        if engine != "batch":
+            raise ParamarketError(CHECKPOINT_ENGINE)
+        existed = out.exists()
+        checkpoint.start(out, scenario, engine=engine, every=args.checkpoint_every,
+                         max_batch=args.batch, report=args.report,
+                         command=shlex.join(["paramarket", *args.argv]))  # fmt: skip
+        args.checkpoint_out = out
+        try:
+            result = run_checkpointed(args, out, scenario, args.checkpoint_every, args.batch,
+                                      args.report, resume=False)  # fmt: skip
+        except ParamarketError:  # bad input found late (a data file) or every agent diverged
+            checkpoint.discard(out, keep_folder=existed)
+            raise
+    else:
+        total = scenario.train.rounds * len(scenario.seeds)
+        with tqdm(total=total, desc="rounds", disable=args.quiet, file=sys.stderr) as bar:
+            result = run_scenario(
+                scenario, engine=engine, max_batch=args.batch, progress=bar.update
+            )
+        write_run(out, result.files(report=args.report))
     print_summary(scenario, result.summary)
     print(f"wrote {out}/" + (f" (open {out}/report.html)" if args.report else ""))
     return 0
+
+
+def resume_run(args) -> int:
+    """``run --resume DIR``: the scenario and options from DIR/run.json, then on from the
+    newest usable checkpoint in DIR/.checkpoints (round 0 without one)."""
+    from paramarket_jax import checkpoint
+
+    others = {
+        "SCENARIO": args.scenario,
+        "--set": args.overrides,
+        "--seeds": args.seeds,
+        "--engine": args.engine,
+        "--batch": args.batch,
+        "--checkpoint-every": args.checkpoint_every,
+        "--out": args.out,
+    }
+    given = [name for name, value in others.items() if value]
+    if given:
+        raise ParamarketError(
+            f"--resume DIR goes on with the run saved in DIR, with the scenario and options "
+            f"of its run.json; drop {', '.join(given)}"
+        )
+    if not args.resume:
+        raise ParamarketError("--resume must name a run folder, got an empty path")
+    out = pathlib.Path(args.resume)
+    saved = checkpoint.load(out)
+    info = saved.info
+    args.checkpoint_out = out
+    report = info["report"] and args.report
+    result = run_checkpointed(args, out, saved.scenario, info["checkpoint_every"], info["batch"],
+                              report, resume=True)  # fmt: skip
+    print_summary(saved.scenario, result.summary)
+    print(f"wrote {out}/" + (f" (open {out}/report.html)" if report else ""))
+    return 0
+
+
+def run_checkpointed(args, out, scenario, every: int, max_batch, report: bool, *, resume: bool):
+    """Run (or go on with) a checkpointed run in ``out`` and write its files there."""
+    from tqdm import tqdm
+
+    from paramarket_jax import checkpoint
+    from paramarket_jax.runs import run_scenario
+
+    total = scenario.train.rounds * len(scenario.seeds)
+    with checkpoint.lock(out):
+        with tqdm(total=total, desc="rounds", disable=args.quiet, file=sys.stderr) as bar:
+            note = lambda text: bar.write(text, file=sys.stderr)  # noqa: E731
+            with checkpoint.Checkpoints(out, every, resume=resume, note=note) as saves:
+                result = run_scenario(
+                    scenario,
+                    engine="batch",
+                    max_batch=max_batch,
+                    progress=bar.update,
+                    checkpoints=saves,
+                )
+        checkpoint.finish(out, result.files(report=report))
+    return result
 
 
 def print_summary(scenario, summary: dict) -> None:
@@ -220,12 +316,18 @@ def cmd_sweep(args) -> int:
 
     grid = [parse_grid(g) for g in args.grid]
     check_out_dir(args.out, resume=True)  # a usable folder, before any compute
-    # one bar over every round x seed of the cells to run, with an ETA; cell lines above it
-    with tqdm(total=0, desc="sweep rounds", disable=args.quiet, file=sys.stderr) as bar:
+    # one bar over every round x seed of the cells to run, with an ETA; cell lines above it.
+    # It is made once every cell is checked, so a bad cell's error is the only line.
+    bars = []
 
-        def progress(name, done):
-            bar.write(f"{'kept' if done else 'ran '} {name}", file=sys.stderr)
+    def make_bar(total):
+        bars.append(tqdm(total=total, desc="sweep rounds", disable=args.quiet, file=sys.stderr))
+        return bars[-1]
 
+    def progress(name, done):
+        tqdm.write(f"{'kept' if done else 'ran '} {name}", file=sys.stderr)
+
+    try:
         table = run_sweep(
             args.scenario,
             grid,
@@ -235,10 +337,13 @@ def cmd_sweep(args) -> int:
             engine=args.engine,
             max_batch=args.batch,
             force=args.force,
-            bar=bar,
+            bar=make_bar,
             report=args.report,
             command=shlex.join(["paramarket", *args.argv]),
         )
+    finally:
+        for bar in bars:
+            bar.close()
     keys = [key for key, _ in grid]
     cols = ["market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare", "mutual_gain",
             "trades", "revenue_of_sellers"]  # fmt: skip
@@ -285,8 +390,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def interrupted(args) -> str:
-    """What an interrupt left behind: a run writes all or nothing; a sweep keeps its
-    finished cells (each written atomically) and resumes from them."""
+    """What an interrupt left behind: a run writes all or nothing (a checkpointed run
+    keeps its checkpoints); a sweep keeps its finished cells (each written atomically) and
+    resumes from them."""
+    out = getattr(args, "checkpoint_out", None)
+    if out is not None:
+        return (
+            f"the checkpoints so far are kept in {out}; go on with: paramarket run --resume "
+            f"{shlex.quote(str(out))}"
+        )
     if args.command != "sweep":
         return "nothing was written"
     done = sorted(p.parent.name for p in pathlib.Path(args.out).glob("*/summary.json"))

@@ -13,12 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from paramarket_jax.broker import align_mode
-from paramarket_jax.data import Dataset, load_dataset, partition
+from paramarket_jax.data import Dataset, add_label_noise, load_dataset, partition, wrong_labels
 from paramarket_jax.economics import STRATEGIES, Economy, StrategyParams
 from paramarket_jax.mechanisms import Knobs, make_mechanism
-from paramarket_jax.population import agent_data
+from paramarket_jax.population import agent_data, row_capacity
 from paramarket_jax.round import MarketData, MarketParams, MarketSpec
 from paramarket_jax.scenario import Scenario, per_agent
+
+# the stream label noise draws from (folded into the data key and each seed's split key)
+NOISE_STREAM = 0x6E6F6973
 
 
 class Experiment(NamedTuple):
@@ -82,6 +85,12 @@ def spec_of(scenario: Scenario, dataset: Dataset) -> MarketSpec:
         chunk=s.broker.batch_size,
         alphas=len(s.broker.alphas),
         strategy_grid=len(s.strategies.grid),
+        # without hostile agents the kind is moot: such scenarios share one compilation
+        hostile=s.agents.hostile_kind if s.agents.hostile else "",
+        # label noise changes the data (not the round): in the spec so that cells with
+        # different noise never share a batch (and a wrong-label copy of the training set)
+        noisy=tuple(sorted(set(s.agents.noisy))) if s.agents.noise > 0 else (),
+        noise=float(s.agents.noise) if s.agents.noisy else 0.0,
     )
 
 
@@ -92,6 +101,8 @@ def params_of(scenario: Scenario) -> MarketParams:
     e, m, st = s.economics, s.mechanism, s.strategies
     seller_only = np.zeros(n, bool)
     seller_only[list(s.broker.sellers)] = True
+    hostile = np.zeros(n, bool)
+    hostile[list(s.agents.hostile)] = True
     roles = ~seller_only if s.broker.sellers else np.arange(n) < (n + 1) // 2
     return MarketParams(
         learning_rate=f32(per_agent(s.train.learning_rate, n)),
@@ -130,6 +141,9 @@ def params_of(scenario: Scenario) -> MarketParams:
         initial_alive=jnp.arange(n) < (s.agents.initial or n),
         bankruptcy=jnp.asarray(e.bankruptcy),
         diverge_loss=f32(s.train.diverge_loss),
+        hostile=jnp.asarray(hostile),
+        min_gain=f32(s.broker.min_gain),
+        confidence=f32(s.broker.confidence),
     )
 
 
@@ -148,6 +162,13 @@ def seed_data(exp: Experiment, seed: int) -> tuple[MarketData, jax.Array]:
 
     The training rows are padded to a length fixed by the dataset and N (see
     ``population.row_capacity``), so every seed and every split option has one shape.
+
+    With label noise (``agents.noisy``, ``agents.noise``) the training arrays get a second
+    copy of the training set whose labels are all wrong (:func:`~paramarket_jax.data.
+    wrong_labels`, drawn from ``data.seed``: every seed shares the feature arrays), and
+    each noisy agent's chosen rows point into it (:func:`~paramarket_jax.data.
+    add_label_noise`, drawn from the run seed's split key). Validation and test rows stay
+    clean.
     """
     sc, dataset = exp.scenario, exp.dataset
     _, k_split, k_run = jax.random.split(jax.random.key(seed), 3)
@@ -162,9 +183,22 @@ def seed_data(exp: Experiment, seed: int) -> tuple[MarketData, jax.Array]:
         **dict(d.split.options),
     )
     n_train = len(dataset.y_train)
-    agents = agent_data(dataset, part)
+    capacity = row_capacity(part, n_train)
+    spec = exp.spec
+    if spec.noisy:
+        k_wrong = jax.random.fold_in(jax.random.key(d.seed), NOISE_STREAM)
+        wrong = wrong_labels(k_wrong, dataset.y_train, dataset.num_classes)
+        part = add_label_noise(
+            jax.random.fold_in(k_split, NOISE_STREAM), part, n_train, spec.noisy, spec.noise
+        )
+        dataset = dataset._replace(
+            x_train=np.concatenate([dataset.x_train, dataset.x_train]),
+            y_train=np.concatenate([np.asarray(dataset.y_train, np.int32), wrong]),
+        )
+    agents = agent_data(dataset, part, capacity)
+    # the centralized baseline pools every row as its owners hold it (noisy labels too)
     pool = np.unique(np.asarray(part.train_rows))
-    pool_rows = np.concatenate([pool, np.repeat(pool[:1], n_train - len(pool))])
+    pool_rows = np.concatenate([pool, np.repeat(pool[:1], len(dataset.y_train) - len(pool))])
     data = MarketData(
         agents=agents,
         pool_rows=jnp.asarray(pool_rows, jnp.int32),

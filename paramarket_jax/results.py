@@ -21,8 +21,9 @@ ROUND_COLUMNS = [
     "diverged", "siloed_diverged",
 ]  # fmt: skip
 TRADE_COLUMNS = [
-    "seed", "round", "buyer", "seller", "alpha", "predicted_gain", "realized_gain", "value",
-    "realized_value", "estimation_error", "reservation", "bid", "ask", "price", "fee",
+    "seed", "round", "buyer", "seller", "hostile", "alpha", "predicted_gain", "gain_se",
+    "acc_gain", "acc_gain_se", "realized_gain", "value", "realized_value", "estimation_error",
+    "reservation", "bid", "ask", "price", "fee",
 ]  # fmt: skip
 
 
@@ -95,9 +96,11 @@ def trades_table(records, seeds) -> pd.DataFrame:
             "round": r_idx.astype(np.int64),
             "buyer": buyer.astype(np.int64),
             "seller": np.asarray(t.seller)[mask].astype(np.int64),
+            "hostile": np.asarray(t.hostile, bool)[mask],
         }
     )
-    for col in ("alpha", "predicted_gain", "realized_gain", "value", "realized_value"):
+    gains = ("predicted_gain", "gain_se", "acc_gain", "acc_gain_se", "realized_gain")
+    for col in ("alpha", *gains, "value", "realized_value"):
         df[col] = np.asarray(getattr(t, col), np.float64)[mask]
     df["estimation_error"] = df["value"] - df["realized_value"]
     for col in ("reservation", "bid", "ask", "price", "fee"):
@@ -133,7 +136,8 @@ def check_finite_losses(records, seeds, learning_rate) -> None:
 def diverged(round_index: int, seed: int, learning_rate) -> ParamarketError:
     """The error for a run whose loss stopped being finite."""
     return ParamarketError(
-        f"training diverged (non-finite loss) at round {round_index}, seed {seed}; "
+        f"every agent's training diverged (loss not finite, or above train.diverge_loss "
+        f"times its initial loss) by round {round_index}, seed {seed}; "
         f"lower train.learning_rate (now {learning_rate})"
     )
 
@@ -352,16 +356,7 @@ def write_run(out: str | os.PathLike, files: dict[str, object]) -> pathlib.Path:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
-        for name, content in files.items():
-            dest = tmp / name
-            if isinstance(content, pd.DataFrame):
-                content.to_parquet(dest, index=False)
-            elif isinstance(content, dict):
-                dest.write_text(json.dumps(content, indent=2) + "\n")
-            elif isinstance(content, str):
-                dest.write_text(content)
-            else:
-                content(dest)
+        _write_files(tmp, files)
         if path.exists():
             path.rmdir()
         os.replace(tmp, path)
@@ -369,3 +364,33 @@ def write_run(out: str | os.PathLike, files: dict[str, object]) -> pathlib.Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return given
+
+
+def _write_files(folder: pathlib.Path, files: dict[str, object]) -> None:
+    for name, content in files.items():
+        dest = folder / name
+        if isinstance(content, pd.DataFrame):
+            content.to_parquet(dest, index=False)
+        elif isinstance(content, dict):
+            dest.write_text(json.dumps(content, indent=2) + "\n")
+        elif isinstance(content, str):
+            dest.write_text(content)
+        else:
+            content(dest)
+
+
+def write_into(out: str | os.PathLike, files: dict[str, object], last: str = "summary.json"):
+    """Write a run's files into its existing folder (a checkpointed run's, see
+    :mod:`paramarket_jax.checkpoint`): they are written to a temporary sibling first and
+    renamed in one by one, ``last`` last, so a folder holding ``last`` holds every file
+    whole. Stale temporaries of killed runs are removed first.
+    """
+    path = pathlib.Path(out).resolve()
+    clean_stale_temps(path)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
+    try:
+        _write_files(tmp, files)
+        for name in sorted(files, key=lambda name: name == last):
+            os.replace(tmp / name, path / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

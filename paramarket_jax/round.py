@@ -38,9 +38,15 @@ from paramarket_jax.economics import (
 )
 from paramarket_jax.mechanisms import Knobs, Market, cap_bids, make_mechanism, settle
 from paramarket_jax.models import Model, make_model
-from paramarket_jax.population import AgentData, Population, Trainer, make_trainer
+from paramarket_jax.population import AgentData, Population, Trainer, agent_keys, make_trainer
 
 MARKET = 0
+# a ``poisoned`` offer is the seller's model plus Gaussian noise whose standard deviation is
+# this times each layer's own root-mean-square weight (per agent, fresh every trading round)
+POISON_SCALE = 1.0
+# folded into a trading round's key for the hostile offers' randomness (the round's other
+# keys are split as before, so scenarios without hostile agents draw exactly as they did)
+HOSTILE_STREAM = 0x686F7374
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,12 @@ class MarketSpec:
             (the K alive sellers with the lowest own validation loss); max_sweeps: most
             weight-matching sweeps; chunk: buyers per valuation chunk (0: all at once).
         alphas: number of merge weights tried; strategy_grid: size of the adaptive grid.
+        hostile: what hostile sellers (``MarketParams.hostile``) offer the broker instead
+            of their model (:func:`offers`): ``random``, ``stale`` or ``poisoned``; ""
+            when no agent is hostile (nothing is replaced, nothing extra computed).
+        noisy, noise: the agents whose training labels are noisy and the fraction of
+            their rows that are (used by ``experiment.seed_data``, which builds the data;
+            here so that cells with different label noise never share a batch).
     """
 
     n: int
@@ -96,6 +108,9 @@ class MarketSpec:
     chunk: int = 0
     alphas: int = 10
     strategy_grid: int = 10
+    hostile: str = ""
+    noisy: tuple[int, ...] = ()
+    noise: float = 0.0
 
     @property
     def twin_names(self) -> tuple[str, ...]:
@@ -134,6 +149,17 @@ class MarketParams(NamedTuple):
         bankruptcy: () bool an agent whose cash falls below zero leaves the market.
         diverge_loss: () an agent whose training loss after a round's local training
             exceeds this times its initial loss has diverged (see :func:`diverging`).
+        hostile: (N,) bool agents that offer the broker something other than their model
+            when they sell (``MarketSpec.hostile`` says what); their own model, training
+            and buying stay honest.
+        min_gain: () the broker offers a pair only if its predicted relative validation
+            gain (its lower confidence bound, with ``confidence``) is at least this; 0: off.
+            The gain is in the quality buyers pay for (``MarketSpec.quality``): the
+            relative loss gain (``likelihood``) or relative accuracy gain (``accuracy``).
+        confidence: () the broker offers a pair only if that validation gain is positive
+            at this one-sided confidence (``gain - z * se > 0``, z the normal quantile, se
+            from the per-row differences over the buyer's validation rows,
+            :func:`~paramarket_jax.broker.value.gain_se`); 0: off.
     """
 
     learning_rate: jax.Array
@@ -148,6 +174,9 @@ class MarketParams(NamedTuple):
     initial_alive: jax.Array
     bankruptcy: jax.Array
     diverge_loss: jax.Array
+    hostile: jax.Array
+    min_gain: jax.Array
+    confidence: jax.Array
 
 
 class MarketData(NamedTuple):
@@ -183,6 +212,9 @@ class MarketState(NamedTuple):
         initial_loss: (T, N) the loss of each agent's freshly initialised model, on its
             first minibatch before its first update (NaN until the agent first trains; an
             entrant's is measured when it first trains).
+        initial_params: the market agents' initial parameters, leaves (N, ...), what a
+            ``stale`` hostile seller offers (an entrant's are its fresh ones); None unless
+            ``MarketSpec.hostile`` is ``stale``.
     """
 
     twins: Population
@@ -194,6 +226,7 @@ class MarketState(NamedTuple):
     endowment: jax.Array
     diverged: jax.Array
     initial_loss: jax.Array
+    initial_params: Any = None
 
 
 class Trades(NamedTuple):
@@ -213,6 +246,11 @@ class Trades(NamedTuple):
         fee: broker fee the seller paid on this sale: the per-trade fee plus the fee share
             of the seller's receipts this round, split evenly over its sales (the fees of
             a seller's trades sum to what ``settle`` charged it).
+        gain_se: standard error of ``predicted_gain`` over the buyer's validation rows
+            (:func:`~paramarket_jax.broker.value.gain_se`).
+        acc_gain, acc_gain_se: the merge's predicted relative validation-accuracy gain
+            and its standard error (what the guard tests under ``accuracy`` quality).
+        hostile: bool, the seller was hostile (offered something other than its model).
     """
 
     mask: jax.Array
@@ -227,6 +265,10 @@ class Trades(NamedTuple):
     ask: jax.Array
     price: jax.Array
     fee: jax.Array
+    gain_se: jax.Array
+    acc_gain: jax.Array
+    acc_gain_se: jax.Array
+    hostile: jax.Array
 
 
 class Flows(NamedTuple):
@@ -322,6 +364,7 @@ def init(spec: MarketSpec, params: MarketParams, key: jax.Array) -> MarketState:
         endowment=cash,
         diverged=jnp.zeros((spec.twins, spec.n), bool),
         initial_loss=jnp.full((spec.twins, spec.n), jnp.nan, jnp.float32),
+        initial_params=pop.params if spec.hostile == "stale" else None,
     )
 
 
@@ -361,6 +404,11 @@ def enter(
         alive=state.alive | slots[None],
         diverged=state.diverged & ~slots[None],
         initial_loss=jnp.where(slots[None], jnp.nan, state.initial_loss),
+        initial_params=None
+        if state.initial_params is None
+        else jax.tree.map(
+            lambda new, old: pick(new, old[None])[0], fresh.params, state.initial_params
+        ),
     )
 
 
@@ -468,14 +516,51 @@ def top_candidates(score: jax.Array, alive: jax.Array, k: int) -> jax.Array:
     )
 
 
+def offers(spec: MarketSpec, params: MarketParams, state: MarketState, pop_params, key):
+    """What each agent offers the broker as a seller this round, leaves (N, ...).
+
+    An honest agent offers its model. A hostile one (``params.hostile``) offers, by
+    ``spec.hostile``: ``random``, fresh random weights (a new initialisation every trading
+    round, from ``key``); ``stale``, its initial, untrained weights
+    (``state.initial_params``); ``poisoned``, its model plus Gaussian noise of
+    :data:`POISON_SCALE` times each layer's RMS weight (fresh every round). Its own model,
+    training and purchases stay honest: only what the broker is given to sell changes.
+    Without hostile agents (``spec.hostile == ""``) this is ``pop_params`` itself.
+    """
+    if not spec.hostile:
+        return pop_params
+    if spec.hostile == "random":
+        fake = jax.vmap(spec.make_model().init)(agent_keys(key, spec.n))
+    elif spec.hostile == "stale":
+        fake = state.initial_params
+    elif spec.hostile == "poisoned":
+        leaves, treedef = jax.tree.flatten(pop_params)
+        noisy = []
+        for leaf, k in zip(leaves, jax.random.split(key, len(leaves)), strict=True):
+            axes = tuple(range(1, leaf.ndim))
+            rms = jnp.sqrt(jnp.mean(jnp.square(leaf), axis=axes, keepdims=True))
+            noise = jax.random.normal(k, leaf.shape, leaf.dtype)
+            noisy.append(leaf + POISON_SCALE * rms * noise)
+        fake = jax.tree.unflatten(treedef, noisy)
+    else:
+        raise ValueError(f"unknown hostile kind {spec.hostile!r}")
+    hostile = params.hostile
+    return jax.tree.map(
+        lambda f, v: jnp.where(hostile.reshape((-1,) + (1,) * (v.ndim - 1)), f, v),
+        fake,
+        pop_params,
+    )
+
+
 def value(spec: MarketSpec, params: MarketParams, data: MarketData, pop_params, alive, loss_v,
-          k_cand, k_align):  # fmt: skip
+          k_cand, k_align, offered=None):  # fmt: skip
     """The broker's try-before-buy of a round: candidates, their scores and permutations.
 
     Args:
         pop_params: the market twin's parameters (N, ...); alive: (N,) bool agents that
             may trade (in the market and not diverged);
         loss_v: (N,) each agent's own validation loss (the ``top`` pick's score).
+        offered: what each agent offers as a seller (:func:`offers`); None: its model.
 
     Returns:
         (candidates (N, K), Valuation, perms name -> (N, K, size)).
@@ -498,6 +583,7 @@ def value(spec: MarketSpec, params: MarketParams, data: MarketData, pop_params, 
         restarts=spec.restarts,
         choose=spec.choose,
         reference=jnp.argmax(alive).astype(jnp.int32),  # the first agent in the market
+        offers=offered,
     )
     return cands, val, perms
 
@@ -506,7 +592,7 @@ def _no_trade(spec: MarketSpec, state: MarketState):
     """The branch of rounds without trading: nothing moves."""
     n = spec.n
     zf, zi = jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32)
-    trades = Trades(jnp.zeros(n, bool), zi - 1, *([zf] * 10))
+    trades = Trades(jnp.zeros(n, bool), zi - 1, *([zf] * 13), jnp.zeros(n, bool))
     return state, trades, Flows(zf, zf, zf, jnp.zeros((), jnp.float32))
 
 
@@ -520,9 +606,20 @@ def _trade(spec: MarketSpec, state: MarketState, key, trainer, model, data, para
     # only agents in the market trade, and a diverged agent neither buys nor sells
     trading = alive & ~state.diverged[MARKET]
     loss_v, acc_v = trainer.evaluate(pop.params, agents.x_val, agents.y_val, agents.val_idx)
-    cands, val, perms = value(spec, params, data, pop.params, trading, loss_v, k_cand, k_align)
+    # hostile sellers offer something else than their model (None: nobody is hostile)
+    offered = None
+    if spec.hostile:
+        offered = offers(spec, params, state, pop.params, jax.random.fold_in(key, HOSTILE_STREAM))
+    cands, val, perms = value(
+        spec, params, data, pop.params, trading, loss_v, k_cand, k_align, offered
+    )
     layers = spec.layers or None
     gain, alpha, mask = gains_matrix(val, n)
+
+    def pairs(v):  # (P,) per-pair scores -> (N, N) buyer x seller
+        return jnp.zeros((n, n), jnp.float32).at[val.buyer, val.seller].set(v)
+
+    gain_se, acc_gain, acc_gain_se = pairs(val.gain_se), pairs(val.acc_gain), pairs(val.acc_gain_se)
     sells = params.seller_only
     mask = jnp.where(sells.any(), mask & sells[None, :] & ~sells[:, None], mask)
     mask = mask & trading[:, None] & trading[None, :]
@@ -546,6 +643,14 @@ def _trade(spec: MarketSpec, state: MarketState, key, trainer, model, data, para
     # a non-finite estimate (NaN weights, diverged merge) means "not a candidate"
     asks = jnp.maximum(asks, knobs.reserve)  # the reserve is every seller's lowest price
     mask = mask & jnp.isfinite(bids) & jnp.isfinite(asks)
+    # the buyers' guard (after the queries are paid: the valuation was made): offer a pair
+    # only if its validation gain, in the quality buyers pay for, clears the bound:
+    # gain - z * se >= min_gain and > 0
+    z = jnp.where(params.confidence > 0, jax.scipy.special.ndtri(params.confidence), 0.0)
+    accuracy = spec.quality == "accuracy"
+    lower = acc_gain - z * acc_gain_se if accuracy else gain - z * gain_se
+    guarded = (params.min_gain > 0) | (params.confidence > 0)
+    mask = mask & (~guarded | ((lower > 0) & (lower >= params.min_gain)))
     bids, asks = jnp.where(mask, bids, 0.0), jnp.where(mask, asks, 0.0)
     mechanism = make_mechanism(spec.mechanism, **dict(spec.mechanism_options))
     outcome = mechanism.run(Market(bids=cap_bids(bids, cash), asks=asks, mask=mask), knobs)
@@ -567,6 +672,7 @@ def _trade(spec: MarketSpec, state: MarketState, key, trainer, model, data, para
         chosen,
         layers=layers,
         batch_size=spec.chunk or None,
+        offers=offered,
     )
     before = trainer.evaluate(pop.params, agents.x_test, agents.y_test, agents.test_idx)
     after = trainer.evaluate(merged, agents.x_test, agents.y_test, agents.test_idx)
@@ -599,6 +705,10 @@ def _trade(spec: MarketSpec, state: MarketState, key, trainer, model, data, para
         ask=pick_or_zero(asks),
         price=pick_or_zero(outcome.price),
         fee=jnp.where(bought, fee_per_sale[pick], 0.0),
+        gain_se=pick_or_zero(gain_se),
+        acc_gain=pick_or_zero(acc_gain),
+        acc_gain_se=pick_or_zero(acc_gain_se),
+        hostile=bought & params.hostile[pick],
     )
     flows = Flows(
         payment=outcome.payment,
@@ -712,6 +822,35 @@ def simulate(
         return step(spec, params, data, state, jax.random.fold_in(k_rounds, r), r)
 
     return jax.lax.scan(body, state, jnp.arange(rounds, dtype=jnp.int32))
+
+
+def simulate_chunk(
+    spec: MarketSpec,
+    params: MarketParams,
+    data: MarketData,
+    state: MarketState,
+    k_rounds: jax.Array,
+    start: jax.Array,
+    length: int,
+) -> tuple[MarketState, RoundRecord]:
+    """Rounds ``start .. start + length - 1`` of a run, from the state after round
+    ``start - 1`` (or :func:`init`'s state for ``start = 0``): a piece of :func:`simulate`.
+
+    Round r uses ``fold_in(k_rounds, r)`` as in :func:`simulate`, where ``k_rounds`` is
+    the second half of ``jax.random.split(key)``, so running a run in chunks (the state
+    carried from one to the next, records concatenated) gives :func:`simulate`'s numbers.
+    ``start`` is traced (keep it unbatched under ``vmap``): one compilation per
+    ``length``.
+
+    Returns:
+        The state after the chunk and its records, leaves with a leading axis ``length``.
+    """
+
+    def body(state, r):
+        return step(spec, params, data, state, jax.random.fold_in(k_rounds, r), r)
+
+    rounds = jnp.asarray(start, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
+    return jax.lax.scan(body, state, rounds)
 
 
 init_jit = jax.jit(init, static_argnums=0)

@@ -17,6 +17,10 @@ from paramarket_jax.experiment import Experiment, build
 from paramarket_jax.scenario import Scenario, dumps
 
 ENGINES = ("auto", "batch", "mesa")
+CHECKPOINT_ENGINE = (
+    "--checkpoint-every works with the batch engine only; the mesa engine (--engine mesa, "
+    "or auto for scenarios with agents.entry) has no checkpoints"
+)
 
 
 def resolve_engine(scenario: Scenario, engine: str) -> str:
@@ -90,6 +94,7 @@ def run_scenario(
     engine: str = "auto",
     max_batch: int | None = None,
     progress: Callable[[int], None] | None = None,
+    checkpoints=None,
 ) -> RunResult:
     """Run every seed of ``scenario``.
 
@@ -100,10 +105,32 @@ def run_scenario(
             ``auto`` (``batch`` unless the scenario lets agents enter: ``mesa``).
         max_batch: most runs per compiled call of the batch path.
         progress: called with a number of rounds x seeds finished.
+        checkpoints: a :class:`paramarket_jax.checkpoint.Checkpoints` (batch engine only):
+            run in chunks of its ``every`` rounds, saving after each, and go on from its
+            newest usable checkpoint.
     """
     engine = resolve_engine(scenario, engine)
     exp = build(scenario)
     rounds = scenario.train.rounds
+    if checkpoints is not None:
+        if engine != "batch":
+            raise ParamarketError(CHECKPOINT_ENGINE)
+
+        def start(b):
+            carry = checkpoints.restore(b)
+            if carry is not None and progress is not None:
+                progress(carry.done * b.total)
+            return carry
+
+        out = batch.run_cells_chunked(
+            [exp],
+            checkpoints.every,
+            max_batch=max_batch,
+            progress=progress,
+            start=start,
+            save=checkpoints.save,
+        )
+        return result_of(exp, out.records[0])
     if engine == "batch":
         tick = None if progress is None else (lambda runs: progress(runs * rounds))
         return run_cells([exp], max_batch=max_batch, progress=tick)[0]

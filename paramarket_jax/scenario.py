@@ -89,6 +89,12 @@ NAME = (
         and not any(c in "/\\" or not c.isprintable() for c in v)
     ),
 )
+INDICES = (
+    "a list of agent indices",
+    lambda v: isinstance(v, list) and all(type(x) is int and 0 <= x <= MAX_INT for x in v),
+)
+# what a hostile seller offers the broker instead of its model (see round.offers)
+HOSTILE_KINDS = ("poisoned", "random", "stale")
 STRS = ("a list of strings", lambda v: isinstance(v, list) and all(type(x) is str for x in v))
 ALPHAS = (
     "a non-empty list of numbers in [0, 1]",
@@ -138,6 +144,10 @@ class AgentsConfig:
     entry: bool = False
     entry_profit: float = 0.0
     entry_max: int = 1
+    hostile: tuple[int, ...] = ()
+    hostile_kind: str = "random"
+    noisy: tuple[int, ...] = ()
+    noise: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +202,8 @@ class BrokerConfig:
     max_sweeps: int = 100
     sellers: tuple[int, ...] = ()
     batch_size: int = 0
+    min_gain: float = 0.0
+    confidence: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +282,13 @@ RULES: dict[str, tuple] = {
     "agents.entry": BOOL,
     "agents.entry_profit": _real("a number", lambda v: True),
     "agents.entry_max": _int(1),
+    "agents.hostile": INDICES,
+    "agents.hostile_kind": (
+        "one of " + ", ".join(HOSTILE_KINDS),
+        lambda v: type(v) is str and v in HOSTILE_KINDS,
+    ),
+    "agents.noisy": INDICES,
+    "agents.noise": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "data.dataset": _choice(_datasets),
     "data.path": STR,
     "data.seed": ("an integer >= 0", lambda v: type(v) is int and 0 <= v <= MAX_SEED),
@@ -301,10 +320,9 @@ RULES: dict[str, tuple] = {
     "broker.candidates": _int(0),
     "broker.max_sweeps": _int(1),
     "broker.batch_size": _int(0),
-    "broker.sellers": (
-        "a list of agent indices",
-        lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v),
-    ),
+    "broker.sellers": INDICES,
+    "broker.min_gain": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "broker.confidence": _real("0 (off) or a number in [0.5, 1)", lambda v: v == 0 or 0.5 <= v < 1),
     "mechanism.name": _choice(_mechanisms),
     "mechanism.reserve": _real("a number >= 0", lambda v: v >= 0),
     "mechanism.beta": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
@@ -541,11 +559,16 @@ def from_dict(table: Mapping[str, Any]) -> Scenario:
             f"scenario key 'agents.initial' must be in [0, agents.n = {n}] (0: all), "
             f"got {scenario.agents.initial}"
         )
-    bad = [i for i in scenario.broker.sellers if i >= n]
-    if bad:
-        raise ParamarketError(
-            f"scenario key 'broker.sellers' must list agents in [0, {n - 1}], got {bad[0]}"
-        )
+    for key, agents in (
+        ("broker.sellers", scenario.broker.sellers),
+        ("agents.hostile", scenario.agents.hostile),
+        ("agents.noisy", scenario.agents.noisy),
+    ):
+        bad = [i for i in agents if i >= n]
+        if bad:
+            raise ParamarketError(
+                f"scenario key {key!r} must list agents in [0, {n - 1}], got {bad[0]}"
+            )
     if min(scenario.broker.alphas) > scenario.broker.max_alpha:
         raise ParamarketError(
             f"scenario key 'broker.max_alpha' ({scenario.broker.max_alpha}) is below every "

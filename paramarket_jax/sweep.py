@@ -204,8 +204,8 @@ def run_sweep(
             ``mesa`` (each cell's seeds stepped through the Mesa model) or ``auto``
             (``batch`` unless agents enter the market).
         max_batch: most runs per compiled call of the batch path.
-        bar: optional progress bar (tqdm-like: ``total``, ``refresh()``, ``update(k)``) over
-            the rounds x seeds of the cells to run; its total is set once they are known.
+        bar: optional callable(total) -> progress bar (tqdm-like ``update(k)``) over the
+            rounds x seeds of the cells to run, made once every cell is checked and built.
         report: write the sweep's figures and ``report.html`` at the end (cells get tables
             only; ``paramarket report`` on a cell folder draws one).
         command: the command line, recorded in ``sweep.json`` and the report.
@@ -246,10 +246,9 @@ def run_sweep(
         command=command,
     )
     _atomic_text(root / "sweep.json", json.dumps(meta, indent=2) + "\n")
-    tick = (lambda k: None) if bar is None else bar.update
     if bar is not None:
-        bar.total = sum(s.train.rounds * len(s.seeds) for _, s in todo)
-        bar.refresh()
+        bar = bar(sum(s.train.rounds * len(s.seeds) for _, s in todo))
+    tick = (lambda k: None) if bar is None else bar.update
     for group in built:
         rounds = group[0][1].scenario.train.rounds
         if resolve_engine(group[0][1].scenario, engine) == "batch":

@@ -253,3 +253,13 @@ def test_an_interrupt_says_what_it_kept(tmp_path, capsys, monkeypatch):
     assert main(["run", "--out", str(tmp_path / "run"), "--quiet"]) == 130
     assert "nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_sweep_prints_its_error_and_nothing_else(tmp_path, capsys):
+    """No progress bar before the check (without --quiet): the error is the only line."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", "paper_two_agent", "--grid", "data.split.d=0.1,0,0.2", "--out",
+                 str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("paramarket: error:") and "\r" not in err
+    assert not out.exists()

@@ -129,8 +129,8 @@ def test_every_agent_diverging_fails_the_run_with_the_usual_message(tmp_path, ca
     assert main(_argv(out, "train.learning_rate=1e4")) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(
-        "training diverged (non-finite loss) at round 0, seed 0; "
-        "lower train.learning_rate (now 10000.0)"
+        "every agent's training diverged (loss not finite, or above train.diverge_loss times "
+        "its initial loss) by round 0, seed 0; lower train.learning_rate (now 10000.0)"
     ), err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 

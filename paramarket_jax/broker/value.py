@@ -65,6 +65,12 @@ class Valuation(NamedTuple):
         loss_after: float32 validation loss of the best merge.
         gain: float32 relative gain ``(loss_before - loss_after) / loss_before``.
         acc_after: float32 validation accuracy of the best merge.
+        gain_se: float32 standard error of ``gain`` over the buyer's validation rows
+            (:func:`gain_se`): per-row loss differences of the best merge, rows that
+            repeat counted as one cluster.
+        acc_gain: float32 relative validation-accuracy gain of the best merge,
+            ``(acc_after - acc_before) / acc_before``.
+        acc_gain_se: float32 its standard error, from per-row correctness differences.
     """
 
     buyer: jax.Array
@@ -74,6 +80,9 @@ class Valuation(NamedTuple):
     loss_after: jax.Array
     gain: jax.Array
     acc_after: jax.Array
+    gain_se: jax.Array | None = None
+    acc_gain: jax.Array | None = None
+    acc_gain_se: jax.Array | None = None
 
 
 def all_pairs(n: int) -> tuple[jax.Array, jax.Array]:
@@ -148,14 +157,83 @@ def loss_and_accuracy(model: Model, params, x: jax.Array, y: jax.Array):
     return loss, (logits.argmax(-1) == y).mean(dtype=jnp.float32)
 
 
+def row_counts(rows: jax.Array) -> jax.Array:
+    """(m,) float32: how often each entry of ``rows`` (m,) occurs in ``rows`` (a
+    validation set draws rows again when a class has too few; O(m log m))."""
+    ordered = jnp.sort(rows)
+    hi = jnp.searchsorted(ordered, rows, side="right")
+    lo = jnp.searchsorted(ordered, rows, side="left")
+    return (hi - lo).astype(jnp.float32)
+
+
+def gain_se(diffs: jax.Array, counts: jax.Array, before: jax.Array) -> jax.Array:
+    """Standard error of a relative validation gain from per-row differences.
+
+    The gain is ``mean(diffs) / before``, e.g. with ``diffs = loss_before - loss_after`` per
+    validation row (or the change in correctness, for an accuracy gain). Rows drawn more
+    than once (a short class) are one observation, not several: the variance of the mean
+    is the cluster-robust ``sum_u (sum_{r in u} e_r)^2 / m^2 * U / (U - 1)`` over the U
+    distinct rows u (residuals ``e = diffs - mean``), which is ``sum_r c_r e_r^2 / m^2 *
+    U / (U - 1)`` with ``c_r`` the count of row r's copies. With every row distinct it is
+    the usual ``std(ddof=1) / sqrt(m)``.
+
+    Args:
+        diffs: (..., m) per-row differences.
+        counts: (m,) copies of each row (:func:`row_counts`).
+        before: (...) the mean before (the gain's denominator).
+
+    Returns:
+        (...) float32, 0 where ``before`` is not positive.
+    """
+    m = diffs.shape[-1]
+    e = diffs - diffs.mean(-1, keepdims=True)
+    distinct = (1.0 / counts).sum()
+    var = (counts * e**2).sum(-1) / m**2 * distinct / jnp.maximum(distinct - 1.0, 1.0)
+    return jnp.where(before > 0, jnp.sqrt(var) / jnp.where(before > 0, before, 1.0), 0.0)
+
+
+def _rows(model, params, x, y):
+    """Per-row loss and correctness (m,) of one model."""
+    logits = model.apply(params, x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return loss, (logits.argmax(-1) == y).astype(jnp.float32)
+
+
+def _kept_stats(model, layers, buyer, kept, alpha, x, y, counts, before):
+    """Per-row statistics of each kept merge: ``kept`` sellers (K, ...) at ``alpha`` (K,).
+
+    Returns (K,) each: the :func:`gain_se` of the relative loss gain; the relative accuracy
+    gain ``(acc_after - acc_before) / acc_before`` (0 where the buyer's accuracy is 0); and
+    its standard error, from the per-row correctness differences.
+
+    The buyer's rows are computed behind an optimization barrier, so XLA does not share
+    them with the mean loss ``before``: the scores stay bit for bit what they were before
+    these statistics existed (fused together, the mean's rounding changed).
+    """
+    buyer, x = jax.lax.optimization_barrier((buyer, x))
+    loss0, right0 = _rows(model, buyer, x, y)
+    loss1, right1 = jax.vmap(lambda s, a: _rows(model, merge(buyer, s, a, layers), x, y))(
+        kept, alpha
+    )
+    acc0 = right0.mean()
+    diffs = right1 - right0[None]
+    acc_gain = jnp.where(acc0 > 0, diffs.mean(-1) / jnp.where(acc0 > 0, acc0, 1.0), 0.0)
+    return (
+        gain_se(loss0[None] - loss1, counts, before),
+        acc_gain,
+        gain_se(diffs, counts, acc0),
+    )
+
+
 def _best_finite(losses: jax.Array) -> jax.Array:
     """(K,) column of each row's lowest finite loss (argmin would pick a NaN). A row with
     no finite loss keeps a non-finite one, and such a candidate is never offered."""
     return jnp.where(jnp.isfinite(losses), losses, jnp.inf).argmin(axis=1)
 
 
-def _score(model, layers, alphas, buyer, sellers, x, y):
-    """One buyer against K aligned sellers at A alphas -> per-seller scores (K,)."""
+def _score(model, layers, alphas, buyer, sellers, x, y, counts):
+    """One buyer against K aligned sellers at A alphas -> per-seller scores (K,), the last
+    the gain's standard error (``counts``: copies of each validation row)."""
     before, _ = loss_and_accuracy(model, buyer, x, y)
 
     def one(seller, alpha):
@@ -167,10 +245,11 @@ def _score(model, layers, alphas, buyer, sellers, x, y):
     gain = jnp.where(before > 0, (before - after) / before, 0.0)
     acc = jnp.take_along_axis(accs, best[:, None], 1)[:, 0]
     k = losses.shape[0]
-    return alphas[best], jnp.broadcast_to(before, (k,)), after, gain, acc
+    stats = _kept_stats(model, layers, buyer, sellers, alphas[best], x, y, counts, before)
+    return (alphas[best], jnp.broadcast_to(before, (k,)), after, gain, acc, *stats)
 
 
-def _score_restarts(model, layers, alphas, buyer, sellers, x, y):
+def _score_restarts(model, layers, alphas, buyer, sellers, x, y, counts):
     """:func:`_score` over R alignments of each seller (leaves (K, R, ...)): the best
     (restart, alpha) of each seller, by validation loss (the first on ties, restart-major).
 
@@ -190,8 +269,12 @@ def _score_restarts(model, layers, alphas, buyer, sellers, x, y):
     after = jnp.take_along_axis(losses, best[:, None], 1)[:, 0]
     gain = jnp.where(before > 0, (before - after) / before, 0.0)
     acc = jnp.take_along_axis(accs, best[:, None], 1)[:, 0]
-    scores = alphas[best % a], jnp.broadcast_to(before, (k,)), after, gain, acc
-    return scores, (best // a).astype(jnp.int32)
+    restart = (best // a).astype(jnp.int32)
+    kept = jax.tree.map(lambda v: jnp.take_along_axis(
+        v, restart.reshape(-1, *(1,) * (v.ndim - 1)), 1)[:, 0], sellers)  # fmt: skip
+    stats = _kept_stats(model, layers, buyer, kept, alphas[best % a], x, y, counts, before)
+    scores = (alphas[best % a], jnp.broadcast_to(before, (k,)), after, gain, acc, *stats)
+    return scores, restart
 
 
 def _permute(spec, perms, sellers_flat):
@@ -219,8 +302,12 @@ def _value(
     alphas,
     max_sweeps,
     reference,
+    offers=None,
 ):
     """Scores of buyer ids[b] against sellers cands[b, :]; chunks of ``batch_size`` buyers.
+
+    ``offers`` (a population like ``pop``, or None: ``pop`` itself) is what each agent
+    offers as a seller; buyers are always ``pop``.
 
     ``mode`` is one of :data:`ALIGN_MODES`; with ``choose="validation"`` and R > 1 restarts
     every restart's merges are scored and the (restart, alpha) with the lowest validation
@@ -231,24 +318,33 @@ def _value(
     spec = model.spec
     frozen = freeze(spec)
     flat = flatten(pop)
+    offered = flat if offers is None else flatten(offers)
     x_val, y_val = jnp.asarray(x_val), jnp.asarray(y_val)
     keep_all = mode != "none" and choose == "validation" and restarts > 1
     if mode == "reference":
         k = cands.shape[1]
+        n = jax.tree.leaves(flat)[0].shape[0]
+        both = flat if offers is None else jax.tree.map(
+            lambda u, v: jnp.concatenate([u, v]), flat, offered)  # fmt: skip
         to_ref = _reference_perms(
-            frozen, flat, reference, key, max_sweeps, "auto", restarts,
+            frozen, both, reference, key, max_sweeps, "auto", restarts,
             None if batch_size is None else batch_size * k, keep_all,
         )  # fmt: skip
+        # sellers' offers matched to the (honest) reference, buyers as they are
+        to_ref_offered = to_ref if offers is None else jax.tree.map(lambda p: p[n:], to_ref)
+        to_ref = to_ref if offers is None else jax.tree.map(lambda p: p[:n], to_ref)
 
     def chunk(idx):
         b_ids, c_ids = idx  # (B,), (B, K)
         n_b, k = c_ids.shape
         buyers = take(flat, b_ids)
-        sellers = take(flat, c_ids.reshape(-1))
+        sellers = take(offered, c_ids.reshape(-1))
         if mode == "none":
             perms = {}
         elif mode == "reference":
-            perms = compose(take(to_ref, jnp.repeat(b_ids, k)), take(to_ref, c_ids.reshape(-1)))
+            perms = compose(
+                take(to_ref, jnp.repeat(b_ids, k)), take(to_ref_offered, c_ids.reshape(-1))
+            )
         else:
             repeated = jax.tree.map(lambda v: jnp.repeat(v, k, axis=0), buyers)
             perms = _align_restarts(
@@ -257,6 +353,7 @@ def _value(
             perms = perms[0] if keep_all else perms
         rows = val_idx[b_ids]  # (B, m)
         x, y = x_val[rows], y_val[rows]
+        counts = jax.vmap(row_counts)(rows)  # (B, m)
 
         def split(v):
             return v.reshape(n_b, k, *v.shape[1:])
@@ -265,26 +362,23 @@ def _value(
             permute_r = jax.vmap(lambda p: _permute(spec, p, sellers), out_axes=1)
             every = jax.tree.map(split, permute_r(jax.tree.map(lambda p: p.swapaxes(0, 1), perms)))
             score = jax.vmap(
-                lambda b, s, x, y: _score_restarts(
-                    model, layers, alphas, unflatten(b), unflatten(s), x, y
+                lambda b, s, x, y, c: _score_restarts(
+                    model, layers, alphas, unflatten(b), unflatten(s), x, y, c
                 )
             )
-            scores, kept = score(buyers, every, x, y)  # kept: (B, K)
+            scores, kept = score(buyers, every, x, y, counts)  # kept: (B, K)
             at = kept.reshape(-1)[:, None, None]
             perms = jax.tree.map(lambda p: jnp.take_along_axis(p, at, 1)[:, 0], perms)
             return scores, jax.tree.map(split, perms)
         sellers = jax.tree.map(split, _permute(spec, perms, sellers))
         score = jax.vmap(
-            lambda b, s, x, y: _score(model, layers, alphas, unflatten(b), unflatten(s), x, y)
+            lambda b, s, x, y, c: _score(model, layers, alphas, unflatten(b), unflatten(s), x, y, c)
         )
-        return score(buyers, sellers, x, y), jax.tree.map(split, perms)
+        return score(buyers, sellers, x, y, counts), jax.tree.map(split, perms)
 
     scores, perms = map_chunks(chunk, (ids, cands), batch_size)
-    best_alpha, before, after, gain, acc = scores
     buyer = jnp.repeat(ids, cands.shape[1])
-    val = Valuation(
-        buyer, cands.reshape(-1), *(v.reshape(-1) for v in (best_alpha, before, after, gain, acc))
-    )
+    val = Valuation(buyer, cands.reshape(-1), *(v.reshape(-1) for v in scores))
     return val, perms
 
 
@@ -305,8 +399,12 @@ def value_with_perms(
     restarts: int = 1,
     choose: str = "objective",
     reference=0,
+    offers=None,
 ):
     """:func:`value_candidates` for callers already inside a trace (the market round).
+
+    ``offers``: what each agent offers as a seller (a population like ``pop_params``), when
+    it is not its own model (hostile sellers); None: every seller offers its model.
 
     Besides the scores it returns the permutations found for every pair (small int arrays,
     not weights), so the trades that settle merge exactly what was scored without aligning
@@ -321,7 +419,7 @@ def value_with_perms(
     ids = jnp.arange(candidates.shape[0], dtype=jnp.int32)
     return _value(
         model, mode, restarts, choose, layers, batch_size, pop_params, x_val, y_val, val_idx,
-        ids, candidates, key, alphas, max_sweeps, jnp.asarray(reference, jnp.int32),
+        ids, candidates, key, alphas, max_sweeps, jnp.asarray(reference, jnp.int32), offers,
     )  # fmt: skip
 
 
@@ -335,6 +433,7 @@ def merge_settled(
     *,
     layers: tuple[str, ...] | None = None,
     batch_size: int | None = None,
+    offers=None,
 ):
     """Settled trades merged with the permutations found during valuation.
 
@@ -349,11 +448,13 @@ def merge_settled(
             merge raw weights).
         layers: prefix or glob patterns of the traded layers; None trades the whole model.
         batch_size: buyers per chunk; None does all in one vmap.
+        offers: what each seller offered (as valued), leaves (N, ...); None: its model.
 
     Returns:
         New population params; buyers without a trade keep theirs exactly.
     """
     flat = flatten(pop_params)
+    offered = flat if offers is None else flatten(offers)
     n = sellers.shape[0]
     ids = jnp.arange(n, dtype=jnp.int32)
     sellers = jnp.where(mask, jnp.clip(sellers, 0, n - 1), ids)
@@ -361,7 +462,7 @@ def merge_settled(
     def chunk(idx):
         b_ids, s_ids, a, m, p = idx
         buyers = take(flat, b_ids)
-        aligned = _permute(spec, p, take(flat, s_ids))
+        aligned = _permute(spec, p, take(offered, s_ids))
 
         def one(b, s, alpha, keep):
             merged = flatten(merge(unflatten(b), unflatten(s), alpha, layers))

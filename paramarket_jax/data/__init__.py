@@ -4,8 +4,10 @@ from paramarket_jax.data.datasets import DATASETS, Dataset, check_dataset_option
 from paramarket_jax.data.partition import (
     PARTITIONERS,
     Partition,
+    add_label_noise,
     check_partition_options,
     partition,
+    wrong_labels,
 )
 
 __all__ = [
@@ -13,8 +15,10 @@ __all__ = [
     "PARTITIONERS",
     "Dataset",
     "Partition",
+    "add_label_noise",
     "check_dataset_options",
     "check_partition_options",
     "load_dataset",
     "partition",
+    "wrong_labels",
 ]

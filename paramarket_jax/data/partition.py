@@ -466,3 +466,53 @@ def partition(
             k_test, histograms, np.asarray(dataset.y_test), min(size, len(dataset.y_test))
         ),
     )
+
+
+# ---- label noise (a data-quality problem of some agents' own training rows) ----
+
+
+def wrong_labels(key: jax.Array, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(n,) int32: for every training row a label other than its own, uniform over the
+    other K - 1 classes (what a noisy agent sees on the rows :func:`add_label_noise` picks).
+
+    Drawn once per dataset (every seed shares the same feature arrays, so a row's wrong
+    label is shared too; which rows get it is each seed's draw).
+    """
+    labels = np.asarray(labels)
+    if num_classes < 2:
+        return labels.astype(np.int32)
+    shift = host_rng(key).integers(1, num_classes, size=len(labels))
+    return ((labels + shift) % num_classes).astype(np.int32)
+
+
+def add_label_noise(
+    key: jax.Array, part: Partition, n_train: int, agents, noise: float
+) -> Partition:
+    """Give each agent in ``agents`` noisy labels on a fraction ``noise`` of its training rows.
+
+    The labels live with the data, shared by every agent (shards may overlap), so a noisy row
+    is a pointer to a second copy of the training set whose labels are wrong: agent i's
+    chosen slots point to ``row + n_train`` (the caller appends the copy, with labels from
+    :func:`wrong_labels`). Exactly ``round(noise * size_i)`` of agent i's slots are chosen,
+    uniformly without replacement (agent i draws with ``fold_in(key, i)``). Every other
+    agent's rows, and everyone's validation and test rows, are untouched.
+
+    Args:
+        key: randomness (the run seed's).
+        part: the clean partition.
+        n_train: rows in the training set (where the wrong-label copy starts).
+        agents: indices of the noisy agents.
+        noise: fraction in [0, 1] of each noisy agent's rows that get a wrong label.
+
+    Returns:
+        The Partition with the noisy agents' slots remapped.
+    """
+    if not 0 <= noise <= 1:
+        raise ParamarketError(f"label noise must be in [0, 1], got {noise}")
+    rows = np.array(part.train_rows, np.int64)
+    for i in sorted(set(int(a) for a in agents)):
+        start, size = int(part.train_start[i]), int(part.train_size[i])
+        count = int(round(noise * size))
+        picked = host_rng(jax.random.fold_in(key, i)).permutation(size)[:count]
+        rows[start + picked] += n_train
+    return part._replace(train_rows=rows.astype(np.int32))
