@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", default=None, help="seeds to run, e.g. 0,1,2 or 0-4")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     add_report_option(run)
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="check the market's invariants on every round (money conserved, no payment "
+        "without a trade, purchase counts) before writing; a violation exits 2",
+    )
     add_engine_options(run)
     run.set_defaults(engine=None)  # auto; None tells --resume that --engine was not given
     run.add_argument(
@@ -200,7 +206,11 @@ def cmd_run(args) -> int:
         total = scenario.train.rounds * len(scenario.seeds)
         with tqdm(total=total, desc="rounds", disable=args.quiet, file=sys.stderr) as bar:
             result = run_scenario(
-                scenario, engine=engine, max_batch=args.batch, progress=bar.update
+                scenario,
+                engine=engine,
+                max_batch=args.batch,
+                progress=bar.update,
+                check=args.check,
             )
         write_run(out, result.files(report=args.report))
     print_summary(scenario, result.summary)
@@ -260,6 +270,7 @@ def run_checkpointed(args, out, scenario, every: int, max_batch, report: bool, *
                     max_batch=max_batch,
                     progress=bar.update,
                     checkpoints=saves,
+                    check=getattr(args, "check", False),
                 )
         checkpoint.finish(out, result.files(report=report))
     return result

@@ -142,6 +142,62 @@ def diverged(round_index: int, seed: int, learning_rate) -> ParamarketError:
     )
 
 
+def invariant_violations(rounds: pd.DataFrame, trades: pd.DataFrame) -> list[str]:
+    """The market's bookkeeping invariants, checked on a run's tables for every round.
+
+    - money is conserved: each agent's utility changes by exactly its revenue minus its
+      compute cost, minus what it paid, plus what it received, minus its fees (to float32
+      rounding of its cash), so the agents' cash plus the broker's take (payments minus
+      receipts plus fees) only changes by revenue and compute;
+    - no payment without a trade: an agent pays only in a round it bought, and receives
+      only in a round it sold;
+    - the purchase counts in the rounds table are the trades table's.
+
+    Returns:
+        One line per violated invariant (the first offending seed, round and agent).
+    """
+    out = []
+    r = rounds.sort_values(["seed", "agent", "round"])
+    change = r.groupby(["seed", "agent"])["utility"].diff().fillna(r["utility"])
+    flows = r["revenue"] - r["cost"] - r["payment"] + r["receipt"] - r["fees"]
+    scale = np.maximum(r["cash"].abs(), (r["cash"] - r["utility"]).abs()).to_numpy(np.float32)
+    tol = 16 * np.spacing(np.maximum(scale, 1).astype(np.float32)).astype(np.float64)
+    bad = (change - flows).abs().to_numpy() > tol
+    if bad.any():
+        row = r[bad].iloc[0]
+        out.append(
+            f"money not conserved: seed {row['seed']}, round {row['round']}, agent "
+            f"{row['agent']}: utility changed by {change[bad].iloc[0]:.6g}, its flows add to "
+            f"{flows[bad].iloc[0]:.6g}"
+        )
+    keys = ["seed", "round", "agent"]
+    for col, side in (("payment", "buyer"), ("receipt", "seller")):
+        traded = set(map(tuple, trades[["seed", "round", side]].to_numpy().tolist()))
+        paid = r.loc[r[col] != 0, keys]
+        orphans = [k for k in map(tuple, paid.to_numpy().tolist()) if k not in traded]
+        if orphans:
+            s, rd, a = orphans[0]
+            out.append(
+                f"{col} without a trade: seed {s}, round {rd}, agent {a} ({len(orphans)} rows)"
+            )
+    # purchases per round: the rise of the cumulative count (an entrant's count restarts)
+    rise = r.groupby(["seed", "agent"])["trades"].diff().fillna(r["trades"])
+    rise = rise.where(rise >= 0, r["trades"]).to_numpy()
+    per_round = trades.groupby(["seed", "round", "buyer"]).size() if len(trades) else None
+    index = pd.MultiIndex.from_frame(r[keys].rename(columns={"agent": "buyer"}))
+    counted = np.zeros(len(r)) if per_round is None else per_round.reindex(index, fill_value=0)
+    if not np.array_equal(rise, np.asarray(counted)):
+        out.append("purchase counts in the rounds table differ from the trades table")
+    return out
+
+
+def check_invariants(rounds: pd.DataFrame, trades: pd.DataFrame) -> None:
+    """Raise ParamarketError naming the first violated invariant (``paramarket run --check``)."""
+    violations = invariant_violations(rounds, trades)
+    if violations:
+        raise ParamarketError(f"invariant violated: {violations[0]}")
+
+
 def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
     """Per-agent outcomes against the siloed twins, per seed and averaged over seeds.
 

@@ -95,6 +95,7 @@ def run_scenario(
     max_batch: int | None = None,
     progress: Callable[[int], None] | None = None,
     checkpoints=None,
+    check: bool = False,
 ) -> RunResult:
     """Run every seed of ``scenario``.
 
@@ -105,10 +106,19 @@ def run_scenario(
             ``auto`` (``batch`` unless the scenario lets agents enter: ``mesa``).
         max_batch: most runs per compiled call of the batch path.
         progress: called with a number of rounds x seeds finished.
+        check: check the market's bookkeeping invariants on the tables
+            (:func:`~paramarket_jax.results.check_invariants`; ``paramarket run --check``).
         checkpoints: a :class:`paramarket_jax.checkpoint.Checkpoints` (batch engine only):
             run in chunks of its ``every`` rounds, saving after each, and go on from its
             newest usable checkpoint.
     """
+    result = _run_scenario(scenario, engine, max_batch, progress, checkpoints)
+    if check:
+        results.check_invariants(result.rounds, result.trades)
+    return result
+
+
+def _run_scenario(scenario, engine, max_batch, progress, checkpoints) -> RunResult:
     engine = resolve_engine(scenario, engine)
     exp = build(scenario)
     rounds = scenario.train.rounds

@@ -39,8 +39,8 @@ def test_run_writes_the_run_folder(tmp_path, capsys):
     assert names == tables | figures | {"report.html"}
     check_report(out / "report.html", min_images=len(figures))
     # --no-report: the tables only (the same compiled call, so this costs no compile)
-    assert main(["run", "--out", str(tmp_path / "bare"), "--no-report", "--seeds", "0,1",
-                 *SMALL]) == 0  # fmt: skip
+    assert main(["run", "--out", str(tmp_path / "bare"), "--no-report", "--check", "--seeds",
+                 "0,1", *SMALL]) == 0  # fmt: skip
     assert {p.name for p in (tmp_path / "bare").iterdir()} == tables
     capsys.readouterr()
     rounds = pd.read_parquet(out / "rounds.parquet")

@@ -14,7 +14,7 @@ from paramarket_jax import round as market_round
 from paramarket_jax import scenario as sc
 from paramarket_jax.experiment import build, seed_data
 from paramarket_jax.market.model import MarketModel
-from paramarket_jax.results import write_run
+from paramarket_jax.results import invariant_violations, write_run
 from paramarket_jax.runs import result_of, run_scenario
 
 THREE = [
@@ -96,7 +96,7 @@ def knobs(experiment, *overrides):
     return build(scenario, experiment.dataset)
 
 
-def test_without_trades_the_market_is_its_siloed_twin(experiment, compiles):
+def test_without_trades_the_market_is_its_siloed_twin(experiment, batch_result, compiles):
     quiet = knobs(experiment, "trading.start=99")
     assert quiet.spec == experiment.spec
     with compiles() as events:
@@ -106,6 +106,11 @@ def test_without_trades_the_market_is_its_siloed_twin(experiment, compiles):
     np.testing.assert_array_equal(result.rounds["accuracy"], result.rounds["siloed_accuracy"])
     np.testing.assert_array_equal(result.rounds["loss"], result.rounds["siloed_loss"])
     assert not result.summary["mutual_gain"]
+    # the siloed twin never changes through the market: with or without trades, the same
+    traded = batch_result.rounds
+    assert len(batch_result.trades) > 0
+    for col in ("siloed_loss", "siloed_accuracy", "siloed_cash", "siloed_utility"):
+        np.testing.assert_array_equal(result.rounds[col], traded[col], err_msg=col)
 
 
 def test_same_seed_same_numbers_and_seeds_differ(experiment, batch_result):
@@ -232,6 +237,7 @@ def test_every_bundled_scenario_runs_a_shrunk_round(name, tmp_path):
     assert central.between(0, 1).all() if s.baselines.centralized else central.isna().all()
     assert set(result.trades["round"]) <= {1}
     assert result.summary["rounds"] == 2
+    assert invariant_violations(result.rounds, result.trades) == []
     # every bundled scenario gets its figures and its one-file report
     out = write_run(tmp_path / name, result.files())
     check_report(out / "report.html", min_images=6)
@@ -255,3 +261,27 @@ def test_the_round_and_the_batch_path_import_no_mesa():
         "assert 'mesa' not in sys.modules, 'mesa imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_market_invariants_hold_every_round_and_the_check_can_fail(batch_result):
+    rounds, trades = batch_result.rounds, batch_result.trades
+    assert len(trades) > 0 and invariant_violations(rounds, trades) == []
+    # money that appears from nowhere
+    leak = rounds.copy()
+    leak.loc[leak.index[5], "utility"] += 0.01
+    assert invariant_violations(leak, trades)[0].startswith("money not conserved")
+    # a payment in a round the agent did not buy (and the money moved with it)
+    quiet = rounds.index[(rounds["payment"] == 0) & (rounds["round"] > 1)][0]
+    ghost = rounds.copy()
+    ghost.loc[quiet, ["payment", "utility"]] = [0.5, ghost.loc[quiet, "utility"]]
+    later = (
+        (ghost["seed"] == ghost.loc[quiet, "seed"])
+        & (ghost["agent"] == ghost.loc[quiet, "agent"])
+        & (ghost["round"] >= ghost.loc[quiet, "round"])
+    )
+    ghost.loc[later, "utility"] -= 0.5
+    assert any(v.startswith("payment without a trade") for v in invariant_violations(ghost, trades))
+    # a trade the rounds table does not count
+    assert invariant_violations(rounds, trades.iloc[1:]) == [
+        "purchase counts in the rounds table differ from the trades table"
+    ]
