@@ -14,7 +14,6 @@ import html
 import json
 import os
 import pathlib
-import tempfile
 import tomllib
 
 import numpy as np
@@ -22,6 +21,7 @@ import pandas as pd
 
 from paramarket_jax import plots
 from paramarket_jax.errors import ParamarketError
+from paramarket_jax.results import write_into
 
 RUN_FILES = ("scenario.toml", "rounds.parquet", "trades.parquet", "summary.json")
 
@@ -323,21 +323,10 @@ def folder_outputs(folder: str | os.PathLike) -> dict:
 
 
 def write_files(folder: str | os.PathLike, files: dict) -> list[pathlib.Path]:
-    """Write each file beside the tables atomically (a temporary sibling, then a rename)."""
-    path = pathlib.Path(folder)
-    written = []
-    for name, content in files.items():
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(content.encode("utf-8") if isinstance(content, str) else content)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path / name)
-        except BaseException:
-            pathlib.Path(tmp).unlink(missing_ok=True)
-            raise
-        written.append(path / name)
-    return written
+    """Write figures and pages beside the tables, each whole or absent
+    (:func:`paramarket_jax.results.write_into`)."""
+    write_into(folder, files, last="report.html")
+    return [pathlib.Path(folder) / name for name in files]
 
 
 def write_report(folder: str | os.PathLike) -> pathlib.Path:

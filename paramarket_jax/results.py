@@ -431,6 +431,8 @@ def _write_files(folder: pathlib.Path, files: dict[str, object]) -> None:
             dest.write_text(json.dumps(content, indent=2) + "\n")
         elif isinstance(content, str):
             dest.write_text(content)
+        elif isinstance(content, bytes):
+            dest.write_bytes(content)
         else:
             content(dest)
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import pathlib
 from collections.abc import Callable
 
 import jax
@@ -60,14 +58,8 @@ class RunResult:
             from paramarket_jax.report import run_outputs
 
             outputs = run_outputs(text, self.rounds, self.trades, self.summary, self.scenario.name)
-            for name, content in outputs.items():
-                files[name] = functools.partial(_write, content=content)
+            files.update(outputs)  # PNG bytes and the page's text
         return files
-
-
-def _write(path, content: str | bytes) -> None:
-    data = content.encode("utf-8") if isinstance(content, str) else content
-    pathlib.Path(path).write_bytes(data)
 
 
 def result_of(experiment: Experiment, records) -> RunResult:

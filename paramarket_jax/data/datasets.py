@@ -171,15 +171,8 @@ def assemble(
         The Dataset.
     """
     where = f"dataset {name!r}"
-    require(
-        is_real(val_fraction) and 0 < val_fraction < 1,
-        where,
-        "val_fraction",
-        "a number in (0, 1)",
-        val_fraction,
-    )
-    if max_train is not None:
-        max_train = check_int(where, "max_train", max_train)
+    _check_common(where, val_fraction, max_train)
+    max_train = None if max_train is None else int(max_train)
     n = len(y_pool)
     n_val = max(1, round(val_fraction * n))
     if n - n_val < 1 or len(y_test) < 1:
