@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from paramarket_jax import sharding
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.experiment import Experiment, seed_data
 from paramarket_jax.population import AgentData
@@ -61,17 +62,19 @@ def simulate_runs(spec: MarketSpec, rounds: int, param_axes, params, data, keys)
     def one(p, d, k):
         return simulate(spec, p, d, jax.random.wrap_key_data(k), rounds)[1]
 
-    return jax.vmap(one, in_axes=(param_axes, DATA_AXES, 0))(params, data, keys)
+    records = jax.vmap(one, in_axes=(param_axes, DATA_AXES, 0))(params, data, keys)
+    return sharding.replicate(spec, records)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def init_runs(spec: MarketSpec, param_axes, params, keys):
     """B runs' initial states, as :func:`~paramarket_jax.round.simulate` draws them (from
-    the first half of each run key's split): leaves with a leading axis B."""
+    the first half of each run key's split): leaves with a leading axis B (split over the
+    devices as the spec says, like the states :func:`simulate_runs_chunk` returns)."""
 
     def one(p, k):
         k_init, _ = jax.random.split(jax.random.wrap_key_data(k))
-        return init(spec, p, k_init)
+        return sharding.constrain_state(spec, init(spec, p, k_init))
 
     return jax.vmap(one, in_axes=(param_axes, 0))(params, keys)
 
@@ -92,7 +95,10 @@ def simulate_runs_chunk(spec: MarketSpec, length: int, param_axes, params, data,
         _, k_rounds = jax.random.split(jax.random.wrap_key_data(k))
         return simulate_chunk(spec, p, d, s, k_rounds, start, length)
 
-    return jax.vmap(one, in_axes=(param_axes, DATA_AXES, 0, 0))(params, data, states, keys)
+    states, records = jax.vmap(one, in_axes=(param_axes, DATA_AXES, 0, 0))(
+        params, data, states, keys
+    )
+    return states, sharding.replicate(spec, records)
 
 
 def run_bytes(spec: MarketSpec, eval_rows: int) -> int:
@@ -202,15 +208,25 @@ class Batch(NamedTuple):
     calls: int
 
     def call(self, i: int):
-        """The params, data and keys of compiled call ``i`` (runs ``i * chunk ...``)."""
+        """The params, data and keys of compiled call ``i`` (runs ``i * chunk ...``), on
+        the spec's devices (:func:`paramarket_jax.sharding.put`)."""
         sl = slice(i * self.chunk, (i + 1) * self.chunk)
         cut = lambda axis, leaf: leaf if axis is None else leaf[sl]  # noqa: E731
         is_none = lambda x: x is None  # noqa: E731
+        params = jax.tree.map(cut, self.param_axes, self.params, is_leaf=is_none)
+        data = jax.tree.map(cut, DATA_AXES, self.data, is_leaf=is_none)
         return (
-            jax.tree.map(cut, self.param_axes, self.params, is_leaf=is_none),
-            jax.tree.map(cut, DATA_AXES, self.data, is_leaf=is_none),
-            self.keys[sl],
+            sharding.put(self.spec, params, self.param_axes),
+            sharding.put(self.spec, data, DATA_AXES),
+            sharding.put(self.spec, self.keys[sl], 0),
         )
+
+    def states(self, i: int, states):
+        """Call ``i``'s slice of every run's states (host arrays with leading axis
+        ``calls * chunk``), on the spec's devices."""
+        sl = slice(i * self.chunk, (i + 1) * self.chunk)
+        part = jax.tree.map(lambda x: x[sl], states)
+        return sharding.put(self.spec, part, jax.tree.map(lambda _: 0, part))
 
     def pad(self, tree):
         """Pad a tree of host arrays with a leading axis ``total`` to ``calls * chunk``."""
@@ -220,14 +236,24 @@ class Batch(NamedTuple):
         return jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]), tree)
 
     def per_cell(self, records) -> list:
-        """Split host records with a leading axis ``total`` into one per cell."""
+        """Split host records with a leading axis ``total`` into one per cell (padded
+        agents cut off)."""
+        records = sharding.unpad_records(records, self.spec.real)
         k = len(self.seeds)
         cells = self.total // k
         return [jax.tree.map(lambda x, c=c: x[c * k : (c + 1) * k], records) for c in range(cells)]
 
 
-def prepare(cells: Sequence[Experiment], max_batch: int | None = None) -> Batch:
-    """Stack every seed of every cell into one padded :class:`Batch` (see :func:`run_cells`)."""
+def prepare(
+    cells: Sequence[Experiment], max_batch: int | None = None, devices: int = 1,
+    shard: str = "auto",
+) -> Batch:  # fmt: skip
+    """Stack every seed of every cell into one padded :class:`Batch` (see :func:`run_cells`).
+
+    On several ``devices`` the runs (``shard="runs"``) or the agents (``"agents"``) are
+    split over them (``"auto"``: :func:`paramarket_jax.sharding.choose`); the batch's spec
+    says which, and holds the dead agents that pad the population.
+    """
     first = cells[0]
     spec, sc = first.spec, first.scenario
     rounds, seeds = sc.train.rounds, list(sc.seeds)
@@ -237,13 +263,17 @@ def prepare(cells: Sequence[Experiment], max_batch: int | None = None) -> Batch:
         if c.dataset is not first.dataset:
             raise ParamarketError("run_cells needs cells that share one dataset")
     runs = [(c, s) for c in range(len(cells)) for s in seeds]
-    per_run = _run_data(cells, runs)
-    param_axes, params = _stack_params(cells, runs)
-    data, keys = _stack_data(per_run)
     total = len(runs)
+    spec = sharding.with_padding(spec, devices, sharding.choose(shard, total, devices))
+    per_run = [(sharding.pad_data(d, spec.pad), k) for d, k in _run_data(cells, runs)]
+    padded_params = [c._replace(params=sharding.pad_params(c.params, spec.pad)) for c in cells]
+    param_axes, params = _stack_params(padded_params, runs)
+    data, keys = _stack_data(per_run)
     eval_rows = int(per_run[0][0].agents.val_idx.shape[1])
-    fit = max(1, memory_budget() // max(run_bytes(spec, eval_rows), 1))
+    fit = max(1, devices * memory_budget() // max(run_bytes(spec, eval_rows), 1))
     chunk = max(1, min(total, max_batch or total, fit))
+    if spec.shard == "runs":  # every call splits evenly over the devices
+        chunk = max(devices, chunk // devices * devices)
     n_calls = -(-total // chunk)
     pad = n_calls * chunk - total
 
@@ -264,6 +294,8 @@ def run_cells(
     *,
     max_batch: int | None = None,
     progress: Callable[[int], None] | None = None,
+    devices: int = 1,
+    shard: str = "auto",
 ) -> BatchOutput:
     """Every seed of every cell, through as few compiled calls as the memory budget allows.
 
@@ -272,11 +304,13 @@ def run_cells(
             (cells of a sweep that differ only in numeric knobs).
         max_batch: most runs per compiled call (default: as many as fit the budget).
         progress: called with the number of runs finished after each call.
+        devices, shard: the devices to run on and how to split the work over them
+            (:func:`prepare`).
 
     Returns:
         :class:`BatchOutput`; ``records[c]`` has leaves (len(seeds), rounds, ...).
     """
-    b = prepare(cells, max_batch)
+    b = prepare(cells, max_batch, devices, shard)
     outs = []
     for i in range(b.calls):
         rec = simulate_runs(b.spec, b.rounds, b.param_axes, *b.call(i))
@@ -310,6 +344,8 @@ def run_cells_chunked(
     progress: Callable[[int], None] | None = None,
     start: Callable[[Batch], Carry | None] | None = None,
     save: Callable[[Batch, Carry], None] | None = None,
+    devices: int = 1,
+    shard: str = "auto",
 ) -> BatchOutput:
     """:func:`run_cells` in chunks of ``every`` rounds, the carry handed to ``save`` after
     each chunk (the last one too), so a killed run can go on from it: the same records.
@@ -320,8 +356,9 @@ def run_cells_chunked(
         progress: called with the number of runs x rounds finished after each call.
         start: given the prepared batch, the carry to go on from (None: from round 0).
         save: called with the batch and the carry after every chunk.
+        devices, shard: as for :func:`run_cells`.
     """
-    b = prepare(cells, max_batch)
+    b = prepare(cells, max_batch, devices, shard)
     carry = start(b) if start is not None else None
     if carry is None:
         states = [jax.device_get(init_runs(b.spec, b.param_axes, *b.call(i)[::2]))
@@ -334,8 +371,7 @@ def run_cells_chunked(
         outs = []
         for i in range(b.calls):
             params, data, keys = b.call(i)
-            sl = slice(i * b.chunk, (i + 1) * b.chunk)
-            states = jax.tree.map(lambda x, sl=sl: x[sl], padded)
+            states = b.states(i, padded)
             out = simulate_runs_chunk(b.spec, length, b.param_axes, params, data, states, keys,
                                       np.int32(carry.done))  # fmt: skip
             outs.append(jax.device_get(out))

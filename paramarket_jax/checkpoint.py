@@ -17,6 +17,10 @@ tables are the same, bit for bit, as a run never interrupted.
 At the end the run's files are renamed into OUT (``summary.json`` last: a folder holding
 ``summary.json`` is complete), then ``.checkpoints`` and ``run.json`` are removed. Only
 the batch engine checkpoints; the Mesa engine refuses ``--checkpoint-every``.
+
+A sweep (``paramarket sweep --checkpoint-every K``) keeps the steps of each batch of cells
+in ``DIR/.checkpoints/<group>/`` (see :func:`paramarket_jax.sweep.group_id`); the same
+command goes on from them, and a group's folder is removed once its cells are written.
 """
 
 from __future__ import annotations
@@ -105,17 +109,24 @@ def _templates(b: Batch, every: int):
 
 class Checkpoints:
     """The orbax checkpoints of one run folder: ``save`` after each chunk of rounds,
-    ``restore`` the newest usable one. Use as a context manager (waits for pending saves)."""
+    ``restore`` the newest usable one. Use as a context manager (waits for pending saves).
+
+    The steps go in ``folder`` (default ``OUT/.checkpoints``); the notes call the run
+    ``name`` (default OUT).
+    """
 
     def __init__(self, out: pathlib.Path, every: int, *, resume: bool = False,
-                 note: Callable[[str], None] | None = None):  # fmt: skip
+                 note: Callable[[str], None] | None = None, folder: pathlib.Path | None = None,
+                 name: str | None = None):  # fmt: skip
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
         self.out = out
+        self.name = str(out) if name is None else name
         self.every = every
         self.note = note or (lambda text: None)
-        self.manager = ocp.CheckpointManager((out / FOLDER).resolve(), options=_options(resume))
+        folder = out / FOLDER if folder is None else folder
+        self.manager = ocp.CheckpointManager(folder.resolve(), options=_options(resume))
         self.resume = resume
 
     def __enter__(self):
@@ -174,12 +185,12 @@ class Checkpoints:
                 continue
             skipped = f" (skipped {'; '.join(problems)})" if problems else ""
             self.note(
-                f"resuming {self.out} from its checkpoint after round {step} of {b.rounds}"
+                f"resuming {self.name} from its checkpoint after round {step} of {b.rounds}"
                 + skipped
             )
             return carry
         why = f" ({'; '.join(problems)})" if problems else ""
-        self.note(f"no usable checkpoint in {self.out}{why}: starting from round 0")
+        self.note(f"no usable checkpoint in {self.name}{why}: starting from round 0")
         return None
 
     @staticmethod

@@ -26,14 +26,21 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _at_least(1, "a positive integer")
+nonnegative_int = _at_least(0, "an integer >= 0")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +58,64 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="RUNS",
         help="most runs per compiled call of the batch engine (default: what fits memory)",
+    )
+    add_device_options(parser)
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """Devices and processes (batch engine): see README "Running on many GPUs and hosts"."""
+    group = parser.add_argument_group("devices and hosts")
+    group.add_argument(
+        "--devices",
+        type=nonnegative_int,
+        default=None,
+        metavar="D",
+        help="run on the first D devices JAX sees, 0 for all (default: 1, or all of them "
+        "in a multi-process run); the numbers do not depend on D",
+    )
+    group.add_argument(
+        "--shard",
+        choices=("auto", "agents", "runs"),
+        default="auto",
+        help="what is split over the devices: the agents of every run (padded with dead "
+        "agents to a multiple of D), or the runs (seeds x cells); auto (default): runs "
+        "when there are at least D of them, else agents",
+    )
+    group.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-process run: address of process 0, which every process reaches "
+        "(default: $JAX_COORDINATOR_ADDRESS); needs --num-processes and --process-id",
+    )
+    group.add_argument(
+        "--num-processes",
+        type=positive_int,
+        default=None,
+        metavar="P",
+        help="processes in a multi-process run (one per host, usually)",
+    )
+    group.add_argument(
+        "--process-id",
+        type=nonnegative_int,
+        default=None,
+        metavar="I",
+        help="this process's index, 0 .. P-1; process 0 writes the results",
+    )
+    group.add_argument(
+        "--heartbeat",
+        type=positive_int,
+        default=60,
+        metavar="S",
+        help="multi-process run: seconds without word from a process before the others "
+        "stop with an error (default 60)",
+    )
+    group.add_argument(
+        "--connect-timeout",
+        type=positive_int,
+        default=300,
+        metavar="S",
+        help="multi-process run: seconds to wait for every process to join (default 300)",
     )
 
 
@@ -142,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="rerun finished cells whose scenario differs from the one requested now",
     )
     add_engine_options(sweep)
+    sweep.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="save the state of the cells being run every K rounds under "
+        "DIR/.checkpoints, so the same command run again after a kill goes on from there "
+        "instead of from round 0 (batch engine only)",
+    )
     sub.add_parser("scenarios", help="list bundled scenarios")
     for name, text in (
         ("plot", "draw a run's or sweep's figures as PNG files into its folder"),
@@ -160,6 +234,28 @@ def add_report_option(parser: argparse.ArgumentParser) -> None:
         help="write the tables only: no figures and no report.html (paramarket report DIR "
         "draws them later)",
     )
+
+
+def jax_processes() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def jax_process() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def device_count(args) -> int:
+    """``--devices`` checked against the devices JAX sees (default: 1, or every device
+    of a multi-process run)."""
+    from paramarket_jax import sharding
+
+    if args.devices is None:
+        return sharding.available() if jax_processes() > 1 else 1
+    return sharding.check_devices(args.devices)
 
 
 def cmd_scenarios(args) -> int:
@@ -186,11 +282,19 @@ def cmd_run(args) -> int:
     scenario = sc.load(args.scenario or DEFAULT_SCENARIO, overrides)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = pathlib.Path(args.out if args.out is not None else f"runs/{scenario.name}-{stamp}")
-    check_out_dir(out)
+    writer = jax_process() == 0  # in a multi-process run only process 0 writes
+    if writer:
+        check_out_dir(out)
     engine = resolve_engine(scenario, args.engine or "auto")
+    devices = device_count(args)
     if args.checkpoint_every is not None:
         if engine != "batch":
             raise ParamarketError(CHECKPOINT_ENGINE)
+        if jax_processes() > 1:
+            raise ParamarketError(
+                "--checkpoint-every works in one process only (each host would need the "
+                "others' checkpoints); run the processes without it"
+            )
         existed = out.exists()
         checkpoint.start(out, scenario, engine=engine, every=args.checkpoint_every,
                          max_batch=args.batch, report=args.report,
@@ -204,14 +308,20 @@ def cmd_run(args) -> int:
             raise
     else:
         total = scenario.train.rounds * len(scenario.seeds)
-        with tqdm(total=total, desc="rounds", disable=args.quiet, file=sys.stderr) as bar:
+        quiet = args.quiet or not writer
+        with tqdm(total=total, desc="rounds", disable=quiet, file=sys.stderr) as bar:
             result = run_scenario(
                 scenario,
                 engine=engine,
                 max_batch=args.batch,
                 progress=bar.update,
                 check=args.check,
+                devices=devices,
+                shard=args.shard,
             )
+        if not writer:
+            print(f"process {jax_process()} of {jax_processes()}: done (process 0 writes)")
+            return 0
         write_run(out, result.files(report=args.report))
     print_summary(scenario, result.summary)
     print(f"wrote {out}/" + (f" (open {out}/report.html)" if args.report else ""))
@@ -271,6 +381,8 @@ def run_checkpointed(args, out, scenario, every: int, max_batch, report: bool, *
                     progress=bar.update,
                     checkpoints=saves,
                     check=getattr(args, "check", False),
+                    devices=device_count(args),
+                    shard=args.shard,
                 )
         checkpoint.finish(out, result.files(report=report))
     return result
@@ -326,7 +438,10 @@ def cmd_sweep(args) -> int:
         overrides.append(f"seeds={parse_seeds(args.seeds)}")
 
     grid = [parse_grid(g) for g in args.grid]
-    check_out_dir(args.out, resume=True)  # a usable folder, before any compute
+    writer = jax_process() == 0  # in a multi-process run only process 0 writes
+    if writer:
+        check_out_dir(args.out, resume=True)  # a usable folder, before any compute
+    devices = device_count(args)
     # one bar over every round x seed of the cells to run, with an ETA; cell lines above it.
     # It is made once every cell is checked, so a bad cell's error is the only line.
     bars = []
@@ -337,6 +452,9 @@ def cmd_sweep(args) -> int:
 
     def progress(name, done):
         tqdm.write(f"{'kept' if done else 'ran '} {name}", file=sys.stderr)
+
+    def note(text):  # which checkpoint a group of cells goes on from
+        tqdm.write(text, file=sys.stderr)
 
     try:
         table = run_sweep(
@@ -351,10 +469,17 @@ def cmd_sweep(args) -> int:
             bar=make_bar,
             report=args.report,
             command=shlex.join(["paramarket", *args.argv]),
+            checkpoint_every=args.checkpoint_every,
+            note=note,
+            devices=devices,
+            shard=args.shard,
         )
     finally:
         for bar in bars:
             bar.close()
+    if not writer:
+        print(f"process {jax_process()} of {jax_processes()}: done (process 0 writes)")
+        return 0
     keys = [key for key, _ in grid]
     cols = ["market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare", "mutual_gain",
             "trades", "revenue_of_sellers"]  # fmt: skip
@@ -383,6 +508,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
+        if args.command in ("run", "sweep"):
+            from paramarket_jax import processes, sharding
+
+            if processes.is_multi(args):
+                sharding.check_processes(args.coordinator, args.num_processes, args.process_id)
+                if not processes.is_worker():
+                    return processes.supervise(argv, args)
+                sharding.initialize(
+                    args.coordinator,
+                    args.num_processes,
+                    args.process_id,
+                    timeout=args.connect_timeout,
+                    heartbeat=args.heartbeat,
+                )
         commands = {"run": cmd_run, "sweep": cmd_sweep, "scenarios": cmd_scenarios,
                     "plot": cmd_plot, "report": cmd_report}  # fmt: skip
         return commands[args.command](args)
@@ -403,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
 def interrupted(args) -> str:
     """What an interrupt left behind: a run writes all or nothing (a checkpointed run
     keeps its checkpoints); a sweep keeps its finished cells (each written atomically) and
-    resumes from them."""
+    resumes from them, and with ``--checkpoint-every`` from its running cells' checkpoints."""
     out = getattr(args, "checkpoint_out", None)
     if out is not None:
         return (
@@ -413,6 +552,15 @@ def interrupted(args) -> str:
     if args.command != "sweep":
         return "nothing was written"
     done = sorted(p.parent.name for p in pathlib.Path(args.out).glob("*/summary.json"))
+    saved = getattr(args, "checkpoint_every", None) and any(
+        pathlib.Path(args.out).glob(".checkpoints/*/*")
+    )
+    if saved:
+        kept = f"{len(done)} finished cell(s) and " if done else ""
+        return (
+            f"{kept}the checkpoints of the cells that were running are kept in {args.out}; "
+            "run the same command again to go on from them"
+        )
     if not done:
         return "no cell had finished, so no cell was written"
     return (

@@ -1,8 +1,9 @@
 """Figures that read result tables only (never kernels): each returns PNG bytes.
 
 Colours are fixed across every figure: the market blue, its siloed twins orange, FedAvg
-green, centralized purple. Lines are means over seeds; bands span the seeds (min to max);
-error bars are one standard deviation over seeds. Legends sit outside the data.
+green, centralized purple; trades from hostile sellers red (from honest ones the market
+blue). Lines are means over seeds; bands span the seeds (min to max); error bars are one
+standard deviation over seeds. Legends sit outside the data.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 MARKET, SILOED, FEDAVG, CENTRAL = "#1f6fb4", "#e8801c", "#2f9e44", "#8c5aa8"
+HOSTILE = "#c92a2a"
 DPI = 110
 MAX_AGENT_LINES = 12
 
@@ -242,8 +244,90 @@ def value_scatter(trades: pd.DataFrame, title: str = "", hue: pd.Series | None =
     return _png(fig)
 
 
-def run_figures(rounds: pd.DataFrame, trades: pd.DataFrame, title: str = "") -> dict:
-    """Every figure of one run: file name -> (PNG bytes, caption)."""
+def seller_is_hostile(trades: pd.DataFrame, hostile=()) -> pd.Series:
+    """Per trade, whether its seller was hostile: the ``hostile`` column (tables written
+    before it existed: the seller is one of the agents ``hostile``)."""
+    if "hostile" in trades.columns:
+        return trades["hostile"].eq(True)
+    return trades["seller"].isin(list(hostile))
+
+
+def has_hostile(trades: pd.DataFrame, hostile=()) -> bool:
+    """A run has hostile agents: its scenario lists some (``hostile``), or some trade's
+    seller was hostile."""
+    return bool(len(hostile)) or bool(seller_is_hostile(trades, hostile).any())
+
+
+def hostile_trades(trades: pd.DataFrame, seeds: int, hostile=(), title: str = "") -> bytes:
+    """Purchases from hostile sellers against honest ones: each trade's realised value
+    against its price (top), and the money paid and realised value per run, mean over seeds
+    (bottom)."""
+    mark = seller_is_hostile(trades, hostile).to_numpy()
+    groups = (("honest sellers", ~mark, MARKET, "o"), ("hostile sellers", mark, HOSTILE, "x"))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 7.2))
+    fig.subplots_adjust(hspace=0.4)
+    if not len(trades):
+        _empty(top, "no trades")
+    else:
+        for label, rows, color, marker in groups:
+            t = trades[rows]
+            if len(t):
+                top.scatter(
+                    t["price"],
+                    t["realized_value"],
+                    s=18,
+                    alpha=0.7,
+                    color=color,
+                    marker=marker,
+                    lw=1 if marker == "x" else 0,
+                    label=f"{label} ({len(t)})",
+                )
+        price, realised = trades["price"].to_numpy(), trades["realized_value"].to_numpy()
+        lo, hi = float(min(price.min(), 0)), float(max(price.max(), realised.max()))
+        top.plot([lo, hi], [lo, hi], color="0.3", lw=0.8, label="realised = paid")
+        top.axhline(0, color="0.3", lw=0.8, ls=":")
+        if not mark.any():
+            top.text(
+                0.02,
+                0.98,
+                "no purchase from a hostile seller",
+                transform=top.transAxes,
+                va="top",
+                fontsize=8,
+            )
+    _finish(
+        top,
+        "price paid (money units)",
+        "realised value (test, money units)",
+        title or "purchases from hostile and honest sellers",
+    )
+    per_run = max(int(seeds), 1)
+    width = 0.38
+    for k, (label, rows, color, _) in enumerate(groups):
+        t = trades[rows]
+        sums = np.array([t["price"].sum(), t["realized_value"].sum()]) / per_run
+        worse = int((t["realized_gain"] < 0).sum())
+        xs = np.arange(2) + (k - 0.5) * width
+        bottom.bar(
+            xs,
+            sums,
+            width=width,
+            color=color,
+            alpha=0.85,
+            label=f"{label}: {len(t) / per_run:.3g} bought, {worse / per_run:.3g} "
+            "made the buyer worse on test",
+        )
+    bottom.axhline(0, color="0.3", lw=0.8)
+    bottom.set_xticks(range(2))
+    bottom.set_xticklabels(["paid", "realised value"])
+    _finish(bottom, "", "money units per run", f"per run, mean over {per_run} seed(s)")
+    return _png(fig)
+
+
+def run_figures(rounds: pd.DataFrame, trades: pd.DataFrame, title: str = "", hostile=()) -> dict:
+    """Every figure of one run: file name -> (PNG bytes, caption). ``hostile``: the agents
+    its scenario marks hostile (with any, or a trade from a hostile seller, a figure of
+    what buyers paid those sellers and got)."""
     n = int(rounds["agent"].max()) + 1
     seeds = rounds["seed"].nunique()
     spread = "band: min to max over seeds" if seeds > 1 else "one seed"
@@ -282,6 +366,15 @@ def run_figures(rounds: pd.DataFrame, trades: pd.DataFrame, title: str = "") -> 
         out["accuracy_per_agent.png"] = (
             accuracy_per_agent(rounds, title),
             f"Each agent's test accuracy, market (solid) against siloed (dashed); {spread}.",
+        )
+    if has_hostile(trades, hostile):
+        out["hostile.png"] = (
+            hostile_trades(trades, seeds, hostile, title),
+            "Purchases from hostile sellers (red crosses) and honest ones (blue): top, each "
+            "trade's realised value on the buyer's test rows against the price paid (below "
+            "the diagonal the buyer paid more than it got, below zero the merge lost "
+            f"value); bottom, money paid and realised value per run, mean over {seeds} "
+            "seed(s).",
         )
     return out
 

@@ -104,19 +104,20 @@ def load_sweep(folder: str | os.PathLike) -> dict:
     ]
     for knob in knobs:
         table[knob] = table[knob].map(_scalar)
-    cell_rounds, cell_trades = {}, {}
+    cell_rounds, cell_trades, cell_scenarios = {}, {}, {}
     for cell in dict.fromkeys(table["cell"]):
         if (path / cell / "rounds.parquet").is_file():
             cell_rounds[cell] = _read(path / cell / "rounds.parquet", "parquet")
             cell_trades[cell] = _read(path / cell / "trades.parquet", "parquet")
-    first = next(iter(cell_rounds), None)
-    scenario = _read(path / first / "scenario.toml", "text") if first else ""
+            cell_scenarios[cell] = _read(path / cell / "scenario.toml", "text")
+    scenario = next(iter(cell_scenarios.values()), "")
     return dict(
         table=table,
         knobs=knobs,
         meta=meta,
         cell_rounds=cell_rounds,
         cell_trades=cell_trades,
+        cell_scenarios=cell_scenarios,
         scenario=scenario,
     )
 
@@ -140,14 +141,14 @@ def _num(v, fmt=".3f") -> str:
     return _e(v)
 
 
-def _table(df: pd.DataFrame, left: int = 1) -> str:
+def _table(df: pd.DataFrame, left: int = 1, fmt: str = ".3f") -> str:
     head = "".join(
         f'<th class="{"l" if i < left else ""}">{_e(c)}</th>' for i, c in enumerate(df.columns)
     )
     body = "".join(
         "<tr>"
         + "".join(
-            f'<td class="{"l" if i < left else ""}">{_num(v)}</td>' for i, v in enumerate(row)
+            f'<td class="{"l" if i < left else ""}">{_num(v, fmt)}</td>' for i, v in enumerate(row)
         )
         + "</tr>"
         for row in df.itertuples(index=False)
@@ -185,8 +186,84 @@ def _kpis(items) -> str:
     )
 
 
-def run_html(scenario_text: str, summary: dict, figures: dict, name: str) -> str:
-    """The report page of one run."""
+# ---- hostile sellers -------------------------------------------------------------------------
+
+# what buyers bought from hostile sellers and from honest ones (:func:`hostile_table`)
+HOSTILE_HEADING = "Purchases from hostile sellers"
+# money columns of that table: four significant digits (prices are often below 0.001)
+HOSTILE_FMT = ".4g"
+
+
+def hostile_agents(scenario_text: str) -> tuple[int, ...]:
+    """The agents a run's scenario marks hostile (``agents.hostile``); () when none (or
+    when the text is not a scenario)."""
+    try:
+        agents = tomllib.loads(scenario_text).get("agents", {})
+        return tuple(sorted(int(a) for a in agents.get("hostile", ())))
+    except (tomllib.TOMLDecodeError, AttributeError, TypeError, ValueError):
+        return ()
+
+
+def _bought(trades: pd.DataFrame) -> dict:
+    """What buyers bought in ``trades``: purchases, money paid, realised value (the sum of
+    ``realized_value``: negative is lost), and purchases that raised the buyer's test loss."""
+    paid, value = float(trades["price"].sum()), float(trades["realized_value"].sum())
+    return {
+        "purchases": len(trades),
+        "paid": paid,
+        "realised value": value,
+        "realised - paid": value - paid,
+        "made buyer worse on test": int((trades["realized_gain"] < 0).sum()),
+    }
+
+
+def hostile_table(trades: pd.DataFrame, seeds: int, hostile=()) -> pd.DataFrame | None:
+    """Purchases from hostile sellers against honest ones: over all ``seeds`` and, with
+    more than one, the mean per seed. None when the run has no hostile agent (its scenario
+    lists none, ``hostile``, and no trade's seller was hostile)."""
+    if not plots.has_hostile(trades, hostile):
+        return None
+    mark = plots.seller_is_hostile(trades, hostile)
+    rows = []
+    over = [(f"all {seeds} seeds" if seeds > 1 else "the run", 1)]
+    over += [("mean per seed", seeds)] * (seeds > 1)
+    for label, scale in over:
+        for sellers, t in (("hostile", trades[mark]), ("honest", trades[~mark])):
+            bought = {k: v / scale if scale > 1 else v for k, v in _bought(t).items()}
+            rows.append({"sellers": sellers, "over": label, **bought})
+    return pd.DataFrame(rows)
+
+
+def _hostile_kpi(table: pd.DataFrame) -> tuple[str, str]:
+    row = table.iloc[0]  # hostile sellers, over all seeds
+    return (
+        "bought from hostile sellers",
+        f"{int(row['purchases'])} (paid {row['paid']:{HOSTILE_FMT}}, "
+        f"realised {row['realised value']:+{HOSTILE_FMT}})",
+    )
+
+
+def _hostile_section(table: pd.DataFrame | None, agents=()) -> str:
+    if table is None:
+        return ""
+    who = f"agent {_e(', '.join(map(str, agents)))}" if agents else "some sellers"
+    return (
+        f"<h2>{HOSTILE_HEADING}</h2><p>Hostile: {who} (a hostile seller offers the broker "
+        "something other than its model). Per seller kind: purchases, what buyers paid, "
+        "the realised value of what they bought (on each buyer's test rows; negative is "
+        "lost), that value less the price, and the purchases that raised the buyer's test "
+        f"loss.</p>{_table(table, 2, HOSTILE_FMT)}"
+    )
+
+
+def run_html(
+    scenario_text: str,
+    summary: dict,
+    figures: dict,
+    name: str,
+    hostile: pd.DataFrame | None = None,
+) -> str:
+    """The report page of one run (``hostile``: its :func:`hostile_table`, or None)."""
     k = len(summary["seeds"])
     acc_gain = summary["market_accuracy"] - summary["siloed_accuracy"]
     kpis = _kpis(
@@ -202,6 +279,7 @@ def run_html(scenario_text: str, summary: dict, figures: dict, name: str) -> str
                 "every agent more accurate",
                 f"{summary['accuracy_gain_all_fraction'] * k:.0f}/{k} seeds",
             ),
+            *([_hostile_kpi(hostile)] if hostile is not None else []),
         ]
     )
     agents = pd.DataFrame(summary["agents"])
@@ -250,9 +328,31 @@ def run_html(scenario_text: str, summary: dict, figures: dict, name: str) -> str
         f"{kpis}<h2>Figures</h2>{_figures(figures)}"
         f"<h2>Agents (final round, mean over seeds)</h2>{_table(agents)}"
         f"<h2>Per seed</h2>{_table(per_seed)}"
+        f"{_hostile_section(hostile, hostile_agents(scenario_text))}"
         f"<h2>Scenario</h2><pre>{_e(scenario_text)}</pre>"
     )
     return _page(f"paramarket run: {name}", body)
+
+
+def hostile_cells(data: dict) -> pd.DataFrame | None:
+    """Per cell of a sweep (:func:`load_sweep`), purchases from hostile and from honest
+    sellers per run (mean over the cell's seeds, as in :func:`hostile_table`); None when no
+    cell has a hostile agent."""
+    knobs = data["knobs"]
+    first = data["table"].drop_duplicates("cell").set_index("cell")
+    rows, any_hostile = [], False
+    for cell, trades in data["cell_trades"].items():
+        agents = hostile_agents(data["cell_scenarios"].get(cell, ""))
+        any_hostile |= plots.has_hostile(trades, agents)
+        mark = plots.seller_is_hostile(trades, agents)
+        seeds = max(data["cell_rounds"][cell]["seed"].nunique(), 1)
+        row = {k: first.loc[cell, k] for k in knobs}
+        for sellers, t in (("hostile", trades[mark]), ("honest", trades[~mark])):
+            bought = _bought(t)
+            for col in ("purchases", "paid", "realised value", "made buyer worse on test"):
+                row[f"{sellers}: {col}"] = bought[col] / seeds
+        rows.append(row)
+    return pd.DataFrame(rows) if any_hostile else None
 
 
 def sweep_html(data: dict, figures: dict, name: str) -> str:
@@ -273,6 +373,15 @@ def sweep_html(data: dict, figures: dict, name: str) -> str:
     fixed = meta.get("overrides", [])
     command = meta.get("command")
     planned = int(np.prod([len(v) for _, v in grid])) if grid else len(cells)
+    hostile = hostile_cells(data)
+    hostile_part = (
+        ""
+        if hostile is None
+        else f"<h2>{HOSTILE_HEADING} (per run, mean over seeds)</h2><p>Per cell: purchases "
+        "from hostile and from honest sellers, what buyers paid, the realised value of what "
+        "they bought (on each buyer's test rows; negative is lost) and the purchases that "
+        f"raised the buyer's test loss.</p>{_table(hostile, len(knobs), HOSTILE_FMT)}"
+    )
     body = (
         f"<p>Base scenario <code>{_e(meta.get('scenario', '?'))}</code>; "
         f"{len(cells)} of {planned} cells complete, seeds {_e(sorted(set(table['seed'])))}."
@@ -283,6 +392,7 @@ def sweep_html(data: dict, figures: dict, name: str) -> str:
         + (f"<pre>{_e(command)}</pre>" if command else "")
         + f"<h2>Figures</h2>{_figures(figures)}"
         f"<h2>Cells (mean and standard deviation over seeds)</h2>{_table(cells, len(knobs))}"
+        f"{hostile_part}"
         f"<h2>Scenario of the first cell</h2><pre>{_e(data['scenario'])}</pre>"
     )
     return _page(f"paramarket sweep: {name}", body)
@@ -293,9 +403,11 @@ def sweep_html(data: dict, figures: dict, name: str) -> str:
 
 def run_outputs(scenario_text: str, rounds, trades, summary: dict, name: str) -> dict:
     """Figures (name -> PNG bytes) and ``report.html`` for one run's tables."""
-    figures = plots.run_figures(rounds, trades, title=name)
+    hostile = hostile_agents(scenario_text)
+    figures = plots.run_figures(rounds, trades, title=name, hostile=hostile)
     out = {k: png for k, (png, _) in figures.items()}
-    out["report.html"] = run_html(scenario_text, summary, figures, name)
+    table = hostile_table(trades, rounds["seed"].nunique(), hostile)
+    out["report.html"] = run_html(scenario_text, summary, figures, name, table)
     return out
 
 

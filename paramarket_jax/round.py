@@ -39,6 +39,7 @@ from paramarket_jax.economics import (
 from paramarket_jax.mechanisms import Knobs, Market, cap_bids, make_mechanism, settle
 from paramarket_jax.models import Model, make_model
 from paramarket_jax.population import AgentData, Population, Trainer, agent_keys, make_trainer
+from paramarket_jax.sharding import constrain_state
 
 MARKET = 0
 # a ``poisoned`` offer is the seller's model plus Gaussian noise whose standard deviation is
@@ -80,6 +81,15 @@ class MarketSpec:
         noisy, noise: the agents whose training labels are noisy and the fraction of
             their rows that are (used by ``experiment.seed_data``, which builds the data;
             here so that cells with different label noise never share a batch).
+        pad: dead agents appended to fill the devices (:mod:`paramarket_jax.sharding`): the
+            real agents are the first ``n - pad``; the padded ones are never alive, and
+            every random draw of the real agents is the same as without them.
+        devices: devices the market runs on (1: no sharding); shard: how it is split over
+            them, ``agents`` (the population) or ``runs`` (the batch path's run axis).
+        solver: the weight matching's assignment solver
+            (:func:`~paramarket_jax.broker.align.hungarian`): ``auto`` (scipy through a
+            host callback on CPU, optax elsewhere) on one device; ``optax`` on several,
+            where a host callback would pull the split work onto one device.
     """
 
     n: int
@@ -111,11 +121,20 @@ class MarketSpec:
     hostile: str = ""
     noisy: tuple[int, ...] = ()
     noise: float = 0.0
+    pad: int = 0
+    devices: int = 1
+    shard: str = "agents"
+    solver: str = "auto"
 
     @property
     def twin_names(self) -> tuple[str, ...]:
         """What each index of the twin axis holds: market, then siloed and FedAvg if on."""
         return ("market",) + ("siloed",) * self.siloed + ("fedavg",) * self.fedavg
+
+    @property
+    def real(self) -> int:
+        """The real agents (the first ``n - pad``; the others pad the devices)."""
+        return self.n - self.pad
 
     @property
     def twins(self) -> int:
@@ -352,7 +371,7 @@ def init(spec: MarketSpec, params: MarketParams, key: jax.Array) -> MarketState:
     central = None
     if spec.centralized:
         # the centralized model trains at agent 0's learning rate
-        central = trainer.init(jax.random.fold_in(key, spec.n), 1, params.learning_rate[0])
+        central = trainer.init(jax.random.fold_in(key, spec.real), 1, params.learning_rate[0])
     cash = jnp.full((spec.twins, spec.n), params.initial_cash, jnp.float32)
     return MarketState(
         twins=twins,
@@ -473,7 +492,7 @@ def _train(spec, trainer, params, data: MarketData, state: MarketState, key):
             train_size=data.pool_size[None],
         )
         central, _ = trainer.train(
-            central, jax.random.fold_in(key, spec.n), pooled, spec.local_steps * spec.n
+            central, jax.random.fold_in(key, spec.real), pooled, spec.local_steps * spec.real
         )
     state = state._replace(
         twins=twins,
@@ -492,12 +511,21 @@ def _where_alive(alive, new, old):
 
 
 def _candidates(spec: MarketSpec, key, score, alive) -> jax.Array:
-    """(N, K) sellers each buyer's broker values this round."""
-    if spec.candidates == 0 or spec.candidates >= spec.n - 1:
-        return broker.all_candidates(spec.n)
-    if spec.pick == "top":
+    """(N, K) sellers each buyer's broker values this round.
+
+    Drawn among the real agents (``spec.n - spec.pad``), so that padding the population
+    with dead agents changes neither K nor any real buyer's candidates; a padded buyer
+    (dead, never trading) gets agent 0's row.
+    """
+    real = spec.real
+    if spec.pick == "top" and 0 < spec.candidates < real - 1:
+        # dead agents (padded ones included) score +inf: never picked before a real one
         return top_candidates(score, alive, spec.candidates)
-    return broker.sample_candidates(key, spec.n, spec.candidates)
+    if spec.candidates == 0 or spec.candidates >= real - 1:
+        cands = broker.all_candidates(real)
+    else:
+        cands = broker.sample_candidates(key, real, spec.candidates)
+    return jnp.concatenate([cands, jnp.broadcast_to(cands[:1], (spec.pad, cands.shape[1]))])
 
 
 def top_candidates(score: jax.Array, alive: jax.Array, k: int) -> jax.Array:
@@ -584,6 +612,7 @@ def value(spec: MarketSpec, params: MarketParams, data: MarketData, pop_params, 
         choose=spec.choose,
         reference=jnp.argmax(alive).astype(jnp.int32),  # the first agent in the market
         offers=offered,
+        solver=spec.solver,
     )
     return cands, val, perms
 
@@ -816,10 +845,11 @@ def simulate(
         The final state and the records, every leaf with a leading axis ``rounds``.
     """
     k_init, k_rounds = jax.random.split(key)
-    state = init(spec, params, k_init)
+    state = constrain_state(spec, init(spec, params, k_init))
 
     def body(state, r):
-        return step(spec, params, data, state, jax.random.fold_in(k_rounds, r), r)
+        state, record = step(spec, params, data, state, jax.random.fold_in(k_rounds, r), r)
+        return constrain_state(spec, state), record
 
     return jax.lax.scan(body, state, jnp.arange(rounds, dtype=jnp.int32))
 
@@ -847,10 +877,11 @@ def simulate_chunk(
     """
 
     def body(state, r):
-        return step(spec, params, data, state, jax.random.fold_in(k_rounds, r), r)
+        state, record = step(spec, params, data, state, jax.random.fold_in(k_rounds, r), r)
+        return constrain_state(spec, state), record
 
     rounds = jnp.asarray(start, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
-    return jax.lax.scan(body, state, rounds)
+    return jax.lax.scan(body, constrain_state(spec, state), rounds)
 
 
 init_jit = jax.jit(init, static_argnums=0)

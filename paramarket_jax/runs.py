@@ -20,6 +20,11 @@ CHECKPOINT_ENGINE = (
     "or auto for scenarios with agents.entry) has no checkpoints"
 )
 
+MESA_DEVICES = (
+    "--devices above 1 needs the batch engine; the mesa engine (--engine mesa, or auto for "
+    "scenarios with agents.entry) steps one seed on one device"
+)
+
 
 def resolve_engine(scenario: Scenario, engine: str) -> str:
     """``auto`` is ``batch`` unless agents enter the market (a Mesa-side rule): ``mesa``."""
@@ -73,10 +78,18 @@ def result_of(experiment: Experiment, records) -> RunResult:
 
 
 def run_cells(
-    cells: list[Experiment], *, max_batch: int | None = None, progress: Callable | None = None
+    cells: list[Experiment],
+    *,
+    max_batch: int | None = None,
+    progress: Callable | None = None,
+    devices: int = 1,
+    shard: str = "auto",
 ) -> list[RunResult]:
-    """Cells that differ only in numeric knobs, all seeds, through the batch path."""
-    out = batch.run_cells(cells, max_batch=max_batch, progress=progress)
+    """Cells that differ only in numeric knobs, all seeds, through the batch path (on
+    ``devices`` devices, split as ``shard`` says: :func:`paramarket_jax.batch.prepare`)."""
+    out = batch.run_cells(
+        cells, max_batch=max_batch, progress=progress, devices=devices, shard=shard
+    )
     return [result_of(c, rec) for c, rec in zip(cells, out.records, strict=True)]
 
 
@@ -88,6 +101,8 @@ def run_scenario(
     progress: Callable[[int], None] | None = None,
     checkpoints=None,
     check: bool = False,
+    devices: int = 1,
+    shard: str = "auto",
 ) -> RunResult:
     """Run every seed of ``scenario``.
 
@@ -103,15 +118,19 @@ def run_scenario(
         checkpoints: a :class:`paramarket_jax.checkpoint.Checkpoints` (batch engine only):
             run in chunks of its ``every`` rounds, saving after each, and go on from its
             newest usable checkpoint.
+        devices, shard: run on this many devices (batch engine only), splitting the runs
+            or the agents over them (:func:`paramarket_jax.sharding.choose`).
     """
-    result = _run_scenario(scenario, engine, max_batch, progress, checkpoints)
+    result = _run_scenario(scenario, engine, max_batch, progress, checkpoints, devices, shard)
     if check:
         results.check_invariants(result.rounds, result.trades)
     return result
 
 
-def _run_scenario(scenario, engine, max_batch, progress, checkpoints) -> RunResult:
+def _run_scenario(scenario, engine, max_batch, progress, checkpoints, devices, shard):
     engine = resolve_engine(scenario, engine)
+    if engine == "mesa" and devices != 1:
+        raise ParamarketError(MESA_DEVICES)
     exp = build(scenario)
     rounds = scenario.train.rounds
     if checkpoints is not None:
@@ -131,11 +150,13 @@ def _run_scenario(scenario, engine, max_batch, progress, checkpoints) -> RunResu
             progress=progress,
             start=start,
             save=checkpoints.save,
+            devices=devices,
+            shard=shard,
         )
         return result_of(exp, out.records[0])
     if engine == "batch":
         tick = None if progress is None else (lambda runs: progress(runs * rounds))
-        return run_cells([exp], max_batch=max_batch, progress=tick)[0]
+        return run_cells([exp], max_batch=max_batch, progress=tick, devices=devices, shard=shard)[0]
     from paramarket_jax.market.model import MarketModel
 
     records = []

@@ -4,6 +4,13 @@ Each cell is an ordinary run folder (written atomically, so a cell is either com
 absent); an interrupted sweep resumes by skipping complete cells. Cells that share a
 ``MarketSpec``, a dataset, rounds and seeds (they differ only in numeric knobs) run
 together through the batch path: every seed of every such cell in one compiled call.
+
+With ``checkpoint_every`` (``paramarket sweep --checkpoint-every K``) each such group saves
+its carry every K rounds into ``DIR/.checkpoints/<group id>/`` (orbax steps, as
+:mod:`paramarket_jax.checkpoint` writes a run's), so a group killed in the middle goes on
+from its newest usable checkpoint when the same command runs again: the same tables, bit
+for bit. A group's checkpoints are removed once its cells are written, and the whole
+``.checkpoints`` folder once every cell is complete.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import re
 import shutil
 import tomllib
 
+import numpy as np
 import pandas as pd
 
 from paramarket_jax import scenario as sc
@@ -176,6 +184,50 @@ def groups(scenarios: list[sc.Scenario]):
     yield from grouped.values()
 
 
+def group_id(cells: list[tuple[str, sc.Scenario]]) -> str:
+    """The checkpoint folder name of a group of cells: a hash of their names and resolved
+    scenarios (seeds, rounds and every knob), in order. The same command gives the same
+    group the same id; a cell whose scenario changed (``--set``, ``--force``) gets a new
+    one, so it never goes on from another scenario's checkpoint."""
+    text = json.dumps([[name, sc.dumps(scenario)] for name, scenario in cells])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _run_checkpointed(root: pathlib.Path, names: list[str], cells, every: int,
+                      max_batch: int | None, tick, note, devices: int = 1,
+                      shard: str = "auto") -> tuple[list, pathlib.Path]:  # fmt: skip
+    """A group's cells through the batch path in chunks of ``every`` rounds, saving after
+    each into ``root/.checkpoints/<group id>`` and going on from the newest usable step
+    there: their RunResults and that folder. A group that fails for good (every agent
+    diverged) drops its checkpoints."""
+    from paramarket_jax import batch, checkpoint
+    from paramarket_jax.runs import result_of
+
+    gid = group_id([(name, c.scenario) for name, c in zip(names, cells, strict=True)])
+    folder = root / checkpoint.FOLDER / gid
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    name = f"the group of cell(s) {shown}"
+    saves = checkpoint.Checkpoints(
+        root, every, resume=folder.exists(), note=note, folder=folder, name=name
+    )
+
+    def start(b):
+        carry = saves.restore(b)
+        if carry is not None:
+            tick(carry.done * b.total)
+        return carry
+
+    try:
+        with saves:
+            out = batch.run_cells_chunked(cells, every, max_batch=max_batch, progress=tick,
+                                          start=start, save=saves.save, devices=devices,
+                                          shard=shard)  # fmt: skip
+        return [result_of(c, r) for c, r in zip(cells, out.records, strict=True)], folder
+    except ParamarketError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def run_sweep(
     base: str,
     grid,
@@ -189,6 +241,10 @@ def run_sweep(
     bar=None,
     report: bool = True,
     command: str | None = None,
+    checkpoint_every: int | None = None,
+    note=None,
+    devices: int = 1,
+    shard: str = "auto",
 ) -> pd.DataFrame:
     """Run every missing cell of the grid into ``out``: ``sweep.json`` (what is swept) first,
     ``sweep.parquet`` (one row per finished cell x seed) after every batch of cells, and at
@@ -211,18 +267,47 @@ def run_sweep(
         command: the command line, recorded in ``sweep.json`` and the report.
         force: rerun complete cells whose scenario differs from the requested one (else
             such a cell stops the sweep, naming the differing keys, before any compute).
+        checkpoint_every: save each batch of cells every K rounds under
+            ``out/.checkpoints`` and go on from there (batch engine only; see the module).
+        note: optional callable(text) for checkpoint messages (which step a group goes
+            on from).
+        devices, shard: run on this many devices, splitting runs or agents over them
+            (:func:`paramarket_jax.batch.prepare`). In a multi-process run (``jax.
+            distributed``) process 0 decides which cells to run and tells the others, and
+            only process 0 writes; the others return an empty table.
     """
-    from paramarket_jax.results import write_run
-    from paramarket_jax.runs import resolve_engine, run_cells, run_scenario
+    import jax
 
+    from paramarket_jax import checkpoint
+    from paramarket_jax.results import write_run
+    from paramarket_jax.runs import (
+        CHECKPOINT_ENGINE,
+        MESA_DEVICES,
+        resolve_engine,
+        run_cells,
+        run_scenario,
+    )
+
+    every = checkpoint_every
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ParamarketError(f"--checkpoint-every must be a positive integer, got {every!r}")
     planned = plan(base, grid, overrides)
     for _, scenario in planned:  # a bad engine for any cell fails before any compute
-        resolve_engine(scenario, engine)
+        if resolve_engine(scenario, engine) != "batch" and every is not None:
+            raise ParamarketError(CHECKPOINT_ENGINE)
+        if resolve_engine(scenario, engine) != "batch" and devices != 1:
+            raise ParamarketError(MESA_DEVICES)
+    processes = jax.process_count()
+    writer = jax.process_index() == 0
+    if processes > 1 and every is not None:
+        raise ParamarketError(
+            "--checkpoint-every works in one process only; run the processes without it"
+        )
     root = pathlib.Path(out)
     todo, kept = [], []
     for assignment, scenario in planned:
         folder = root / cell_name(assignment)
-        if (folder / "summary.json").exists():
+        if writer and (folder / "summary.json").exists():
             stale = stale_keys(folder, scenario)
             if not stale:
                 kept.append(folder.name)
@@ -233,41 +318,67 @@ def run_sweep(
                     f"{', '.join(stale[:5])}); use a new --out, or --force to rerun it"
                 )
         todo.append((folder, scenario))
+    if processes > 1:  # every process runs the cells process 0 found missing
+        from jax.experimental import multihost_utils
+
+        missing = np.array([(root / cell_name(a)) in {f for f, _ in todo} for a, _ in planned])
+        missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
+        todo = [(root / cell_name(a), s) for (a, s), m in zip(planned, missing, strict=True) if m]
+        if not writer:
+            kept, progress, bar, report = [], None, None, False
     for name in kept:
         if progress is not None:
             progress(name, True)
     # every cell is built (datasets, models, mechanisms checked) before any cell runs
     built = list(groups([scenario for _, scenario in todo]))
-    root.mkdir(parents=True, exist_ok=True)
+    if writer:
+        root.mkdir(parents=True, exist_ok=True)
     meta = dict(
         scenario=base,
         grid=[[k, list(v)] for k, v in grid],
         overrides=list(overrides),
         command=command,
     )
-    _atomic_text(root / "sweep.json", json.dumps(meta, indent=2) + "\n")
+    if writer:
+        _atomic_text(root / "sweep.json", json.dumps(meta, indent=2) + "\n")
     if bar is not None:
         bar = bar(sum(s.train.rounds * len(s.seeds) for _, s in todo))
     tick = (lambda k: None) if bar is None else bar.update
     for group in built:
         rounds = group[0][1].scenario.train.rounds
-        if resolve_engine(group[0][1].scenario, engine) == "batch":
+        saved = None  # the group's checkpoint folder
+        if every is not None:
+            outcomes, saved = _run_checkpointed(
+                root, [todo[i][0].name for i, _ in group], [exp for _, exp in group], every,
+                max_batch, tick, note or (lambda text: None), devices, shard,
+            )  # fmt: skip
+        elif resolve_engine(group[0][1].scenario, engine) == "batch":
             outcomes = run_cells(
                 [exp for _, exp in group],
                 max_batch=max_batch,
                 progress=lambda runs, rounds=rounds: tick(runs * rounds),
+                devices=devices,
+                shard=shard,
             )
         else:
             outcomes = [
                 run_scenario(exp.scenario, engine="mesa", progress=tick) for _, exp in group
             ]
+        if not writer:
+            continue
         for (i, _), result in zip(group, outcomes, strict=True):
             folder = todo[i][0]
             _replace_run(folder, result.files(report=False), write_run)
             if progress is not None:
                 progress(folder.name, False)
+        if saved is not None:
+            shutil.rmtree(saved, ignore_errors=True)
         _write_table(root, planned)  # the finished cells so far: a report works mid-sweep
+    if not writer:
+        return pd.DataFrame()
     table = _write_table(root, planned)
+    # every cell is complete: checkpoints left by groups of other settings are of no use
+    shutil.rmtree(root / checkpoint.FOLDER, ignore_errors=True)
     if report:
         from paramarket_jax.report import sweep_outputs, write_files
 

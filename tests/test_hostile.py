@@ -4,18 +4,24 @@ A hostile seller offers the broker something other than its model (random, stale
 poisoned weights) while its own model stays honest; try-before-buy scores what is offered,
 so buyers reject it. Noisy labels touch only the noisy agents' training rows. The guard
 (``broker.min_gain``, ``broker.confidence``) is a pair of traced knobs: off, they change no
-number; on, every settled trade clears the bound. Runs share few specs: one compilation
-for the default market (twice: alone and batched), one for the random-kind market.
+number; on, every settled trade clears the bound. Runs share few specs: the default
+market is test_divergence's (its run compiles once for both modules, and again batched
+with a guard on), one compilation for the random-kind market (in a child process, on
+another core), one for the offers of every hostile kind.
 """
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
-from shrink import SHRINK
 from test_bad_input import call, check_one_line
+from test_divergence import BASE
 
 from paramarket_jax import batch, broker
 from paramarket_jax import round as market_round
@@ -24,16 +30,10 @@ from paramarket_jax.experiment import build, seed_data
 from paramarket_jax.models import make_model
 from paramarket_jax.runs import result_of, run_scenario
 
-BASE = [
-    *SHRINK,
-    "agents.n=3",
-    "train.rounds=4",
-    "trading.start=1",
-    "seeds=[0, 1]",
-    "baselines.centralized=false",
-]
+# BASE: test_divergence's market (three agents, four rounds, two seeds)
 # models trained enough that a merge with random weights is a loss, not a lucky shrinkage
-TRAINED = ["train.local_steps=20", "train.rounds=5", "trading.start=2"]
+# (and no FedAvg twin: a smaller program to compile)
+TRAINED = ["train.local_steps=20", "train.rounds=5", "trading.start=2", "baselines.fedavg=false"]
 STRICT = ["broker.confidence=0.95", "broker.min_gain=0.02"]
 
 
@@ -50,43 +50,34 @@ def _lower_bound(trades, confidence):
     return trades["predicted_gain"] - float(z) * trades["gain_se"]
 
 
-@pytest.fixture(scope="module")
-def random_market():
+class Tables(NamedTuple):
+    rounds: pd.DataFrame
+    trades: pd.DataFrame
+
+
+def _random_market() -> list[Tables]:
     """Agent 2 offers fresh random weights: guard off, and guard on at a strict level."""
     hostile = [*BASE, *TRAINED, "agents.hostile=[2]", "agents.hostile_kind=random"]
-    return _cells([hostile, [*hostile, *STRICT]])
+    return [Tables(r.rounds, r.trades) for r in _cells([hostile, [*hostile, *STRICT]])]
 
 
-def test_random_offers_are_rejected_and_marked(random_market):
-    off, _ = random_market
-    trades = off.trades
-    assert len(trades) >= 8  # the honest agents keep trading
-    # the hostile column says whose seller was hostile, and buyers (almost) never buy it
-    np.testing.assert_array_equal(trades["hostile"], trades["seller"] == 2)
-    assert trades["hostile"].sum() <= 1
-    # its own model stays honest: it trains and buys like anyone
-    rounds = off.rounds
-    assert (trades["buyer"] == 2).any()
-    for _, df in rounds[rounds["agent"] == 2].groupby("seed"):
-        assert df["loss"].iloc[-1] < df["loss"].iloc[0]
+@pytest.fixture(scope="module")
+def random_market():
+    """:func:`_random_market` in a spawned child process, so that it compiles on another
+    core while this one compiles the default market's calls: a future (``result()``
+    waits for it). The first test asks for it only to start it early."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        yield pool.submit(_random_market)
 
 
-def test_a_strict_guard_settles_only_trades_above_its_bound(random_market):
-    off, strict = random_market
-    assert len(strict.trades) > 0
-    lower = _lower_bound(strict.trades, 0.95)
-    assert (lower > 0).all() and (lower >= 0.02).all()
-    # without the guard some settled trades were below that bound
-    assert (_lower_bound(off.trades, 0.95) < 0.02).any()
-    assert (strict.trades["gain_se"] > 0).all()
-
-
-def test_guard_off_and_keys_at_their_defaults_change_no_number():
+def test_guard_off_and_keys_at_their_defaults_change_no_number(random_market):
     """Keys at their off values (no hostile agent whatever the kind, noisy agents with no
     noise, guard 0) give exactly the spec and knobs of a scenario without them, so the
     same compiled run and the same numbers, bit for bit. Batched with a guard-on cell (the
     guard's knobs then get a batch axis, a different program), the guard-off cell makes
-    the same trades, its numbers equal up to float32 rounding."""
+    the same trades, its numbers equal up to float32 rounding. (It asks for
+    ``random_market`` only to start it early.)"""
     plain = build(sc.load("paper_two_agent", BASE))
     off = [*BASE, "agents.hostile=[]", "agents.hostile_kind=stale", "agents.noisy=[1]",
            "agents.noise=0", "broker.min_gain=0", "broker.confidence=0"]  # fmt: skip
@@ -112,20 +103,31 @@ def test_guard_off_and_keys_at_their_defaults_change_no_number():
 def test_offers_replace_only_hostile_sellers_and_are_what_buyers_merge():
     """``round.offers``: a hostile agent's offer is not its model (random: a fresh draw;
     stale: its initial weights; poisoned: its model plus noise); the others offer their
-    own. The valuation scores what is offered, and a settled trade merges it."""
+    own. The valuation scores what is offered, and a settled trade merges it. (Every kind
+    in one compiled call; the checks read host copies, so indexing compiles nothing.)"""
     exp = build(sc.load("paper_two_agent", [*BASE, "agents.hostile=[2]"]))
-    spec, params = exp.spec, exp.params
-    state = market_round.init(spec, params, jax.random.key(0))
-    pop = jax.tree.map(lambda v: v[0] + 0.1, state.twins.params)  # "trained"
+    kinds = ("random", "stale", "poisoned")
+
+    @jax.jit
+    def offered_by_kind(params, key):
+        out = {}
+        for kind in kinds:  # "random" first: the scenario's own kind gives the pool
+            s = dataclasses.replace(exp.spec, hostile=kind)
+            st = market_round.init(s, params, jax.random.key(0))
+            if kind == "random":
+                pop = jax.tree.map(lambda v: v[0] + 0.1, st.twins.params)  # "trained"
+            out[kind] = (market_round.offers(s, params, st, pop, key), st.twins.params)
+        return pop, out
+
+    assert exp.spec.hostile == "random"
     key = jax.random.key(1)
-    for kind in ("random", "stale", "poisoned"):
-        s = dataclasses.replace(spec, hostile=kind)
-        st = market_round.init(s, params, jax.random.key(0))
-        offered = market_round.offers(s, params, st, pop, key)
+    pop, by_kind = jax.device_get(offered_by_kind(exp.params, key))
+    for kind in kinds:
+        offered, initial = by_kind[kind]
         for u, v, init in zip(
             jax.tree.leaves(offered),
             jax.tree.leaves(pop),
-            jax.tree.leaves(st.twins.params),
+            jax.tree.leaves(initial),
             strict=True,
         ):
             np.testing.assert_array_equal(u[:2], v[:2])
@@ -135,8 +137,9 @@ def test_offers_replace_only_hostile_sellers_and_are_what_buyers_merge():
     # valuation and settlement see the offer: merged at alpha 1 without alignment, the
     # buyer holds what agent 2 offered (up to rounding: b + 1 * (s - b)), not its model
     model = make_model("mlp", (8,), 4, widths=(12, 6))
-    honest = jax.vmap(model.init)(jax.random.split(jax.random.key(2), 3))
-    fake = jax.tree.map(lambda v: v.at[2].set(-v[2] + 1.0), honest)
+    honest = jax.jit(jax.vmap(model.init))(jax.random.split(jax.random.key(2), 3))
+    host = jax.device_get(honest)
+    fake = jax.tree.map(lambda v: np.concatenate([v[:2], -v[2:] + 1.0]), host)
     x = jax.random.normal(jax.random.key(3), (40, 8))
     y = jax.random.randint(jax.random.key(4), (40,), 0, 4)
     val_idx = jnp.tile(jnp.arange(40, dtype=jnp.int32), (3, 1))
@@ -157,15 +160,41 @@ def test_offers_replace_only_hostile_sellers_and_are_what_buyers_merge():
     assert not np.allclose(
         np.asarray(a.loss_after)[hostile_pair], np.asarray(b.loss_after)[hostile_pair]
     )
-    merged = broker.merge_settled(
-        model.spec, honest, jnp.array([2, 0, 0]), jnp.ones(3), jnp.array([True, False, False]),
-        {}, offers=fake,
-    )  # fmt: skip
-    leaves = (jax.tree.leaves(t) for t in (merged, fake, honest))
+    merged = jax.device_get(jax.jit(
+        lambda honest, fake: broker.merge_settled(
+            model.spec, honest, jnp.array([2, 0, 0]), jnp.ones(3),
+            jnp.array([True, False, False]), {}, offers=fake,
+        )
+    )(honest, fake))  # fmt: skip
+    leaves = (jax.tree.leaves(t) for t in (merged, fake, host))
     for m, f, h in zip(*leaves, strict=True):
         np.testing.assert_allclose(m[0], f[2], rtol=1e-6, atol=1e-6)
         assert not np.allclose(m[0], h[2])
         np.testing.assert_array_equal(m[1:], h[1:])
+
+
+def test_random_offers_are_rejected_and_marked(random_market):
+    off, _ = random_market.result()
+    trades = off.trades
+    assert len(trades) >= 8  # the honest agents keep trading
+    # the hostile column says whose seller was hostile, and buyers (almost) never buy it
+    np.testing.assert_array_equal(trades["hostile"], trades["seller"] == 2)
+    assert trades["hostile"].sum() <= 1
+    # its own model stays honest: it trains and buys like anyone
+    rounds = off.rounds
+    assert (trades["buyer"] == 2).any()
+    for _, df in rounds[rounds["agent"] == 2].groupby("seed"):
+        assert df["loss"].iloc[-1] < df["loss"].iloc[0]
+
+
+def test_a_strict_guard_settles_only_trades_above_its_bound(random_market):
+    off, strict = random_market.result()
+    assert len(strict.trades) > 0
+    lower = _lower_bound(strict.trades, 0.95)
+    assert (lower > 0).all() and (lower >= 0.02).all()
+    # without the guard some settled trades were below that bound
+    assert (_lower_bound(off.trades, 0.95) < 0.02).any()
+    assert (strict.trades["gain_se"] > 0).all()
 
 
 def test_noisy_labels_touch_only_the_noisy_agents_training_rows():

@@ -1,17 +1,21 @@
-"""Figures and the one-file HTML report, drawn from result tables only (no compute here)."""
+"""Figures and the one-file HTML report, drawn from result tables only (no compute here,
+but for one tiny run with a hostile seller)."""
 
+import html
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 from pages import browser, check_report, decode_png, screenshot
+from shrink import SHRINK
 
 from paramarket_jax import plots, report
 from paramarket_jax import scenario as sc
 from paramarket_jax.cli import main
 from paramarket_jax.results import ROUND_COLUMNS, TRADE_COLUMNS, summarize, write_run
-from paramarket_jax.runs import RunResult
+from paramarket_jax.runs import RunResult, run_scenario
 from paramarket_jax.sweep import cell_name, sweep_table
 
 RUN_FIGURES = {
@@ -148,8 +152,9 @@ def test_figures_cope_with_no_trades_one_seed_and_many_agents():
         assert caption
 
 
-def make_sweep(root, grid, seeds=(0, 1)):
-    """A sweep folder of fake cells, as `paramarket sweep` lays it out."""
+def make_sweep(root, grid, seeds=(0, 1), hostile=False):
+    """A sweep folder of fake cells, as `paramarket sweep` lays it out (``hostile``: agent
+    1's sales are marked as a hostile seller's)."""
     base = sc.load("duopoly_bargaining")
     planned = []
     for i, values in enumerate(
@@ -160,6 +165,7 @@ def make_sweep(root, grid, seeds=(0, 1)):
             for (k, _), v in zip(grid, values, strict=True)
         }
         rounds, trades = fake_tables(seed=i, n=2, seeds=seeds)
+        trades["hostile"] = hostile & (trades["seller"] == 1)
         result = RunResult(base, rounds, trades, summarize(rounds, trades))
         write_run(root / cell_name(assignment), result.files(report=False))
         planned.append((assignment, base))
@@ -193,6 +199,7 @@ def test_a_sweep_report_has_a_panel_per_knob_and_reads_offline(tmp_path, grid):
     for key, values in grid:
         assert key in text and all(str(v) in text for v in values)
     assert "paramarket sweep duopoly_bargaining" in text and "train.rounds=6" in text
+    assert report.HOSTILE_HEADING not in text  # no hostile agent in any cell
     assert main(["plot", str(tmp_path)]) == 0
     for name in ("sweep_gains.png", "sweep_welfare.png", "value_scatter.png"):
         decode_png((tmp_path / name).read_bytes())
@@ -234,6 +241,106 @@ def test_sweep_panels_are_wider_with_more_knobs():
             decode_png(plots.sweep_panels(pd.DataFrame(rows), [k for k, _ in grid])).shape[1]
         )
     assert widths[1] > widths[0]
+
+
+# a tiny market in which agent 2 offers poisoned weights and prices are not 0 (Nash
+# bargaining): it sells in both seeds, so does an honest seller
+HOSTILE_RUN = [
+    *SHRINK,
+    "agents.n=3",
+    "train.rounds=3",
+    "trading.start=1",
+    "seeds=[0, 1]",
+    "baselines.centralized=false",
+    "mechanism.name=nash_bargaining",
+    "agents.hostile=[2]",
+    "agents.hostile_kind=poisoned",
+]
+
+
+def table_after(page: str, heading: str) -> list[list[str]]:
+    """The cells of the first table after ``<h2>heading...`` on a report page, by row."""
+    start = page.index(f"<h2>{heading}")
+    table = page[start : page.index("</table>", start)]
+    return [
+        [html.unescape(c) for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row)]
+        for row in re.findall(r"<tr>(.*?)</tr>", table)
+    ]
+
+
+def test_a_run_with_a_hostile_seller_reports_what_buyers_paid_it_and_got(tmp_path):
+    result = run_scenario(sc.load("paper_two_agent", HOSTILE_RUN))
+    out = write_run(tmp_path / "run", result.files())
+    trades = pd.read_parquet(out / "trades.parquet")
+    hostile = trades["hostile"].to_numpy()
+    np.testing.assert_array_equal(hostile, trades["seller"] == 2)
+    assert hostile.any() and not hostile.all() and (trades["price"] > 0).all()
+    text = check_report(out / "report.html", min_images=len(RUN_FIGURES) + 2)
+    decode_png((out / "hostile.png").read_bytes())
+    # every number of the section is what trades.parquet says, over both seeds and per seed
+    fmt = lambda v: format(float(v), report.HOSTILE_FMT)  # noqa: E731
+    rows = table_after((out / "report.html").read_text(), report.HOSTILE_HEADING)
+    assert rows[0] == ["sellers", "over", "purchases", "paid", "realised value",
+                       "realised - paid", "made buyer worse on test"]  # fmt: skip
+    expected = []
+    for over, seeds in (("all 2 seeds", 1), ("mean per seed", 2)):
+        for sellers, t in (("hostile", trades[hostile]), ("honest", trades[~hostile])):
+            paid, value = t["price"].sum(), t["realized_value"].sum()
+            worse = (t["realized_gain"] < 0).sum()
+            numbers = (len(t), paid, value, value - paid, worse)
+            expected.append([sellers, over, *(fmt(v / seeds) for v in numbers)])
+    assert rows[1:] == expected
+    bought = trades[hostile]
+    assert (
+        f"bought from hostile sellers {len(bought)} (paid {fmt(bought['price'].sum())}, "
+        f"realised {format(bought['realized_value'].sum(), '+' + report.HOSTILE_FMT)})"
+    ) in " ".join(text.split())
+
+
+def test_a_run_without_hostile_agents_has_no_hostile_section(tmp_path):
+    result = fake_result()  # paper_two_agent: agents.hostile = [], and no trade marked
+    assert not result.trades["hostile"].astype(bool).any()
+    out = write_run(tmp_path / "run", result.files())
+    page = (out / "report.html").read_text()
+    assert report.HOSTILE_HEADING not in page and "hostile sellers" not in page
+    assert not (out / "hostile.png").exists()
+    assert "hostile.png" not in plots.run_figures(result.rounds, result.trades)
+
+
+def test_hostile_sellers_are_found_by_the_column_or_by_the_scenario():
+    """A trade's ``hostile`` column marks it; a table without that column (written before
+    it existed) falls back on the scenario's hostile agents."""
+    _, trades = fake_tables()
+    assert report.hostile_table(trades, 2) is None
+    by_column = report.hostile_table(trades.assign(hostile=trades["seller"] == 1), 2)
+    by_scenario = report.hostile_table(trades.drop(columns="hostile"), 2, hostile=(1,))
+    pd.testing.assert_frame_equal(by_column, by_scenario)
+    assert by_column.loc[0, "purchases"] == (trades["seller"] == 1).sum()
+    # hostile agents that sold nothing: the section is there, with no purchase
+    none_sold = report.hostile_table(trades, 2, hostile=(7,))
+    assert none_sold.loc[0, "purchases"] == 0 and none_sold.loc[1, "purchases"] == len(trades)
+    assert report.hostile_agents("[agents]\nhostile = [2, 0]\n") == (0, 2)
+    assert report.hostile_agents("not toml [") == ()
+
+
+def test_a_sweep_report_counts_purchases_from_hostile_sellers_per_cell(tmp_path):
+    make_sweep(tmp_path, [("mechanism.beta", [0.0, 1.0])], hostile=True)
+    assert main(["report", str(tmp_path)]) == 0
+    rows = table_after((tmp_path / "report.html").read_text(), report.HOSTILE_HEADING)
+    header, body = rows[0], rows[1:]
+    cells = list(dict.fromkeys(pd.read_parquet(tmp_path / "sweep.parquet")["cell"]))
+    assert len(body) == len(cells) == 2
+    fmt = lambda v: format(float(v), report.HOSTILE_FMT)  # noqa: E731
+    for row, cell in zip(body, cells, strict=True):
+        trades = pd.read_parquet(tmp_path / cell / "trades.parquet")
+        for sellers, t in (
+            ("hostile", trades[trades["hostile"]]),
+            ("honest", trades[~trades["hostile"]]),
+        ):
+            assert row[header.index(f"{sellers}: purchases")] == fmt(len(t) / 2)
+            assert row[header.index(f"{sellers}: paid")] == fmt(t["price"].sum() / 2)
+            value = t["realized_value"].sum() / 2
+            assert row[header.index(f"{sellers}: realised value")] == fmt(value)
 
 
 @pytest.mark.parametrize(

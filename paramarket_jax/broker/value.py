@@ -303,11 +303,13 @@ def _value(
     max_sweeps,
     reference,
     offers=None,
+    solver="auto",
 ):
     """Scores of buyer ids[b] against sellers cands[b, :]; chunks of ``batch_size`` buyers.
 
     ``offers`` (a population like ``pop``, or None: ``pop`` itself) is what each agent
-    offers as a seller; buyers are always ``pop``.
+    offers as a seller; buyers are always ``pop``. ``solver``: the assignment solver of
+    the weight matching (:func:`~paramarket_jax.broker.align.hungarian`).
 
     ``mode`` is one of :data:`ALIGN_MODES`; with ``choose="validation"`` and R > 1 restarts
     every restart's merges are scored and the (restart, alpha) with the lowest validation
@@ -327,7 +329,7 @@ def _value(
         both = flat if offers is None else jax.tree.map(
             lambda u, v: jnp.concatenate([u, v]), flat, offered)  # fmt: skip
         to_ref = _reference_perms(
-            frozen, both, reference, key, max_sweeps, "auto", restarts,
+            frozen, both, reference, key, max_sweeps, solver, restarts,
             None if batch_size is None else batch_size * k, keep_all,
         )  # fmt: skip
         # sellers' offers matched to the (honest) reference, buyers as they are
@@ -348,7 +350,7 @@ def _value(
         else:
             repeated = jax.tree.map(lambda v: jnp.repeat(v, k, axis=0), buyers)
             perms = _align_restarts(
-                frozen, repeated, sellers, key, max_sweeps, "auto", restarts, keep_all
+                frozen, repeated, sellers, key, max_sweeps, solver, restarts, keep_all
             )
             perms = perms[0] if keep_all else perms
         rows = val_idx[b_ids]  # (B, m)
@@ -400,11 +402,15 @@ def value_with_perms(
     choose: str = "objective",
     reference=0,
     offers=None,
+    solver: str = "auto",
 ):
     """:func:`value_candidates` for callers already inside a trace (the market round).
 
     ``offers``: what each agent offers as a seller (a population like ``pop_params``), when
     it is not its own model (hostile sellers); None: every seller offers its model.
+    ``solver``: the weight matching's assignment solver (``auto``: scipy through a host
+    callback on CPU, optax's Hungarian elsewhere; a market split over several devices
+    uses ``optax``, which stays inside the partitioned computation).
 
     Besides the scores it returns the permutations found for every pair (small int arrays,
     not weights), so the trades that settle merge exactly what was scored without aligning
@@ -420,6 +426,7 @@ def value_with_perms(
     return _value(
         model, mode, restarts, choose, layers, batch_size, pop_params, x_val, y_val, val_idx,
         ids, candidates, key, alphas, max_sweeps, jnp.asarray(reference, jnp.int32), offers,
+        solver,
     )  # fmt: skip
 
 

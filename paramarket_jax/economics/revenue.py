@@ -65,8 +65,18 @@ def revenue(q: jax.Array, econ: Economy, kind: str) -> jax.Array:
     """
     if kind == "independent":
         return econ.value_per_quality * q
-    weight = jnp.power(jnp.maximum(q, 1e-6), econ.gamma)
-    return econ.market_size * weight / (weight.sum() + _outside_weight(econ))
+    weight = _weight(q, econ.gamma)
+    return econ.market_size * weight / _total(weight.sum() + _outside_weight(econ))
+
+
+def _weight(q: jax.Array, gamma: jax.Array) -> jax.Array:
+    """Contest weights ``q ** gamma``; a quality of 0 (an agent out of the market, padding)
+    has no weight at all, so it changes nobody's revenue."""
+    return jnp.where(q > 0, jnp.power(jnp.maximum(q, 1e-6), gamma), 0.0)
+
+
+def _total(total: jax.Array) -> jax.Array:
+    return jnp.maximum(total, 1e-30)  # every quality 0 and no outside option: no revenue
 
 
 def _outside_weight(econ: Economy) -> jax.Array:
@@ -96,9 +106,9 @@ def purchase_values(q: jax.Array, q_new: jax.Array, econ: Economy, kind: str):
         return values, jnp.zeros_like(values)
     # Competitive, in closed form (O(N^2)): buyer i's weight w_i becomes w'_ij, the total
     # S becomes S - w_i + w'_ij, and every revenue is M * weight / total.
-    w = jnp.power(jnp.maximum(q, 1e-6), econ.gamma)
-    w_new = jnp.power(jnp.maximum(q_new, 1e-6), econ.gamma)
-    total = w.sum() + _outside_weight(econ) - w[:, None] + w_new
+    w = _weight(q, econ.gamma)
+    w_new = _weight(q_new, econ.gamma)
+    total = _total(w.sum() + _outside_weight(econ) - w[:, None] + w_new)
     values = econ.horizon * (econ.market_size * w_new / total - base[:, None])
     seller_after = econ.market_size * w[None, :] / total
     reservations = econ.horizon * jnp.maximum(base[None, :] - seller_after, 0.0)
