@@ -483,9 +483,19 @@ def cmd_sweep(args) -> int:
     keys = [key for key, _ in grid]
     cols = ["market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare", "mutual_gain",
             "trades", "revenue_of_sellers"]  # fmt: skip
-    print(table.groupby(keys)[cols].mean().round(4).to_string())
+    # a swept list value (model.widths=[8],[6]) is shown as its JSON text: hashable
+    shown = table.assign(**{k: table[k].map(_shown) for k in keys})
+    print(shown.groupby(keys)[cols].mean().round(4).to_string())
     print(f"wrote {args.out}/sweep.parquet" + (" and report.html" if args.report else ""))
     return 0
+
+
+def _shown(value):
+    import json
+
+    import numpy as np
+
+    return value if np.isscalar(value) or value is None else json.dumps(np.asarray(value).tolist())
 
 
 def cmd_plot(args) -> int:

@@ -6,19 +6,15 @@ so buyers reject it. Noisy labels touch only the noisy agents' training rows. Th
 (``broker.min_gain``, ``broker.confidence``) is a pair of traced knobs: off, they change no
 number; on, every settled trade clears the bound. Runs share few specs: the default
 market is test_divergence's (its run compiles once for both modules, and again batched
-with a guard on), one compilation for the random-kind market (in a child process, on
-another core), one for the offers of every hostile kind.
+with a guard on), one compilation for the random-kind market, one for the offers of every
+hostile kind.
 """
 
-import concurrent.futures
 import dataclasses
-import multiprocessing
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 import pytest
 from test_bad_input import call, check_one_line
 from test_divergence import BASE
@@ -50,34 +46,43 @@ def _lower_bound(trades, confidence):
     return trades["predicted_gain"] - float(z) * trades["gain_se"]
 
 
-class Tables(NamedTuple):
-    rounds: pd.DataFrame
-    trades: pd.DataFrame
-
-
-def _random_market() -> list[Tables]:
-    """Agent 2 offers fresh random weights: guard off, and guard on at a strict level."""
-    hostile = [*BASE, *TRAINED, "agents.hostile=[2]", "agents.hostile_kind=random"]
-    return [Tables(r.rounds, r.trades) for r in _cells([hostile, [*hostile, *STRICT]])]
-
-
 @pytest.fixture(scope="module")
 def random_market():
-    """:func:`_random_market` in a spawned child process, so that it compiles on another
-    core while this one compiles the default market's calls: a future (``result()``
-    waits for it). The first test asks for it only to start it early."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        yield pool.submit(_random_market)
+    """Agent 2 offers fresh random weights: guard off, and guard on at a strict level."""
+    hostile = [*BASE, *TRAINED, "agents.hostile=[2]", "agents.hostile_kind=random"]
+    return _cells([hostile, [*hostile, *STRICT]])
 
 
-def test_guard_off_and_keys_at_their_defaults_change_no_number(random_market):
+def test_random_offers_are_rejected_and_marked(random_market):
+    off, _ = random_market
+    trades = off.trades
+    assert len(trades) >= 8  # the honest agents keep trading
+    # the hostile column says whose seller was hostile, and buyers (almost) never buy it
+    np.testing.assert_array_equal(trades["hostile"], trades["seller"] == 2)
+    assert trades["hostile"].sum() <= 1
+    # its own model stays honest: it trains and buys like anyone
+    rounds = off.rounds
+    assert (trades["buyer"] == 2).any()
+    for _, df in rounds[rounds["agent"] == 2].groupby("seed"):
+        assert df["loss"].iloc[-1] < df["loss"].iloc[0]
+
+
+def test_a_strict_guard_settles_only_trades_above_its_bound(random_market):
+    off, strict = random_market
+    assert len(strict.trades) > 0
+    lower = _lower_bound(strict.trades, 0.95)
+    assert (lower > 0).all() and (lower >= 0.02).all()
+    # without the guard some settled trades were below that bound
+    assert (_lower_bound(off.trades, 0.95) < 0.02).any()
+    assert (strict.trades["gain_se"] > 0).all()
+
+
+def test_guard_off_and_keys_at_their_defaults_change_no_number():
     """Keys at their off values (no hostile agent whatever the kind, noisy agents with no
     noise, guard 0) give exactly the spec and knobs of a scenario without them, so the
     same compiled run and the same numbers, bit for bit. Batched with a guard-on cell (the
     guard's knobs then get a batch axis, a different program), the guard-off cell makes
-    the same trades, its numbers equal up to float32 rounding. (It asks for
-    ``random_market`` only to start it early.)"""
+    the same trades, its numbers equal up to float32 rounding."""
     plain = build(sc.load("paper_two_agent", BASE))
     off = [*BASE, "agents.hostile=[]", "agents.hostile_kind=stale", "agents.noisy=[1]",
            "agents.noise=0", "broker.min_gain=0", "broker.confidence=0"]  # fmt: skip
@@ -171,30 +176,6 @@ def test_offers_replace_only_hostile_sellers_and_are_what_buyers_merge():
         np.testing.assert_allclose(m[0], f[2], rtol=1e-6, atol=1e-6)
         assert not np.allclose(m[0], h[2])
         np.testing.assert_array_equal(m[1:], h[1:])
-
-
-def test_random_offers_are_rejected_and_marked(random_market):
-    off, _ = random_market.result()
-    trades = off.trades
-    assert len(trades) >= 8  # the honest agents keep trading
-    # the hostile column says whose seller was hostile, and buyers (almost) never buy it
-    np.testing.assert_array_equal(trades["hostile"], trades["seller"] == 2)
-    assert trades["hostile"].sum() <= 1
-    # its own model stays honest: it trains and buys like anyone
-    rounds = off.rounds
-    assert (trades["buyer"] == 2).any()
-    for _, df in rounds[rounds["agent"] == 2].groupby("seed"):
-        assert df["loss"].iloc[-1] < df["loss"].iloc[0]
-
-
-def test_a_strict_guard_settles_only_trades_above_its_bound(random_market):
-    off, strict = random_market.result()
-    assert len(strict.trades) > 0
-    lower = _lower_bound(strict.trades, 0.95)
-    assert (lower > 0).all() and (lower >= 0.02).all()
-    # without the guard some settled trades were below that bound
-    assert (_lower_bound(off.trades, 0.95) < 0.02).any()
-    assert (strict.trades["gain_se"] > 0).all()
 
 
 def test_noisy_labels_touch_only_the_noisy_agents_training_rows():
