@@ -161,6 +161,18 @@ class Checkpoints:
             ),
         )
 
+    def starter(self, progress: Callable[[int], None] | None):
+        """``run_cells_chunked``'s ``start``: :meth:`restore`, and report the runs x rounds
+        a restored carry has done to ``progress``."""
+
+        def start(b: Batch) -> Carry | None:
+            carry = self.restore(b)
+            if carry is not None and progress is not None:
+                progress(carry.done * b.total)
+            return carry
+
+        return start
+
     def restore(self, b: Batch) -> Carry | None:
         """The newest checkpoint that restores and fits this batch (same rounds, seeds and
         run keys, same state and record structure), or None (start from round 0); a new

@@ -429,7 +429,7 @@ def cmd_sweep(args) -> int:
     from tqdm import tqdm
 
     from paramarket_jax.results import check_out_dir
-    from paramarket_jax.sweep import parse_grid, run_sweep
+    from paramarket_jax.sweep import knob_text, parse_grid, run_sweep
 
     if not args.grid:
         raise ParamarketError("sweep needs at least one --grid KEY=V1,V2")
@@ -484,18 +484,10 @@ def cmd_sweep(args) -> int:
     cols = ["market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare", "mutual_gain",
             "trades", "revenue_of_sellers"]  # fmt: skip
     # a swept list value (model.widths=[8],[6]) is shown as its JSON text: hashable
-    shown = table.assign(**{k: table[k].map(_shown) for k in keys})
+    shown = table.assign(**{k: table[k].map(knob_text) for k in keys})
     print(shown.groupby(keys)[cols].mean().round(4).to_string())
     print(f"wrote {args.out}/sweep.parquet" + (" and report.html" if args.report else ""))
     return 0
-
-
-def _shown(value):
-    import json
-
-    import numpy as np
-
-    return value if np.isscalar(value) or value is None else json.dumps(np.asarray(value).tolist())
 
 
 def cmd_plot(args) -> int:

@@ -22,6 +22,7 @@ import pandas as pd
 from paramarket_jax import plots
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.results import write_into
+from paramarket_jax.sweep import knob_text
 
 RUN_FILES = ("scenario.toml", "rounds.parquet", "trades.parquet", "summary.json")
 
@@ -83,10 +84,6 @@ def load_run(folder: str | os.PathLike) -> dict:
     return out
 
 
-def _scalar(v):
-    return v if np.isscalar(v) or v is None else json.dumps(np.asarray(v).tolist())
-
-
 def load_sweep(folder: str | os.PathLike) -> dict:
     """A sweep folder's table, its swept knobs, and every complete cell's tables."""
     path = pathlib.Path(folder)
@@ -103,7 +100,7 @@ def load_sweep(folder: str | os.PathLike) -> dict:
         columns.index("cell") + 1 : columns.index("seed")
     ]
     for knob in knobs:
-        table[knob] = table[knob].map(_scalar)
+        table[knob] = table[knob].map(knob_text)
     cell_rounds, cell_trades, cell_scenarios = {}, {}, {}
     for cell in dict.fromkeys(table["cell"]):
         if (path / cell / "rounds.parquet").is_file():

@@ -137,18 +137,12 @@ def _run_scenario(scenario, engine, max_batch, progress, checkpoints, devices, s
         if engine != "batch":
             raise ParamarketError(CHECKPOINT_ENGINE)
 
-        def start(b):
-            carry = checkpoints.restore(b)
-            if carry is not None and progress is not None:
-                progress(carry.done * b.total)
-            return carry
-
         out = batch.run_cells_chunked(
             [exp],
             checkpoints.every,
             max_batch=max_batch,
             progress=progress,
-            start=start,
+            start=checkpoints.starter(progress),
             save=checkpoints.save,
             devices=devices,
             shard=shard,

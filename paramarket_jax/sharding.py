@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from paramarket_jax.errors import ParamarketError
+from paramarket_jax.errors import ParamarketError, unknown
 
 AXIS = "devices"
 SHARDS = ("auto", "agents", "runs")
@@ -75,8 +75,6 @@ def choose(shard: str, runs: int, devices: int) -> str:
     """The layout for ``runs`` runs on ``devices`` devices: ``auto`` splits the run axis
     when there are at least as many runs as devices (no collectives), else the agents."""
     if shard not in SHARDS:
-        from paramarket_jax.errors import unknown
-
         raise unknown("shard", shard, SHARDS)
     if devices == 1:
         return "agents"
@@ -165,7 +163,7 @@ def with_padding(spec, devices: int, shard: str):
     dead agents to a multiple of the devices when the agents are split."""
     if devices == 1:
         return spec
-    n = spec.n - spec.pad
+    n = spec.real
     total = padded(n, devices) if shard == "agents" else n
     # a host callback (scipy's assignment on CPU) would pull the split work onto one device
     return dataclasses.replace(
@@ -285,8 +283,3 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
         heartbeat_timeout_seconds=heartbeat,
         shutdown_timeout_seconds=heartbeat,
     )
-
-
-def is_writer() -> bool:
-    """Only process 0 of a multi-process run writes results (every process computes)."""
-    return jax.process_index() == 0

@@ -60,6 +60,12 @@ def parse_grid(text: str) -> tuple[str, list]:
     return key, values
 
 
+def knob_text(value):
+    """A swept value as a table shows it: scalars as they are, a list as its JSON text
+    (hashable, so a table groups by it)."""
+    return value if np.isscalar(value) or value is None else json.dumps(np.asarray(value).tolist())
+
+
 def cell_name(assignment: dict) -> str:
     """A folder name for one grid cell, e.g. ``mechanism.beta=0.5__economics.gamma=2``.
 
@@ -211,17 +217,18 @@ def _run_checkpointed(root: pathlib.Path, names: list[str], cells, every: int,
         root, every, resume=folder.exists(), note=note, folder=folder, name=name
     )
 
-    def start(b):
-        carry = saves.restore(b)
-        if carry is not None:
-            tick(carry.done * b.total)
-        return carry
-
     try:
         with saves:
-            out = batch.run_cells_chunked(cells, every, max_batch=max_batch, progress=tick,
-                                          start=start, save=saves.save, devices=devices,
-                                          shard=shard)  # fmt: skip
+            out = batch.run_cells_chunked(
+                cells,
+                every,
+                max_batch=max_batch,
+                progress=tick,
+                start=saves.starter(tick),
+                save=saves.save,
+                devices=devices,
+                shard=shard,
+            )
         return [result_of(c, r) for c, r in zip(cells, out.records, strict=True)], folder
     except ParamarketError:
         shutil.rmtree(folder, ignore_errors=True)
