@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from paramarket_jax.plots import MARKET, SILOED  # noqa: E402
+from paramarket_jax.results.plots import MARKET, SILOED  # noqa: E402
 
 ALIGN = {True: (MARKET, "aligned"), False: ("0.45", "not aligned")}
 

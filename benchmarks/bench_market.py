@@ -34,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import device_name, emit, peak_mem_mb, timeit
-from paramarket_jax import batch
-from paramarket_jax import round as market_round
 from paramarket_jax import scenario as sc
+from paramarket_jax.engines import batch
 from paramarket_jax.experiment import build, seed_data
-from paramarket_jax.round import init_jit, step_jit
+from paramarket_jax.market import round as market_round
+from paramarket_jax.market import trade as market_trade
+from paramarket_jax.market.round import init_jit, step_jit
 
 BENCH = "market"
 PAPER_ROUND_S = {"cpu": 2.0, "gpu": 2.4}  # the paper's released code, one trading round
@@ -70,12 +71,12 @@ def round_times(exp, reps: int) -> tuple[list[float], list[int]]:
     """Seconds of each of ``reps`` trading rounds (after one that compiles), shard sizes."""
     data, key = seed_data(exp, 0)
     k_init, k_rounds = jax.random.split(key)
-    state = init_jit(exp.spec, exp.params, k_init)
+    state = init_jit(exp.spec, k_init, exp.params)
     times = []
     for r in range(reps + 1):
         t = time.perf_counter()
         k = jax.random.fold_in(k_rounds, r)
-        state, rec = step_jit(exp.spec, exp.params, data, state, k, jnp.asarray(r, jnp.int32))
+        state, rec = step_jit(exp.spec, k, state, exp.params, data, jnp.asarray(r, jnp.int32))
         jax.block_until_ready(rec)
         times.append(time.perf_counter() - t)
         assert bool(rec.traded)
@@ -105,7 +106,7 @@ def paper_round(reps: int) -> None:
 
 
 def seeds_vmap(seeds: int, mesa_seeds: int, rounds: int | None, reps: int) -> None:
-    from paramarket_jax.market.model import MarketModel
+    from paramarket_jax.engines.mesa import MarketModel
 
     extra = [f"train.rounds={rounds}"] if rounds else []
     scen = sc.load("paper_two_agent", [*extra, f"seeds={list(range(seeds))}"])
@@ -173,7 +174,7 @@ def _first_round(exp, seed: int = 0):
     """A trading round's inputs: seed data, the state after init, the round key."""
     data, key = seed_data(exp, seed)
     k_init, k_rounds = jax.random.split(key)
-    return data, init_jit(exp.spec, exp.params, k_init), jax.random.fold_in(k_rounds, 0)
+    return data, init_jit(exp.spec, k_init, exp.params), jax.random.fold_in(k_rounds, 0)
 
 
 def round_parts(exp, reps: int) -> dict[str, float]:
@@ -185,11 +186,11 @@ def round_parts(exp, reps: int) -> dict[str, float]:
     r0 = jnp.asarray(0, jnp.int32)
 
     def whole(state, key):
-        return jax.device_get(step_jit(spec, params, data, state, key, r0))
+        return jax.device_get(step_jit(spec, key, state, params, data, r0))
 
     @jax.jit
     def train(state, key):
-        return market_round._train(spec, trainer, data, state, key)
+        return market_round.train(spec, key, state, params, data)
 
     @jax.jit
     def value(state, key):
@@ -198,12 +199,12 @@ def round_parts(exp, reps: int) -> dict[str, float]:
         alive = state.alive[market_round.MARKET]
         agents = data.agents
         loss_v, _ = trainer.evaluate(pop, agents.x_val, agents.y_val, agents.val_idx)
-        k_cand, k_align, _, _ = jax.random.split(key, 4)
-        return market_round.value(spec, params, data, pop, alive, loss_v, k_cand, k_align)
+        keys = market_trade.TradeKeys.of(key)
+        return market_trade.value(spec, keys, params, data, pop, alive, loss_v)
 
     @jax.jit
     def trade(state, key):
-        return market_round._trade(spec, state, key, trainer, model, data, params)
+        return market_trade.trade(spec, key, state, params, data)
 
     t = {name: timeit(fn, state, key, reps=reps) for name, fn in
          (("round", whole), ("train", train), ("value", value), ("trade", trade))}  # fmt: skip

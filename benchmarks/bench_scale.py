@@ -40,8 +40,8 @@ if "jax" not in sys.modules and "--xla_force_host_platform_device_count" not in 
 import jax  # noqa: E402
 
 from benchmarks.common import emit, peak_mem_mb  # noqa: E402
-from paramarket_jax import batch  # noqa: E402
 from paramarket_jax import scenario as sc  # noqa: E402
+from paramarket_jax.engines import batch  # noqa: E402
 from paramarket_jax.experiment import build  # noqa: E402
 
 BENCH = "scale"

@@ -6,18 +6,23 @@ own partition, initialisation and training randomness from ``jax.random.key(seed
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import json
+import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tomli_w
 
+from paramarket_jax import scenario as sc
 from paramarket_jax.broker import align_mode
 from paramarket_jax.data import Dataset, add_label_noise, load_dataset, partition, wrong_labels
 from paramarket_jax.economics import STRATEGIES, Economy, StrategyParams
+from paramarket_jax.errors import ParamarketError
+from paramarket_jax.market.types import MarketData, MarketParams, MarketSpec
 from paramarket_jax.mechanisms import Knobs, make_mechanism
 from paramarket_jax.population import agent_data, row_capacity
-from paramarket_jax.round import MarketData, MarketParams, MarketSpec
 from paramarket_jax.scenario import Scenario, per_agent
 
 # the stream label noise draws from (folded into the data key and each seed's split key)
@@ -205,3 +210,41 @@ def seed_data(exp: Experiment, seed: int) -> tuple[MarketData, jax.Array]:
         pool_size=jnp.asarray(len(pool), jnp.int32),
     )
     return data, k_run
+
+
+def toml_value(value: Any) -> str:
+    """A Python value as one line of TOML for a ``--set`` override: ``"a"``, ``0.5``,
+    ``true``, ``[16, 8]``, ``{d = 0.2}`` (numpy scalars and arrays become Python values)."""
+    if isinstance(value, np.generic | np.ndarray):
+        value = value.tolist()
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    try:
+        text = tomli_w.dumps({"v": value})
+    except TypeError as err:
+        raise ParamarketError(f"cannot write {value!r} as a scenario value: {err}") from None
+    return text.removeprefix("v = ").strip()
+
+
+def experiment_of(source, overrides: dict[str, Any] | None = None) -> Experiment:
+    """An Experiment from an Experiment, a Scenario, or a bundled name / TOML path, with
+    dotted overrides (``{"train.rounds": 3}``) applied as ``--set`` strings."""
+    texts = [f"{k}={toml_value(v)}" for k, v in (overrides or {}).items()]
+    if isinstance(source, Experiment):
+        if not texts:
+            return source
+        scenario = sc.from_dict(sc.apply_overrides(sc.to_dict(source.scenario), texts))
+        same = dataset_key(scenario) == dataset_key(source.scenario)
+        return build(scenario, source.dataset if same else None)
+    if isinstance(source, Scenario):
+        return build(sc.from_dict(sc.apply_overrides(sc.to_dict(source), texts)))
+    if isinstance(source, str | os.PathLike):
+        return build(sc.load(os.fspath(source), texts))
+    raise ParamarketError(
+        f"a market needs an Experiment, a Scenario, or a scenario name or path, got {source!r}"
+    )

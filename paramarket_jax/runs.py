@@ -9,9 +9,10 @@ import jax
 import numpy as np
 import pandas as pd
 
-from paramarket_jax import batch, results
+from paramarket_jax.engines import batch
 from paramarket_jax.errors import ParamarketError, unknown
 from paramarket_jax.experiment import Experiment, build
+from paramarket_jax.results import tables
 from paramarket_jax.scenario import Scenario, dumps
 
 ENGINES = ("auto", "batch", "mesa")
@@ -50,7 +51,7 @@ class RunResult:
     summary: dict
 
     def files(self, report: bool = True) -> dict[str, object]:
-        """Run-folder contents for :func:`paramarket_jax.results.write_run`: the tables, and
+        """Run-folder contents for :func:`paramarket_jax.results.folders.write_run`: the tables, and
         with ``report`` the figures (PNG) and the self-contained ``report.html``."""
         text = dumps(self.scenario)
         files: dict[str, object] = {
@@ -60,7 +61,7 @@ class RunResult:
             "summary.json": self.summary,
         }
         if report:
-            from paramarket_jax.report import run_outputs
+            from paramarket_jax.results.report import run_outputs
 
             outputs = run_outputs(text, self.rounds, self.trades, self.summary, self.scenario.name)
             files.update(outputs)  # PNG bytes and the page's text
@@ -71,10 +72,10 @@ def result_of(experiment: Experiment, records) -> RunResult:
     """Tables and summary from host records with leading axes (seeds, rounds)."""
     scenario = experiment.scenario
     seeds = list(scenario.seeds)
-    results.check_finite_losses(records, seeds, scenario.train.learning_rate)
-    rounds = results.rounds_table(records, seeds, experiment.spec.twin_names)
-    trades = results.trades_table(records, seeds)
-    return RunResult(scenario, rounds, trades, results.summarize(rounds, trades))
+    tables.check_finite_losses(records, seeds, scenario.train.learning_rate)
+    rounds = tables.rounds_table(records, seeds, experiment.spec.twin_names)
+    trades = tables.trades_table(records, seeds)
+    return RunResult(scenario, rounds, trades, tables.summarize(rounds, trades))
 
 
 def run_cells(
@@ -86,7 +87,7 @@ def run_cells(
     shard: str = "auto",
 ) -> list[RunResult]:
     """Cells that differ only in numeric knobs, all seeds, through the batch path (on
-    ``devices`` devices, split as ``shard`` says: :func:`paramarket_jax.batch.prepare`)."""
+    ``devices`` devices, split as ``shard`` says: :func:`paramarket_jax.engines.batch.prepare`)."""
     out = batch.run_cells(
         cells, max_batch=max_batch, progress=progress, devices=devices, shard=shard
     )
@@ -114,16 +115,16 @@ def run_scenario(
         max_batch: most runs per compiled call of the batch path.
         progress: called with a number of rounds x seeds finished.
         check: check the market's bookkeeping invariants on the tables
-            (:func:`~paramarket_jax.results.check_invariants`; ``paramarket run --check``).
-        checkpoints: a :class:`paramarket_jax.checkpoint.Checkpoints` (batch engine only):
+            (:func:`~paramarket_jax.results.tables.check_invariants`; ``paramarket run --check``).
+        checkpoints: a :class:`paramarket_jax.engines.checkpoint.Checkpoints` (batch engine only):
             run in chunks of its ``every`` rounds, saving after each, and go on from its
             newest usable checkpoint.
         devices, shard: run on this many devices (batch engine only), splitting the runs
-            or the agents over them (:func:`paramarket_jax.sharding.choose`).
+            or the agents over them (:func:`paramarket_jax.market.sharding.choose`).
     """
     result = _run_scenario(scenario, engine, max_batch, progress, checkpoints, devices, shard)
     if check:
-        results.check_invariants(result.rounds, result.trades)
+        tables.check_invariants(result.rounds, result.trades)
     return result
 
 
@@ -151,7 +152,7 @@ def _run_scenario(scenario, engine, max_batch, progress, checkpoints, devices, s
     if engine == "batch":
         tick = None if progress is None else (lambda runs: progress(runs * rounds))
         return run_cells([exp], max_batch=max_batch, progress=tick, devices=devices, shard=shard)[0]
-    from paramarket_jax.market.model import MarketModel
+    from paramarket_jax.engines.mesa import MarketModel
 
     records = []
     for seed in scenario.seeds:

@@ -7,7 +7,7 @@ together through the batch path: every seed of every such cell in one compiled c
 
 With ``checkpoint_every`` (``paramarket sweep --checkpoint-every K``) each such group saves
 its carry every K rounds into ``DIR/.checkpoints/<group id>/`` (orbax steps, as
-:mod:`paramarket_jax.checkpoint` writes a run's), so a group killed in the middle goes on
+:mod:`paramarket_jax.engines.checkpoint` writes a run's), so a group killed in the middle goes on
 from its newest usable checkpoint when the same command runs again: the same tables, bit
 for bit. A group's checkpoints are removed once its cells are written, and the whole
 ``.checkpoints`` folder once every cell is complete.
@@ -206,7 +206,7 @@ def _run_checkpointed(root: pathlib.Path, names: list[str], cells, every: int,
     each into ``root/.checkpoints/<group id>`` and going on from the newest usable step
     there: their RunResults and that folder. A group that fails for good (every agent
     diverged) drops its checkpoints."""
-    from paramarket_jax import batch, checkpoint
+    from paramarket_jax.engines import batch, checkpoint
     from paramarket_jax.runs import result_of
 
     gid = group_id([(name, c.scenario) for name, c in zip(names, cells, strict=True)])
@@ -279,14 +279,14 @@ def run_sweep(
         note: optional callable(text) for checkpoint messages (which step a group goes
             on from).
         devices, shard: run on this many devices, splitting runs or agents over them
-            (:func:`paramarket_jax.batch.prepare`). In a multi-process run (``jax.
+            (:func:`paramarket_jax.engines.batch.prepare`). In a multi-process run (``jax.
             distributed``) process 0 decides which cells to run and tells the others, and
             only process 0 writes; the others return an empty table.
     """
     import jax
 
-    from paramarket_jax import checkpoint
-    from paramarket_jax.results import write_run
+    from paramarket_jax.engines import checkpoint
+    from paramarket_jax.results.folders import write_run
     from paramarket_jax.runs import (
         CHECKPOINT_ENGINE,
         MESA_DEVICES,
@@ -387,7 +387,7 @@ def run_sweep(
     # every cell is complete: checkpoints left by groups of other settings are of no use
     shutil.rmtree(root / checkpoint.FOLDER, ignore_errors=True)
     if report:
-        from paramarket_jax.report import sweep_outputs, write_files
+        from paramarket_jax.results.report import sweep_outputs, write_files
 
         write_files(root, sweep_outputs(root))
     return table

@@ -13,9 +13,11 @@ import jax
 import numpy as np
 from shrink import SHRINK
 
-from paramarket_jax import batch, runs, sharding
+from paramarket_jax import runs
 from paramarket_jax import scenario as sc
+from paramarket_jax.engines import batch
 from paramarket_jax.experiment import build
+from paramarket_jax.market import sharding
 
 OVERRIDES = [
     *SHRINK,

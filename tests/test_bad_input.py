@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from paramarket_jax.cli import main
+from paramarket_jax.cli.main import main
 
 INPUTS = "{in}"  # replaced by a folder of input files outside tmp_path
 IDX_STEMS = (
@@ -29,8 +29,8 @@ CIFAR_STEMS = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 @pytest.fixture(autouse=True)
 def no_compute(monkeypatch):
     """Bad input must fail before anything is compiled or run."""
-    from paramarket_jax import batch
-    from paramarket_jax.market import model
+    from paramarket_jax.engines import batch
+    from paramarket_jax.engines import mesa as model
 
     def reached(*args, **kwargs):
         raise AssertionError("bad input reached the compute step")
@@ -471,7 +471,7 @@ def test_bad_sweep_output_locations(out, tmp_path, capsys):
 
 
 def test_run_folder_gets_the_usual_permissions(tmp_path):
-    from paramarket_jax.results import write_run
+    from paramarket_jax.results.folders import write_run
 
     out = write_run(tmp_path / "run", {"a.txt": "x"})
     mask = os.umask(0o022)
@@ -481,7 +481,7 @@ def test_run_folder_gets_the_usual_permissions(tmp_path):
 
 
 def test_stale_temporaries_of_killed_runs_are_removed(tmp_path):
-    from paramarket_jax.results import write_run
+    from paramarket_jax.results.folders import write_run
 
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -26,9 +26,9 @@ import pandas as pd
 import pytest
 from test_cli import SMALL
 
-from paramarket_jax import batch, checkpoint
 from paramarket_jax import scenario as sc
-from paramarket_jax.cli import main
+from paramarket_jax.cli.main import main
+from paramarket_jax.engines import batch, checkpoint
 from paramarket_jax.experiment import build
 
 # test_cli's tiny market, four rounds, merges without alignment, Gaussian data (see above)
@@ -60,7 +60,7 @@ def hold():
 
 
 if kind == "after":
-    from paramarket_jax import checkpoint
+    from paramarket_jax.engines import checkpoint
 
     real = checkpoint.Checkpoints.save
 
@@ -83,7 +83,7 @@ else:
 
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
-from paramarket_jax.cli import main
+from paramarket_jax.cli.main import main
 
 sys.exit(main(sys.argv[1:]))
 """

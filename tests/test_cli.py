@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from pages import check_report
 
-from paramarket_jax.cli import main, parse_seeds
+from paramarket_jax.cli.main import main, parse_seeds
 
 SMALL = [
     "--set",
@@ -179,7 +179,7 @@ def test_run_creates_missing_parent_folders(tmp_path, capsys):
 
 
 def test_run_goes_through_one_compiled_call_for_every_seed(tmp_path, capsys, monkeypatch):
-    from paramarket_jax import batch
+    from paramarket_jax.engines import batch
 
     calls = []
     real = batch.simulate_runs

@@ -13,10 +13,10 @@ import pytest
 from shrink import SHRINK
 
 from paramarket_jax import scenario as sc
-from paramarket_jax.cli import main
+from paramarket_jax.cli.main import main
+from paramarket_jax.engines.mesa import MarketModel
 from paramarket_jax.experiment import build
-from paramarket_jax.market.model import MarketModel
-from paramarket_jax.round import MARKET
+from paramarket_jax.market.types import MARKET
 from paramarket_jax.runs import run_scenario
 
 BASE = [

@@ -19,10 +19,12 @@ import pytest
 from test_bad_input import call, check_one_line
 from test_divergence import BASE
 
-from paramarket_jax import batch, broker
-from paramarket_jax import round as market_round
+from paramarket_jax import broker
 from paramarket_jax import scenario as sc
+from paramarket_jax.engines import batch
 from paramarket_jax.experiment import build, seed_data
+from paramarket_jax.market import round as market_round
+from paramarket_jax.market import trade
 from paramarket_jax.models import make_model
 from paramarket_jax.runs import result_of, run_scenario
 
@@ -106,7 +108,7 @@ def test_guard_off_and_keys_at_their_defaults_change_no_number():
 
 
 def test_offers_replace_only_hostile_sellers_and_are_what_buyers_merge():
-    """``round.offers``: a hostile agent's offer is not its model (random: a fresh draw;
+    """``trade.hostile_offers``: a hostile agent's offer is not its model (random: a fresh draw;
     stale: its initial weights; poisoned: its model plus noise); the others offer their
     own. The valuation scores what is offered, and a settled trade merges it. (Every kind
     in one compiled call; the checks read host copies, so indexing compiles nothing.)"""
@@ -118,10 +120,10 @@ def test_offers_replace_only_hostile_sellers_and_are_what_buyers_merge():
         out = {}
         for kind in kinds:  # "random" first: the scenario's own kind gives the pool
             s = dataclasses.replace(exp.spec, hostile=kind)
-            st = market_round.init(s, params, jax.random.key(0))
+            st = market_round.init(s, jax.random.key(0), params)
             if kind == "random":
                 pop = jax.tree.map(lambda v: v[0] + 0.1, st.twins.params)  # "trained"
-            out[kind] = (market_round.offers(s, params, st, pop, key), st.twins.params)
+            out[kind] = (trade.hostile_offers(s, key, st, params, pop), st.twins.params)
         return pop, out
 
     assert exp.spec.hostile == "random"
@@ -219,7 +221,7 @@ def test_noisy_labels_touch_only_the_noisy_agents_training_rows():
 @pytest.fixture
 def refuse_compute(monkeypatch):
     """Bad input must fail before anything is compiled or run (as in test_bad_input)."""
-    from paramarket_jax.market import model
+    from paramarket_jax.engines import mesa as model
 
     def reached(*args, **kwargs):
         raise AssertionError("bad input reached the compute step")

@@ -9,12 +9,13 @@ import pytest
 from pages import check_report
 from shrink import SHRINK
 
-from paramarket_jax import batch
-from paramarket_jax import round as market_round
 from paramarket_jax import scenario as sc
+from paramarket_jax.engines import batch
+from paramarket_jax.engines.mesa import MarketModel
 from paramarket_jax.experiment import build, seed_data
-from paramarket_jax.market.model import MarketModel
-from paramarket_jax.results import invariant_violations, write_run
+from paramarket_jax.market import round as market_round
+from paramarket_jax.results.folders import write_run
+from paramarket_jax.results.tables import invariant_violations
 from paramarket_jax.runs import result_of, run_scenario
 
 THREE = [
@@ -130,14 +131,14 @@ def test_same_seed_same_numbers_and_seeds_differ(experiment, batch_result):
 def test_jit_equals_no_jit(experiment):
     data, key = seed_data(experiment, 0)
     spec, params = experiment.spec, experiment.params
-    state = market_round.init_jit(spec, params, key)
+    state = market_round.init_jit(spec, key, params)
     # round 0 (train, schedule, evaluate, earn); the trading branch's kernels (valuation,
     # alignment, mechanisms) have their own jit-equals-no-jit tests, and run eagerly here
     # they take most of a minute
     r = jnp.asarray(0, jnp.int32)
-    _, jitted = market_round.step_jit(spec, params, data, state, key, r)
+    _, jitted = market_round.step_jit(spec, key, state, params, data, r)
     with jax.disable_jit():
-        _, eager = market_round.step(spec, params, data, state, key, r)
+        _, eager = market_round.step(spec, key, state, params, data, r)
     assert not bool(jitted.traded) and not bool(eager.traded)
     for u, v in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
@@ -257,7 +258,8 @@ def test_the_round_and_the_batch_path_import_no_mesa():
     import sys
 
     code = (
-        "import sys; import paramarket_jax.batch, paramarket_jax.runs, paramarket_jax.sweep;"
+        "import sys; import paramarket_jax.engines.batch, paramarket_jax.runs;"
+        "import paramarket_jax.sweep;"
         "assert 'mesa' not in sys.modules, 'mesa imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

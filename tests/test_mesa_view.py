@@ -12,10 +12,10 @@ import pytest
 from shrink import SHRINK
 
 from paramarket_jax import scenario as sc
-from paramarket_jax.experiment import build
-from paramarket_jax.market.model import MarketModel, gini, toml_value
-from paramarket_jax.results import trades_table
-from paramarket_jax.round import MARKET
+from paramarket_jax.engines.mesa import MarketModel, gini
+from paramarket_jax.experiment import build, toml_value
+from paramarket_jax.market.types import MARKET
+from paramarket_jax.results.tables import trades_table
 
 TINY = [
     *SHRINK,

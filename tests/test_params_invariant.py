@@ -27,10 +27,11 @@ import pytest
 from shrink import SHRINK
 
 from paramarket_jax import broker
-from paramarket_jax import round as market_round
 from paramarket_jax import scenario as sc
 from paramarket_jax.experiment import build, seed_data
-from paramarket_jax.round import MARKET
+from paramarket_jax.market import round as market_round
+from paramarket_jax.market import trade
+from paramarket_jax.market.types import MARKET, Trades
 
 ROUNDS = 4
 SCENARIO = [
@@ -54,7 +55,7 @@ class Round(NamedTuple):
     r: int
     after: Any
     trained: Any
-    trades: market_round.Trades
+    trades: Trades
     cands: np.ndarray
     val: broker.Valuation
     perms: dict
@@ -69,22 +70,20 @@ def market():
 
     @jax.jit
     def one_round(state, key, r):
-        new, record = market_round.step(spec, params, data, state, key, r)
+        new, record = market_round.step(spec, key, state, params, data, r)
         k_train, k_trade = jax.random.split(key)  # as step splits it
-        trained, _ = market_round._train(spec, trainer, params, data, state, k_train)
-        k_cand, k_align, _, _ = jax.random.split(k_trade, 4)  # as _trade splits it
+        trained, _ = market_round.train(spec, k_train, state, params, data)
         pop = trained.twins.params
         mine = jax.tree.map(lambda v: v[MARKET], pop)
         agents = data.agents
         loss_v, _ = trainer.evaluate(mine, agents.x_val, agents.y_val, agents.val_idx)
         trading = trained.alive[MARKET] & ~trained.diverged[MARKET]
-        cands, val, perms = market_round.value(
-            spec, params, data, mine, trading, loss_v, k_cand, k_align
-        )
+        keys = trade.TradeKeys.of(k_trade)  # as trade splits it
+        cands, val, perms = trade.value(spec, keys, params, data, mine, trading, loss_v)
         return new, record, pop, cands, val, perms
 
     k_init, k_rounds = jax.random.split(key)  # as simulate splits it
-    state = market_round.init(spec, params, k_init)
+    state = market_round.init(spec, k_init, params)
     rounds = []
     for r in range(ROUNDS):
         key_r = jax.random.fold_in(k_rounds, r)

@@ -11,10 +11,11 @@ import pytest
 from pages import browser, check_report, decode_png, screenshot
 from shrink import SHRINK
 
-from paramarket_jax import plots, report
 from paramarket_jax import scenario as sc
-from paramarket_jax.cli import main
-from paramarket_jax.results import ROUND_COLUMNS, TRADE_COLUMNS, summarize, write_run
+from paramarket_jax.cli.main import main
+from paramarket_jax.results import plots, report
+from paramarket_jax.results.folders import write_run
+from paramarket_jax.results.tables import ROUND_COLUMNS, TRADE_COLUMNS, summarize
 from paramarket_jax.runs import RunResult, run_scenario
 from paramarket_jax.sweep import cell_name, sweep_table
 

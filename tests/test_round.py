@@ -7,9 +7,10 @@ import numpy as np
 from shrink import SHRINK as BASE_SHRINK
 
 from paramarket_jax import broker
-from paramarket_jax import round as market_round
 from paramarket_jax import scenario as sc
 from paramarket_jax.experiment import build, seed_data
+from paramarket_jax.market import round as market_round
+from paramarket_jax.market import trade
 from paramarket_jax.mechanisms import Market, default_knobs, make_mechanism
 from paramarket_jax.models import make_model
 from paramarket_jax.runs import run_scenario
@@ -54,15 +55,15 @@ def test_a_nan_candidate_drops_out_alone():
     exp = build(s)
     data, key = seed_data(exp, 0)
     _, k_rounds = jax.random.split(key)
-    state = market_round.init_jit(exp.spec, exp.params, key)
+    state = market_round.init_jit(exp.spec, key, exp.params)
     for r in range(2):  # train without trading
         state, _ = market_round.step_jit(
-            exp.spec, exp.params, data, state, jax.random.fold_in(k_rounds, r), r
+            exp.spec, jax.random.fold_in(k_rounds, r), state, exp.params, data, r
         )
     poisoned = jax.tree.map(lambda v: v.at[0, 2].set(jnp.nan), state.twins.params)
     state = state._replace(twins=state.twins._replace(params=poisoned))
     params = exp.params._replace(trade_start=jnp.asarray(0, jnp.int32))
-    _, rec = market_round.step_jit(exp.spec, params, data, state, k_rounds, 2)
+    _, rec = market_round.step_jit(exp.spec, k_rounds, state, params, data, 2)
     trades = jax.device_get(rec.trades)
     assert bool(rec.traded)
     assert not trades.mask[2] and 2 not in trades.seller[trades.mask]
@@ -143,7 +144,7 @@ def test_top_candidates_are_the_best_alive_others():
         score = rng.normal(size=n).astype(np.float32)
         score[trial] = np.nan  # a diverged model is nobody's candidate
         alive = rng.random(n) > 0.3
-        got = np.asarray(jax.jit(market_round.top_candidates, static_argnums=2)(score, alive, k))
+        got = np.asarray(jax.jit(trade.top_candidates, static_argnums=2)(score, alive, k))
         for i in range(n):
             others = [j for j in np.argsort(score) if j != i and alive[j] and np.isfinite(score[j])]
             assert got[i].tolist()[: len(others[:k])] == others[:k]

@@ -20,8 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from paramarket_jax import sharding
-from paramarket_jax.cli import main
+from paramarket_jax.cli.main import main
+from paramarket_jax.market import sharding
 
 HERE = pathlib.Path(__file__).parent
 SCRIPT = HERE / "sharded_run.py"
@@ -110,7 +110,7 @@ def paramarket(args, pid: int, port: int, out: pathlib.Path, **popen):
             "--no-report", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
             "--process-id", str(pid), "--heartbeat", "3", "--connect-timeout", "60",
             *args]  # fmt: skip
-    code = "import sys; from paramarket_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from paramarket_jax.cli.main import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.Popen(
         [sys.executable, "-c", code, *argv],
         env=env_with(JAX_NUM_CPU_DEVICES="2"),

@@ -251,7 +251,7 @@ def jax_process() -> int:
 def device_count(args) -> int:
     """``--devices`` checked against the devices JAX sees (default: 1, or every device
     of a multi-process run)."""
-    from paramarket_jax import sharding
+    from paramarket_jax.market import sharding
 
     if args.devices is None:
         return sharding.available() if jax_processes() > 1 else 1
@@ -269,9 +269,9 @@ def cmd_scenarios(args) -> int:
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from paramarket_jax import checkpoint
     from paramarket_jax import scenario as sc
-    from paramarket_jax.results import check_out_dir, write_run
+    from paramarket_jax.engines import checkpoint
+    from paramarket_jax.results.folders import check_out_dir, write_run
     from paramarket_jax.runs import CHECKPOINT_ENGINE, resolve_engine, run_scenario
 
     if args.resume is not None:
@@ -331,7 +331,7 @@ def cmd_run(args) -> int:
 def resume_run(args) -> int:
     """``run --resume DIR``: the scenario and options from DIR/run.json, then on from the
     newest usable checkpoint in DIR/.checkpoints (round 0 without one)."""
-    from paramarket_jax import checkpoint
+    from paramarket_jax.engines import checkpoint
 
     others = {
         "SCENARIO": args.scenario,
@@ -366,7 +366,7 @@ def run_checkpointed(args, out, scenario, every: int, max_batch, report: bool, *
     """Run (or go on with) a checkpointed run in ``out`` and write its files there."""
     from tqdm import tqdm
 
-    from paramarket_jax import checkpoint
+    from paramarket_jax.engines import checkpoint
     from paramarket_jax.runs import run_scenario
 
     total = scenario.train.rounds * len(scenario.seeds)
@@ -428,7 +428,7 @@ def print_summary(scenario, summary: dict) -> None:
 def cmd_sweep(args) -> int:
     from tqdm import tqdm
 
-    from paramarket_jax.results import check_out_dir
+    from paramarket_jax.results.folders import check_out_dir
     from paramarket_jax.sweep import knob_text, parse_grid, run_sweep
 
     if not args.grid:
@@ -491,7 +491,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from paramarket_jax.report import write_plots
+    from paramarket_jax.results.report import write_plots
 
     for path in write_plots(args.folder):
         print(f"wrote {path}")
@@ -499,7 +499,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from paramarket_jax.report import write_report
+    from paramarket_jax.results.report import write_report
 
     print(f"wrote {write_report(args.folder)}")
     return 0
@@ -511,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         if args.command in ("run", "sweep"):
-            from paramarket_jax import processes, sharding
+            from paramarket_jax.cli import processes
+            from paramarket_jax.market import sharding
 
             if processes.is_multi(args):
                 sharding.check_processes(args.coordinator, args.num_processes, args.process_id)

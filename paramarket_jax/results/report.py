@@ -19,9 +19,9 @@ import tomllib
 import numpy as np
 import pandas as pd
 
-from paramarket_jax import plots
 from paramarket_jax.errors import ParamarketError
-from paramarket_jax.results import write_into
+from paramarket_jax.results import plots
+from paramarket_jax.results.folders import write_into
 from paramarket_jax.sweep import knob_text
 
 RUN_FILES = ("scenario.toml", "rounds.parquet", "trades.parquet", "summary.json")
@@ -433,7 +433,7 @@ def folder_outputs(folder: str | os.PathLike) -> dict:
 
 def write_files(folder: str | os.PathLike, files: dict) -> list[pathlib.Path]:
     """Write figures and pages beside the tables, each whole or absent
-    (:func:`paramarket_jax.results.write_into`)."""
+    (:func:`paramarket_jax.results.folders.write_into`)."""
     write_into(folder, files, last="report.html")
     return [pathlib.Path(folder) / name for name in files]
 

@@ -104,7 +104,7 @@ def supervise(argv: list[str], args) -> int:
     import threading
 
     env = dict(os.environ, **{WORKER: "1"})
-    code = "import sys; from paramarket_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from paramarket_jax.cli.main import main; sys.exit(main(sys.argv[1:]))"
     child = subprocess.Popen([sys.executable, "-c", code, *argv], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     relays = [_Relay(child.stdout, sys.stdout.buffer), _Relay(child.stderr, sys.stderr.buffer)]

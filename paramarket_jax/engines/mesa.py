@@ -16,7 +16,6 @@ round, so Mesa's step ``s`` is the market after ``s`` rounds.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, NamedTuple
 
@@ -24,14 +23,14 @@ import jax
 import jax.numpy as jnp
 import mesa
 import numpy as np
-import tomli_w
 from mesa.agent import AgentSet  # mesa.agent re-exports it in 3.5 too
 
 from paramarket_jax import scenario as sc
 from paramarket_jax.errors import ParamarketError
-from paramarket_jax.experiment import Experiment, build, dataset_key, seed_data
-from paramarket_jax.results import diverged, market_lost
-from paramarket_jax.round import MARKET, RoundRecord, enter_jit, init_jit, step_jit
+from paramarket_jax.experiment import Experiment, experiment_of, seed_data
+from paramarket_jax.market.round import enter_jit, init_jit, step_jit
+from paramarket_jax.market.types import MARKET, RoundRecord
+from paramarket_jax.results.tables import diverged, market_lost
 
 NAN = float("nan")
 ENTRY_STREAM = 0x656E7472  # "entr": folded into the run key for the entrants' fresh models
@@ -223,44 +222,6 @@ def _kind(agent) -> str:
     return "trader" if isinstance(agent, TraderAgent) else "broker"
 
 
-def toml_value(value: Any) -> str:
-    """A Python value as one line of TOML for a ``--set`` override: ``"a"``, ``0.5``,
-    ``true``, ``[16, 8]``, ``{d = 0.2}`` (numpy scalars and arrays become Python values)."""
-    if isinstance(value, np.generic | np.ndarray):
-        value = value.tolist()
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = (f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items())
-        return "{" + ", ".join(items) + "}"
-    try:
-        text = tomli_w.dumps({"v": value})
-    except TypeError as err:
-        raise ParamarketError(f"cannot write {value!r} as a scenario value: {err}") from None
-    return text.removeprefix("v = ").strip()
-
-
-def experiment_of(source, overrides: dict[str, Any] | None = None) -> Experiment:
-    """An Experiment from an Experiment, a Scenario, or a bundled name / TOML path, with
-    dotted overrides (``{"train.rounds": 3}``) applied as ``--set`` strings."""
-    texts = [f"{k}={toml_value(v)}" for k, v in (overrides or {}).items()]
-    if isinstance(source, Experiment):
-        if not texts:
-            return source
-        scenario = sc.from_dict(sc.apply_overrides(sc.to_dict(source.scenario), texts))
-        same = dataset_key(scenario) == dataset_key(source.scenario)
-        return build(scenario, source.dataset if same else None)
-    if isinstance(source, sc.Scenario):
-        return build(sc.from_dict(sc.apply_overrides(sc.to_dict(source), texts)))
-    if isinstance(source, str | os.PathLike):
-        return build(sc.load(os.fspath(source), texts))
-    raise ParamarketError(
-        f"a market needs an Experiment, a Scenario, or a scenario name or path, got {source!r}"
-    )
-
-
 class MarketModel(mesa.Model):
     """One seed of a scenario: a Mesa model whose ``step()`` is one market round.
 
@@ -301,7 +262,7 @@ class MarketModel(mesa.Model):
         k_init, self.k_rounds = jax.random.split(k_run)
         # entry draws from its own stream, so runs without entry keep their numbers
         self.k_entry = jax.random.fold_in(k_run, ENTRY_STREAM) if self.config.agents.entry else None
-        self.state = init_jit(self.spec, self.params, k_init)
+        self.state = init_jit(self.spec, k_init, self.params)
         self.round = 0
         self.record: RoundRecord | None = None
         self._records: list[RoundRecord] = []
@@ -391,7 +352,7 @@ class MarketModel(mesa.Model):
             return
         key = jax.random.fold_in(self.k_rounds, self.round)
         r = jnp.asarray(self.round, jnp.int32)
-        self.state, record = step_jit(self.spec, self.params, self.data, self.state, key, r)
+        self.state, record = step_jit(self.spec, key, self.state, self.params, self.data, r)
         self.record = jax.device_get(record)
         if market_lost(self.record.diverged, self.record.alive, self.record.test_loss):
             raise diverged(self.round, self.seed_value, self.config.train.learning_rate)
@@ -443,7 +404,7 @@ class MarketModel(mesa.Model):
         slots = np.zeros(self.spec.n, bool)
         slots[list(entrants)] = True
         key = jax.random.fold_in(self.k_entry, self.round)
-        self.state = enter_jit(self.spec, self.params, self.state, key, jnp.asarray(slots))
+        self.state = enter_jit(self.spec, key, self.state, self.params, jnp.asarray(slots))
         self.accounts = _accounts(self.state)
         return entrants
 

@@ -11,7 +11,7 @@ complete, so a step folder is whole or absent): the ``MarketState`` of every run
 run axis), the records of the rounds so far, the run keys and the round reached.
 ``paramarket run --resume OUT`` reloads the scenario from ``run.json`` and goes on from
 the newest step that restores and fits the run (older ones next, else round 0); rounds
-are chunked exactly as :func:`paramarket_jax.round.simulate` would run them, so the
+are chunked exactly as :func:`paramarket_jax.market.round.simulate` would run them, so the
 tables are the same, bit for bit, as a run never interrupted.
 
 At the end the run's files are renamed into OUT (``summary.json`` last: a folder holding
@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from paramarket_jax import scenario as sc
-from paramarket_jax.batch import Batch, Carry, init_runs, simulate_runs_chunk
+from paramarket_jax.engines.batch import Batch, Carry, init_runs, simulate_runs_chunk
 from paramarket_jax.errors import ParamarketError
 
 RUN_FILE = "run.json"
@@ -323,7 +323,7 @@ def lock(out: pathlib.Path):
 
 def finish(out: pathlib.Path, files: dict[str, object]) -> None:
     """Write the complete run into OUT (``summary.json`` last), then drop the checkpoints."""
-    from paramarket_jax.results import write_into
+    from paramarket_jax.results.folders import write_into
 
     write_into(out, files, last="summary.json")
     remove(out)

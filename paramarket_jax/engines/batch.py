@@ -1,8 +1,9 @@
 """The batch path: whole runs (``round.simulate``) vmapped over seeds and numeric cells.
 
-Runs that share a :class:`~paramarket_jax.round.MarketSpec`, a dataset and a number of
+Runs that share a :class:`~paramarket_jax.market.types.MarketSpec`, a dataset and a number of
 rounds go through one compiled call: every seed's data is the shared feature arrays plus
-its own index arrays, and every cell's knobs are a :class:`~paramarket_jax.round.MarketParams`.
+its own index arrays, and every cell's knobs are a
+:class:`~paramarket_jax.market.types.MarketParams`.
 A knob that differs between the cells gets a batch axis; a knob they share stays
 unbatched, so (for example) the trading schedule stays a real ``lax.cond`` unless the
 cells disagree on it. Runs are chunked to a memory budget; the last chunk is padded so
@@ -19,18 +20,12 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from paramarket_jax import sharding
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.experiment import Experiment, seed_data
+from paramarket_jax.market import sharding
+from paramarket_jax.market.round import init, simulate, simulate_chunk
+from paramarket_jax.market.types import MarketData, MarketParams, MarketSpec
 from paramarket_jax.population import AgentData
-from paramarket_jax.round import (
-    MarketData,
-    MarketParams,
-    MarketSpec,
-    init,
-    simulate,
-    simulate_chunk,
-)
 
 # index arrays differ between seeds; feature arrays are shared by every seed
 DATA_AXES = MarketData(
@@ -45,7 +40,7 @@ DATA_AXES = MarketData(
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def simulate_runs(spec: MarketSpec, rounds: int, param_axes, params, data, keys):
-    """B runs at once: ``vmap`` of :func:`~paramarket_jax.round.simulate` (records only).
+    """B runs at once: ``vmap`` of :func:`~paramarket_jax.market.round.simulate` (records only).
 
     Args:
         spec: the shared static spec.
@@ -60,7 +55,7 @@ def simulate_runs(spec: MarketSpec, rounds: int, param_axes, params, data, keys)
     """
 
     def one(p, d, k):
-        return simulate(spec, p, d, jax.random.wrap_key_data(k), rounds)[1]
+        return simulate(spec, jax.random.wrap_key_data(k), p, d, rounds)[1]
 
     records = jax.vmap(one, in_axes=(param_axes, DATA_AXES, 0))(params, data, keys)
     return sharding.replicate(spec, records)
@@ -68,13 +63,13 @@ def simulate_runs(spec: MarketSpec, rounds: int, param_axes, params, data, keys)
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def init_runs(spec: MarketSpec, param_axes, params, keys):
-    """B runs' initial states, as :func:`~paramarket_jax.round.simulate` draws them (from
+    """B runs' initial states, as :func:`~paramarket_jax.market.round.simulate` draws them (from
     the first half of each run key's split): leaves with a leading axis B (split over the
     devices as the spec says, like the states :func:`simulate_runs_chunk` returns)."""
 
     def one(p, k):
         k_init, _ = jax.random.split(jax.random.wrap_key_data(k))
-        return sharding.constrain_state(spec, init(spec, p, k_init))
+        return sharding.constrain_state(spec, init(spec, k_init, p))
 
     return jax.vmap(one, in_axes=(param_axes, 0))(params, keys)
 
@@ -83,7 +78,7 @@ def init_runs(spec: MarketSpec, param_axes, params, keys):
 def simulate_runs_chunk(spec: MarketSpec, length: int, param_axes, params, data, states, keys,
                         start):  # fmt: skip
     """Rounds ``start .. start + length - 1`` of B runs from their ``states``: ``vmap`` of
-    :func:`~paramarket_jax.round.simulate_chunk` (``start`` unbatched and traced, so one
+    :func:`~paramarket_jax.market.round.simulate_chunk` (``start`` unbatched and traced, so one
     compilation per ``length``). Chained from :func:`init_runs`' states, the chunks'
     records are :func:`simulate_runs`' records.
 
@@ -93,7 +88,7 @@ def simulate_runs_chunk(spec: MarketSpec, length: int, param_axes, params, data,
 
     def one(p, d, s, k):
         _, k_rounds = jax.random.split(jax.random.wrap_key_data(k))
-        return simulate_chunk(spec, p, d, s, k_rounds, start, length)
+        return simulate_chunk(spec, k_rounds, s, p, d, start, length)
 
     states, records = jax.vmap(one, in_axes=(param_axes, DATA_AXES, 0, 0))(
         params, data, states, keys
@@ -209,7 +204,7 @@ class Batch(NamedTuple):
 
     def call(self, i: int):
         """The params, data and keys of compiled call ``i`` (runs ``i * chunk ...``), on
-        the spec's devices (:func:`paramarket_jax.sharding.put`)."""
+        the spec's devices (:func:`paramarket_jax.market.sharding.put`)."""
         sl = slice(i * self.chunk, (i + 1) * self.chunk)
         cut = lambda axis, leaf: leaf if axis is None else leaf[sl]  # noqa: E731
         is_none = lambda x: x is None  # noqa: E731
@@ -251,7 +246,7 @@ def prepare(
     """Stack every seed of every cell into one padded :class:`Batch` (see :func:`run_cells`).
 
     On several ``devices`` the runs (``shard="runs"``) or the agents (``"agents"``) are
-    split over them (``"auto"``: :func:`paramarket_jax.sharding.choose`); the batch's spec
+    split over them (``"auto"``: :func:`paramarket_jax.market.sharding.choose`); the batch's spec
     says which, and holds the dead agents that pad the population.
     """
     first = cells[0]

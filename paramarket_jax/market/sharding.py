@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from paramarket_jax.errors import ParamarketError, unknown
+from paramarket_jax.market.types import MarketParams
 
 AXIS = "devices"
 SHARDS = ("auto", "agents", "runs")
@@ -89,8 +90,6 @@ def choose(shard: str, runs: int, devices: int) -> str:
 
 def _param_axes(params):
     """A MarketParams-shaped tree of True where a leaf has a leading agent axis."""
-    from paramarket_jax.round import MarketParams
-
     per_agent = {"learning_rate", "seller_only", "initial_alive", "hostile"}
     out = {}
     for name, value in params._asdict().items():

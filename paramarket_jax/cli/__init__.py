@@ -1,0 +1,1 @@
+"""The ``paramarket`` command and multi-process supervision."""

@@ -1,0 +1,469 @@
+"""The trading step of a round: candidates, hostile offers, valuation, pricing, settlement."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from paramarket_jax import broker
+from paramarket_jax.economics import StrategyState, learn, purchase_values, quality, reports
+from paramarket_jax.market.types import (
+    MARKET,
+    Flows,
+    MarketData,
+    MarketParams,
+    MarketSpec,
+    MarketState,
+    Trades,
+)
+from paramarket_jax.mechanisms import Market, cap_bids, make_mechanism, settle
+from paramarket_jax.population import agent_keys
+
+# a ``poisoned`` offer is the seller's model plus Gaussian noise whose standard deviation is
+# this times each layer's own root-mean-square weight (per agent, fresh every trading round)
+POISON_SCALE = 1.0
+# folded into a trading round's key for the hostile offers' randomness (the round's other
+# keys are split as before, so scenarios without hostile agents draw exactly as they did)
+HOSTILE_STREAM = 0x686F7374
+
+
+def _candidates(spec: MarketSpec, key, score, alive) -> jax.Array:
+    """(N, K) sellers each buyer's broker values this round.
+
+    Drawn among the real agents (``spec.n - spec.pad``), so that padding the population
+    with dead agents changes neither K nor any real buyer's candidates; a padded buyer
+    (dead, never trading) gets agent 0's row.
+    """
+    real = spec.real
+    if spec.pick == "top" and 0 < spec.candidates < real - 1:
+        # dead agents (padded ones included) score +inf: never picked before a real one
+        return top_candidates(score, alive, spec.candidates)
+    if spec.candidates == 0 or spec.candidates >= real - 1:
+        cands = broker.all_candidates(real)
+    else:
+        cands = broker.sample_candidates(key, real, spec.candidates)
+    return jnp.concatenate([cands, jnp.broadcast_to(cands[:1], (spec.pad, cands.shape[1]))])
+
+
+def top_candidates(score: jax.Array, alive: jax.Array, k: int) -> jax.Array:
+    """(N, k) int32: for each buyer the k other agents with the lowest ``score``, alive first.
+
+    One shared ``top_k`` of k + 1 (a buyer drops itself if it is among them), so the cost
+    is O(N log k), never an (N, N) matrix.
+    """
+    n = score.shape[0]
+    score = jnp.where(alive & jnp.isfinite(score), score, jnp.inf)
+    _, best = jax.lax.top_k(-score, k + 1)  # (k + 1,) best first
+    is_self = best[None, :] == jnp.arange(n)[:, None]
+    order = jnp.argsort(is_self, axis=1, stable=True)  # self (if present) moves last
+    return jnp.take_along_axis(jnp.broadcast_to(best, (n, k + 1)), order, 1)[:, :k].astype(
+        jnp.int32
+    )
+
+
+def hostile_offers(spec: MarketSpec, key, state: MarketState, params: MarketParams, pop_params):
+    """What each agent offers the broker as a seller this round, leaves (N, ...).
+
+    An honest agent offers its model. A hostile one (``params.hostile``) offers, by
+    ``spec.hostile``: ``random``, fresh random weights (a new initialisation every trading
+    round, from ``key``); ``stale``, its initial, untrained weights
+    (``state.initial_params``); ``poisoned``, its model plus Gaussian noise of
+    :data:`POISON_SCALE` times each layer's RMS weight (fresh every round). Its own model,
+    training and purchases stay honest: only what the broker is given to sell changes.
+    Without hostile agents (``spec.hostile == ""``) this is ``pop_params`` itself.
+    """
+    if not spec.hostile:
+        return pop_params
+    if spec.hostile == "random":
+        fake = jax.vmap(spec.make_model().init)(agent_keys(key, spec.n))
+    elif spec.hostile == "stale":
+        fake = state.initial_params
+    elif spec.hostile == "poisoned":
+        leaves, treedef = jax.tree.flatten(pop_params)
+        noisy = []
+        for leaf, k in zip(leaves, jax.random.split(key, len(leaves)), strict=True):
+            axes = tuple(range(1, leaf.ndim))
+            rms = jnp.sqrt(jnp.mean(jnp.square(leaf), axis=axes, keepdims=True))
+            noise = jax.random.normal(k, leaf.shape, leaf.dtype)
+            noisy.append(leaf + POISON_SCALE * rms * noise)
+        fake = jax.tree.unflatten(treedef, noisy)
+    else:
+        raise ValueError(f"unknown hostile kind {spec.hostile!r}")
+    hostile = params.hostile
+    return jax.tree.map(
+        lambda f, v: jnp.where(hostile.reshape((-1,) + (1,) * (v.ndim - 1)), f, v),
+        fake,
+        pop_params,
+    )
+
+
+class TradeKeys(NamedTuple):
+    """A trading round's keys, split once from its key (the split every version drew).
+
+    Attributes:
+        candidates: which sellers each buyer's broker values (``random`` pick).
+        align: the weight matching's restarts.
+        strategy: the adaptive strategies' exploration.
+        roles: buyer and seller roles (``mechanism.roles = "random"``).
+    """
+
+    candidates: jax.Array
+    align: jax.Array
+    strategy: jax.Array
+    roles: jax.Array
+
+    @classmethod
+    def of(cls, key: jax.Array) -> TradeKeys:
+        return cls(*jax.random.split(key, 4))
+
+
+class Offers(NamedTuple):
+    """The broker's try-before-buy of a round as (N, N) buyer x seller matrices.
+
+    Attributes:
+        mask: bool, the pair may trade (a valued candidate, both trading, a finite merge,
+            a seller the buyer may buy from).
+        gain: predicted relative validation-loss gain; alpha: the merge's seller weight.
+        gain_se, acc_gain, acc_gain_se: the gain's standard error, the relative accuracy
+            gain and its standard error (see :class:`~paramarket_jax.broker.value.Valuation`).
+        q_own: (N,) each buyer's quality now (0 for an agent out of the market);
+        q_new: the buyer's quality after the merge (``q_own`` where not valued).
+        candidates: (N, K) the sellers valued for each buyer; perms: name -> (N, K, size)
+            the permutations found for them; offered: what each seller offered (None: its
+            model).
+    """
+
+    mask: jax.Array
+    gain: jax.Array
+    alpha: jax.Array
+    gain_se: jax.Array
+    acc_gain: jax.Array
+    acc_gain_se: jax.Array
+    q_own: jax.Array
+    q_new: jax.Array
+    candidates: jax.Array
+    perms: dict
+    offered: Any
+
+
+class Quotes(NamedTuple):
+    """What buyers and sellers report for every pair, (N, N), and what valuing cost.
+
+    Attributes:
+        mask: bool, the pair is offered to the mechanism (finite reports, guard passed).
+        values, reservations: the buyer's value and the seller's reservation (true).
+        bids, asks: the reports (0 where not offered); asks are at least the reserve.
+        query_fees: (N,) what each buyer paid for its valuations.
+    """
+
+    mask: jax.Array
+    values: jax.Array
+    reservations: jax.Array
+    bids: jax.Array
+    asks: jax.Array
+    query_fees: jax.Array
+
+
+class Deals(NamedTuple):
+    """The mechanism's allocation, one entry per buyer (N,), and the settlement.
+
+    Attributes:
+        outcome: the mechanism's :class:`~paramarket_jax.mechanisms.base.Outcome`.
+        settled: cash and fees after paying (:func:`~paramarket_jax.mechanisms.settle`).
+        bought: bool, buyer i bought; seller: int32 its seller (-1: none); pick: the
+            seller clipped to a valid index; alpha: the merge's seller weight (0: none).
+    """
+
+    outcome: Any
+    settled: Any
+    bought: jax.Array
+    seller: jax.Array
+    pick: jax.Array
+    alpha: jax.Array
+
+
+def value(
+    spec: MarketSpec,
+    keys: TradeKeys,
+    params: MarketParams,
+    data: MarketData,
+    pop_params,
+    alive,
+    loss_v,
+    offered=None,
+):
+    """The broker's try-before-buy of a round: candidates, their scores and permutations.
+
+    Args:
+        keys: the round's :class:`TradeKeys` (candidates and alignment are drawn here).
+        pop_params: the market twin's parameters (N, ...); alive: (N,) bool agents that
+            may trade (in the market and not diverged);
+        loss_v: (N,) each agent's own validation loss (the ``top`` pick's score).
+        offered: what each agent offers as a seller (:func:`hostile_offers`); None: its model.
+
+    Returns:
+        (candidates (N, K), Valuation, perms name -> (N, K, size)).
+    """
+    agents = data.agents
+    cands = _candidates(spec, keys.candidates, loss_v, alive)
+    val, perms = broker.value_with_perms(
+        spec.make_model(),
+        pop_params,
+        agents.x_val,
+        agents.y_val,
+        agents.val_idx,
+        cands,
+        keys.align,
+        params.alphas,
+        align=spec.align,
+        layers=spec.layers or None,
+        max_sweeps=jnp.asarray(spec.max_sweeps, jnp.int32),
+        batch_size=spec.chunk or None,
+        restarts=spec.restarts,
+        choose=spec.choose,
+        reference=jnp.argmax(alive).astype(jnp.int32),  # the first agent in the market
+        offers=offered,
+        solver=spec.solver,
+    )
+    return cands, val, perms
+
+
+def value_offers(
+    spec: MarketSpec, key: jax.Array, state: MarketState, params: MarketParams, data: MarketData
+) -> Offers:
+    """Every candidate pair of the market twin valued on the buyer's validation rows.
+
+    ``key`` is the trading round's key: the hostile offers draw from a stream folded into
+    it, the candidates and alignment from :class:`TradeKeys`.
+    """
+    n, agents = spec.n, data.agents
+    pop = jax.tree.map(lambda v: v[MARKET], state.twins)
+    alive = state.alive[MARKET]
+    # only agents in the market trade, and a diverged agent neither buys nor sells
+    trading = alive & ~state.diverged[MARKET]
+    loss_v, acc_v = spec.make_trainer().evaluate(
+        pop.params, agents.x_val, agents.y_val, agents.val_idx
+    )
+    # hostile sellers offer something else than their model (None: nobody is hostile)
+    offered = None
+    if spec.hostile:
+        k_hostile = jax.random.fold_in(key, HOSTILE_STREAM)
+        offered = hostile_offers(spec, k_hostile, state, params, pop.params)
+    cands, val, perms = value(
+        spec, TradeKeys.of(key), params, data, pop.params, trading, loss_v, offered
+    )
+
+    def pairs(v, fill=0.0, dtype=jnp.float32):  # (P,) per-pair scores -> (N, N) buyer x seller
+        return jnp.full((n, n), fill, dtype).at[val.buyer, val.seller].set(v)
+
+    mask = pairs(True, False, bool) & ~jnp.eye(n, dtype=bool)
+    sells = params.seller_only
+    mask = jnp.where(sells.any(), mask & sells[None, :] & ~sells[:, None], mask)
+    mask = mask & trading[:, None] & trading[None, :]
+    # a merge whose validation loss is not finite is never offered (whatever the quality
+    # measure makes of it: accuracy stays finite when the loss is NaN)
+    mask = mask & pairs(jnp.isfinite(val.loss_after), False, bool)
+    # money: values from the broker's validation estimate of each buyer's new quality (a
+    # diverged agent still sells to customers with its frozen model: it competes)
+    q_own = jnp.where(alive, quality(loss_v, acc_v, kind=spec.quality), 0.0)
+    q_pair = quality(val.loss_after, val.acc_after, kind=spec.quality)
+    q_new = jnp.broadcast_to(q_own[:, None], (n, n)).at[val.buyer, val.seller].set(q_pair)
+    return Offers(
+        mask=mask,
+        gain=pairs(val.gain),
+        alpha=pairs(val.best_alpha),
+        gain_se=pairs(val.gain_se),
+        acc_gain=pairs(val.acc_gain),
+        acc_gain_se=pairs(val.acc_gain_se),
+        q_own=q_own,
+        q_new=q_new,
+        candidates=cands,
+        perms=perms,
+        offered=offered,
+    )
+
+
+def quote(
+    spec: MarketSpec, key: jax.Array, state: MarketState, params: MarketParams, offers: Offers
+) -> tuple[Quotes, StrategyState]:
+    """Values and reservations of every offered pair, the strategies' reports, the query
+    fees, and the buyers' guard; returns the quotes and the strategies' new state.
+
+    ``key``: the strategies' key (:attr:`TradeKeys.strategy`).
+    """
+    econ = params.economy
+    values, reservations = purchase_values(offers.q_own, offers.q_new, econ, spec.revenue)
+    bids, asks, strategy = reports(key, values, reservations, params.strategy, state.strategy)
+    mask = offers.mask
+    # each buyer pays for every candidate the broker valued for it; sellers-only pay none
+    query_fees = econ.query_fee * mask.sum(1).astype(jnp.float32)
+    # a non-finite estimate (NaN weights, diverged merge) means "not a candidate"
+    asks = jnp.maximum(asks, params.knobs.reserve)  # the reserve is every seller's lowest
+    mask = mask & jnp.isfinite(bids) & jnp.isfinite(asks)
+    # the buyers' guard (after the queries are paid: the valuation was made): offer a pair
+    # only if its validation gain, in the quality buyers pay for, clears the bound:
+    # gain - z * se >= min_gain and > 0
+    z = jnp.where(params.confidence > 0, jax.scipy.special.ndtri(params.confidence), 0.0)
+    if spec.quality == "accuracy":
+        lower = offers.acc_gain - z * offers.acc_gain_se
+    else:
+        lower = offers.gain - z * offers.gain_se
+    guarded = (params.min_gain > 0) | (params.confidence > 0)
+    mask = mask & (~guarded | ((lower > 0) & (lower >= params.min_gain)))
+    bids, asks = jnp.where(mask, bids, 0.0), jnp.where(mask, asks, 0.0)
+    return Quotes(mask, values, reservations, bids, asks, query_fees), strategy
+
+
+def clear(
+    spec: MarketSpec,
+    key: jax.Array,
+    state: MarketState,
+    params: MarketParams,
+    offers: Offers,
+    quotes: Quotes,
+) -> Deals:
+    """Run the mechanism on the quotes (bids capped by cash after the query fees) and settle
+    the payments. ``key``: the roles' key (:attr:`TradeKeys.roles`)."""
+    n, econ = spec.n, params.economy
+    cash = state.cash[MARKET] - quotes.query_fees
+    knobs = params.knobs
+    if spec.roles == "random":
+        knobs = knobs._replace(roles=jax.random.bernoulli(key, 0.5, (n,)))
+    mechanism = make_mechanism(spec.mechanism, **dict(spec.mechanism_options))
+    market = Market(bids=cap_bids(quotes.bids, cash), asks=quotes.asks, mask=quotes.mask)
+    outcome = mechanism.run(market, knobs)
+    settled = settle(cash, outcome, econ.trade_fee, econ.fee_share)
+    bought = outcome.alloc.any(axis=1)
+    seller = jnp.where(bought, outcome.alloc.argmax(axis=1), -1)
+    pick = jnp.clip(seller, 0)
+    alpha = jnp.where(bought, offers.alpha[jnp.arange(n), pick], 0.0)
+    return Deals(outcome, settled, bought, seller.astype(jnp.int32), pick, alpha)
+
+
+def apply_trades(
+    spec: MarketSpec, state: MarketState, data: MarketData, offers: Offers, deals: Deals
+):
+    """Merge every buyer with its seller (with the permutations found while valuing: no
+    second weight matching), reset the buyers' optimizers, and measure each purchase on
+    the buyer's test rows.
+
+    Returns:
+        (the market twin's new population, (N,) realised relative test-loss gain, the
+        quality before and after on test).
+    """
+    n, agents = spec.n, data.agents
+    trainer = spec.make_trainer()
+    pop = jax.tree.map(lambda v: v[MARKET], state.twins)
+    rows = jnp.arange(n)
+    slot = jnp.argmax(offers.candidates == deals.pick[:, None], axis=1)
+    chosen = jax.tree.map(lambda p: p[rows, slot], offers.perms)
+    merged = broker.merge_settled(
+        spec.make_model().spec,
+        pop.params,
+        deals.pick,
+        deals.alpha,
+        deals.bought,
+        chosen,
+        layers=spec.layers or None,
+        batch_size=spec.chunk or None,
+        offers=offers.offered,
+    )
+    before = trainer.evaluate(pop.params, agents.x_test, agents.y_test, agents.test_idx)
+    after = trainer.evaluate(merged, agents.x_test, agents.y_test, agents.test_idx)
+    bought = deals.bought
+    realized = jnp.where(bought, (before[0] - after[0]) / jnp.maximum(before[0], 1e-12), 0.0)
+    q_before = quality(*before, kind=spec.quality)
+    q_after = quality(*after, kind=spec.quality)
+    new = trainer.reset_optimizer(pop._replace(params=merged), bought)
+    return new, realized, q_before, q_after
+
+
+def book(
+    spec: MarketSpec,
+    state: MarketState,
+    params: MarketParams,
+    offers: Offers,
+    quotes: Quotes,
+    deals: Deals,
+    realized,
+    q_before,
+    q_after,
+) -> tuple[Trades, Flows]:
+    """The round's trade columns (one entry per buyer) and money flows."""
+    n, econ = spec.n, params.economy
+    outcome, settled, bought, pick = deals.outcome, deals.settled, deals.bought, deals.pick
+    rows = jnp.arange(n)
+    realized_values, _ = purchase_values(
+        q_before, jnp.broadcast_to(q_after[:, None], (n, n)), econ, spec.revenue
+    )
+    sales = outcome.alloc.sum(0)
+    fee_per_sale = settled.fees / jnp.maximum(sales, 1).astype(jnp.float32)
+
+    def picked(m):  # (N, N) -> the buyer's row at its seller, 0 where it did not buy
+        return jnp.where(bought, m[rows, pick], 0.0)
+
+    trades = Trades(
+        mask=bought,
+        seller=deals.seller,
+        alpha=deals.alpha,
+        predicted_gain=picked(offers.gain),
+        realized_gain=realized,
+        value=picked(quotes.values),
+        realized_value=jnp.where(bought, realized_values[:, 0], 0.0),
+        reservation=picked(quotes.reservations),
+        bid=picked(quotes.bids),
+        ask=picked(quotes.asks),
+        price=picked(outcome.price),
+        fee=jnp.where(bought, fee_per_sale[pick], 0.0),
+        gain_se=picked(offers.gain_se),
+        acc_gain=picked(offers.acc_gain),
+        acc_gain_se=picked(offers.acc_gain_se),
+        hostile=bought & params.hostile[pick],
+    )
+    flows = Flows(
+        payment=outcome.payment,
+        receipt=outcome.receipt,
+        fees=settled.fees + quotes.query_fees,
+        broker=settled.broker + quotes.query_fees.sum(),
+    )
+    return trades, flows
+
+
+def learn_prices(
+    state: StrategyState, params: MarketParams, quotes: Quotes, deals: Deals
+) -> StrategyState:
+    """Adaptive strategies learn from their own realised surplus (true values)."""
+    outcome, bought, pick = deals.outcome, deals.bought, deals.pick
+    rows = jnp.arange(bought.shape[0])
+    buyer_surplus = jnp.where(bought, quotes.values[rows, pick], 0.0) - outcome.payment
+    seller_surplus = outcome.receipt - jnp.where(outcome.alloc, quotes.reservations, 0.0).sum(0)
+    scale = jnp.maximum(jnp.abs(jnp.where(quotes.mask, quotes.values, 0.0)).max(), 1e-6)
+    return learn(state, params.strategy, buyer_surplus, seller_surplus, scale)
+
+
+def no_trade(
+    spec: MarketSpec, key: jax.Array, state: MarketState, params: MarketParams, data: MarketData
+) -> tuple[MarketState, Trades, Flows]:
+    """The branch of rounds without trading: nothing moves."""
+    return state, Trades.empty(spec.n), Flows.empty(spec.n)
+
+
+def trade(
+    spec: MarketSpec, key: jax.Array, state: MarketState, params: MarketParams, data: MarketData
+) -> tuple[MarketState, Trades, Flows]:
+    """The market twin's trading round: value the offers, quote, clear, merge, book."""
+    keys = TradeKeys.of(key)
+    offers = value_offers(spec, key, state, params, data)
+    quotes, strategy = quote(spec, keys.strategy, state, params, offers)
+    deals = clear(spec, keys.roles, state, params, offers, quotes)
+    new, realized, q_before, q_after = apply_trades(spec, state, data, offers, deals)
+    trades, flows = book(spec, state, params, offers, quotes, deals, realized, q_before, q_after)
+    state = state._replace(
+        twins=jax.tree.map(lambda t, v: t.at[MARKET].set(v), state.twins, new),
+        cash=state.cash.at[MARKET].set(deals.settled.cash),
+        strategy=learn_prices(strategy, params, quotes, deals),
+        trade_count=state.trade_count + deals.bought.astype(jnp.int32),
+    )
+    return state, trades, flows

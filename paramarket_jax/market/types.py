@@ -1,0 +1,338 @@
+"""The pure market's types (DESIGN.md s2), and which of their leaves are per agent or per seed.
+
+Three kinds of value are kept apart, as gymnax keeps ``EnvParams`` from the state:
+
+- :class:`MarketSpec`: everything static (shapes, names, counts); hashable, the only thing
+  that decides compilation.
+- :class:`MarketParams`: every numeric knob as arrays; traced, so a sweep over them is a
+  ``vmap``, never a recompile.
+- :class:`MarketState`: what a round carries to the next (populations, cash, bandits).
+
+Populations are stacked on a leading "twin" axis (``MarketSpec.twin_names``): index 0
+(:data:`MARKET`) is the market, then the siloed counterfactual (same keys, same data, never
+trades; on unless turned off) and, when asked for, a FedAvg baseline.
+
+:data:`PARAM_AXES`, :data:`DATA_AXES` and :data:`STATE_AXES` declare, once, what each leaf's
+leading axes are (:data:`AGENT`, :data:`SEED`, ...): padding the population for devices
+(:mod:`paramarket_jax.market.sharding`), batching seeds (:mod:`paramarket_jax.engines.batch`)
+and building the knobs (:mod:`paramarket_jax.experiment`) read them from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from paramarket_jax.economics.revenue import Economy
+from paramarket_jax.economics.strategies import StrategyParams, StrategyState
+from paramarket_jax.mechanisms.base import Knobs
+from paramarket_jax.models import Model, make_model
+from paramarket_jax.population import AgentData, Population, Trainer, make_trainer
+
+MARKET = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MarketSpec:
+    """Everything static about a market: equal specs share one compilation.
+
+    Attributes:
+        n: number of agents N.
+        input_shape, num_classes: the dataset's example shape and class count.
+        model: model registry name; model_options: its options as sorted (key, value) pairs.
+        optimizer: optimizer name; batch_size: minibatch size; local_steps: steps a round.
+        siloed: run the siloed twin (the counterfactual every gain is measured against);
+        fedavg: run a FedAvg twin; centralized: train one model on pooled data.
+        mechanism: mechanism registry name; mechanism_options: its static options.
+        roles: how one-sided mechanisms pick buyers: ``first_half`` (or the listed
+            sellers) or ``random`` each round.
+        revenue: ``independent`` or ``competitive``; quality: ``likelihood`` or ``accuracy``.
+        align: how sellers are put in their buyers' basis before merging: ``pairwise``
+            (weight matching per candidate pair), ``reference`` (every agent matched once
+            to a reference agent, pairs by composition) or ``none``; restarts: weight
+            matchings with different sweep orders per alignment, kept by ``choose``
+            (``objective`` or ``validation``: the buyer's try-before-buy picks);
+            layers: traded layer patterns (empty: the whole model); candidates: sellers
+            per buyer (0: all others); pick: how they are chosen, ``random`` or ``top``
+            (the K alive sellers with the lowest own validation loss); max_sweeps: most
+            weight-matching sweeps; chunk: buyers per valuation chunk (0: all at once).
+        alphas: number of merge weights tried; strategy_grid: size of the adaptive grid.
+        hostile: what hostile sellers (``MarketParams.hostile``) offer the broker instead
+            of their model (:func:`offers`): ``random``, ``stale`` or ``poisoned``; ""
+            when no agent is hostile (nothing is replaced, nothing extra computed).
+        noisy, noise: the agents whose training labels are noisy and the fraction of
+            their rows that are (used by ``experiment.seed_data``, which builds the data;
+            here so that cells with different label noise never share a batch).
+        pad: dead agents appended to fill the devices (:mod:`paramarket_jax.sharding`): the
+            real agents are the first ``n - pad``; the padded ones are never alive, and
+            every random draw of the real agents is the same as without them.
+        devices: devices the market runs on (1: no sharding); shard: how it is split over
+            them, ``agents`` (the population) or ``runs`` (the batch path's run axis).
+        solver: the weight matching's assignment solver
+            (:func:`~paramarket_jax.broker.align.hungarian`): ``auto`` (scipy through a
+            host callback on CPU, optax elsewhere) on one device; ``optax`` on several,
+            where a host callback would pull the split work onto one device.
+    """
+
+    n: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+    model: str = "mlp"
+    model_options: tuple[tuple[str, Any], ...] = ()
+    optimizer: str = "sgd"
+    batch_size: int = 32
+    local_steps: int = 40
+    siloed: bool = True
+    fedavg: bool = False
+    centralized: bool = False
+    mechanism: str = "take_it"
+    mechanism_options: tuple[tuple[str, Any], ...] = ()
+    roles: str = "first_half"
+    revenue: str = "independent"
+    quality: str = "likelihood"
+    align: str = "pairwise"
+    restarts: int = 1
+    choose: str = "objective"
+    layers: tuple[str, ...] = ()
+    candidates: int = 0
+    pick: str = "random"
+    max_sweeps: int = 100
+    chunk: int = 0
+    alphas: int = 10
+    strategy_grid: int = 10
+    hostile: str = ""
+    noisy: tuple[int, ...] = ()
+    noise: float = 0.0
+    pad: int = 0
+    devices: int = 1
+    shard: str = "agents"
+    solver: str = "auto"
+
+    @property
+    def twin_names(self) -> tuple[str, ...]:
+        """What each index of the twin axis holds: market, then siloed and FedAvg if on."""
+        return ("market",) + ("siloed",) * self.siloed + ("fedavg",) * self.fedavg
+
+    @property
+    def real(self) -> int:
+        """The real agents (the first ``n - pad``; the others pad the devices)."""
+        return self.n - self.pad
+
+    @property
+    def twins(self) -> int:
+        """Populations stacked on the twin axis."""
+        return len(self.twin_names)
+
+    def make_model(self) -> Model:
+        return make_model(
+            self.model, self.input_shape, self.num_classes, **dict(self.model_options)
+        )
+
+    def make_trainer(self, model: Model | None = None) -> Trainer:
+        return make_trainer(model or self.make_model(), self.optimizer, self.batch_size)
+
+
+class MarketParams(NamedTuple):
+    """Every numeric knob as arrays (traced): a sweep over them is a vmap.
+
+    Attributes:
+        learning_rate: (N,) per-agent learning rates.
+        alphas: (A,) seller weights the broker tries.
+        knobs: the mechanism's reserve, bargaining power, posted prices and roles.
+        economy: revenue, competition, horizon, costs and fees.
+        strategy: per-agent strategies and the adaptive bandits' settings.
+        initial_cash: () every agent's cash before round 0.
+        trade_start: () int32 first trading round; trade_every: () int32 its period.
+        seller_only: (N,) bool agents that only sell (when any is set, buyers buy only
+            from them).
+        initial_alive: (N,) bool agents in the market at round 0 (the others are free
+            slots that entrants take, see :func:`enter`).
+        bankruptcy: () bool an agent whose cash falls below zero leaves the market.
+        diverge_loss: () an agent whose training loss after a round's local training
+            exceeds this times its initial loss has diverged (see :func:`diverging`).
+        hostile: (N,) bool agents that offer the broker something other than their model
+            when they sell (``MarketSpec.hostile`` says what); their own model, training
+            and buying stay honest.
+        min_gain: () the broker offers a pair only if its predicted relative validation
+            gain (its lower confidence bound, with ``confidence``) is at least this; 0: off.
+            The gain is in the quality buyers pay for (``MarketSpec.quality``): the
+            relative loss gain (``likelihood``) or relative accuracy gain (``accuracy``).
+        confidence: () the broker offers a pair only if that validation gain is positive
+            at this one-sided confidence (``gain - z * se > 0``, z the normal quantile, se
+            from the per-row differences over the buyer's validation rows,
+            :func:`~paramarket_jax.broker.value.gain_se`); 0: off.
+    """
+
+    learning_rate: jax.Array
+    alphas: jax.Array
+    knobs: Knobs
+    economy: Economy
+    strategy: StrategyParams
+    initial_cash: jax.Array
+    trade_start: jax.Array
+    trade_every: jax.Array
+    seller_only: jax.Array
+    initial_alive: jax.Array
+    bankruptcy: jax.Array
+    diverge_loss: jax.Array
+    hostile: jax.Array
+    min_gain: jax.Array
+    confidence: jax.Array
+
+
+class MarketData(NamedTuple):
+    """One seed's data: shared arrays plus index views (see ``AgentData``).
+
+    Attributes:
+        agents: shared features and each agent's shard, validation and test rows.
+        pool_rows: (R,) int32 every row some agent owns, once (the centralized baseline's
+            data), padded; pool_size: () int32 how many are real.
+    """
+
+    agents: AgentData
+    pool_rows: jax.Array
+    pool_size: jax.Array
+
+
+class MarketState(NamedTuple):
+    """What a round carries to the next (the scan carry; what a checkpoint saves).
+
+    Attributes:
+        twins: populations stacked on a twin axis, leaves (T, N, ...).
+        central: the centralized model (a population of one), or None.
+        cash: (T, N) each twin's agents' cash (the siloed twin never trades).
+        strategy: the market agents' adaptive-strategy bandits.
+        trade_count: (N,) int32 purchases so far per agent.
+        alive: (T, N) bool agents in each twin's market: a dead agent neither trains,
+            trades, earns nor pays (fixed shapes: leaving and entering never recompile).
+        endowment: (T, N) cash put into each slot so far (the initial cash, plus what
+            each entrant brought): utility is ``cash - endowment``.
+        diverged: (T, N) bool agents whose local training diverged (see
+            :func:`diverging`): frozen at their last finite model, they never train or
+            trade again, but stay in the market (evaluated, earning with that model).
+        initial_loss: (T, N) the loss of each agent's freshly initialised model, on its
+            first minibatch before its first update (NaN until the agent first trains; an
+            entrant's is measured when it first trains).
+        initial_params: the market agents' initial parameters, leaves (N, ...), what a
+            ``stale`` hostile seller offers (an entrant's are its fresh ones); None unless
+            ``MarketSpec.hostile`` is ``stale``.
+    """
+
+    twins: Population
+    central: Population | None
+    cash: jax.Array
+    strategy: StrategyState
+    trade_count: jax.Array
+    alive: jax.Array
+    endowment: jax.Array
+    diverged: jax.Array
+    initial_loss: jax.Array
+    initial_params: Any = None
+
+
+class Trades(NamedTuple):
+    """One round's settled trades, one entry per buyer (N,); ``mask`` says who bought.
+
+    Attributes:
+        mask: bool, buyer i bought this round.
+        seller: int32 seller of buyer i (-1 where no trade).
+        alpha: seller weight of the merge.
+        predicted_gain: relative validation-loss gain the broker predicted.
+        realized_gain: relative test-loss gain measured after the merge.
+        value: buyer's money value of the trade, estimated on validation.
+        realized_value: the same value measured on the test split afterwards.
+        reservation: seller's reservation for this sale.
+        bid, ask: buyer's bid and seller's ask.
+        price: price buyer i paid (0 where no trade).
+        fee: broker fee the seller paid on this sale: the per-trade fee plus the fee share
+            of the seller's receipts this round, split evenly over its sales (the fees of
+            a seller's trades sum to what ``settle`` charged it).
+        gain_se: standard error of ``predicted_gain`` over the buyer's validation rows
+            (:func:`~paramarket_jax.broker.value.gain_se`).
+        acc_gain, acc_gain_se: the merge's predicted relative validation-accuracy gain
+            and its standard error (what the guard tests under ``accuracy`` quality).
+        hostile: bool, the seller was hostile (offered something other than its model).
+    """
+
+    mask: jax.Array
+    seller: jax.Array
+    alpha: jax.Array
+    predicted_gain: jax.Array
+    realized_gain: jax.Array
+    value: jax.Array
+    realized_value: jax.Array
+    reservation: jax.Array
+    bid: jax.Array
+    ask: jax.Array
+    price: jax.Array
+    fee: jax.Array
+    gain_se: jax.Array
+    acc_gain: jax.Array
+    acc_gain_se: jax.Array
+    hostile: jax.Array
+
+    @classmethod
+    def empty(cls, n: int) -> Trades:
+        """No trade for any of ``n`` buyers: masks False, seller -1, every amount 0."""
+        no, zero = jnp.zeros(n, bool), jnp.zeros(n, jnp.float32)
+        amounts = {f: zero for f in cls._fields if f not in ("mask", "seller", "hostile")}
+        return cls(mask=no, seller=jnp.full(n, -1, jnp.int32), hostile=no, **amounts)
+
+
+class Flows(NamedTuple):
+    """Money moved by one round, per agent (N,) of the market twin, plus the broker's take.
+
+    Attributes:
+        payment: paid as a buyer; receipt: received as a seller.
+        fees: broker fees paid (valuation queries as a buyer, trade fees as a seller).
+        broker: () the broker's take this round.
+    """
+
+    payment: jax.Array
+    receipt: jax.Array
+    fees: jax.Array
+    broker: jax.Array
+
+    @classmethod
+    def empty(cls, n: int) -> Flows:
+        """No money moved: every agent's flows and the broker's take are 0."""
+        zero = jnp.zeros(n, jnp.float32)
+        return cls(payment=zero, receipt=zero, fees=zero, broker=jnp.zeros((), jnp.float32))
+
+
+class RoundRecord(NamedTuple):
+    """Everything one round records, fixed shapes (T twins, N agents).
+
+    Attributes:
+        traded: () bool, this was a trading round.
+        val_loss, val_acc, test_loss, test_acc: (T, N) after the round.
+        central_acc: (N,) the centralized model's accuracy on each agent's test rows (NaN
+            without that baseline).
+        revenue, cost: (T, N) this round's revenue and compute cost.
+        cash: (T, N) cash after the round.
+        flows: the market's money flows this round.
+        trades: per-buyer trade columns with a mask.
+        trade_count: (N,) int32 purchases so far.
+        alive: (T, N) bool agents in the market after the round.
+        endowment: (T, N) cash put into each slot so far (see ``MarketState``).
+        diverged: (T, N) bool agents whose training has diverged, this round or before.
+    """
+
+    traded: jax.Array
+    val_loss: jax.Array
+    val_acc: jax.Array
+    test_loss: jax.Array
+    test_acc: jax.Array
+    central_acc: jax.Array
+    revenue: jax.Array
+    cost: jax.Array
+    cash: jax.Array
+    flows: Flows
+    trades: Trades
+    trade_count: jax.Array
+    alive: jax.Array
+    endowment: jax.Array
+    diverged: jax.Array
