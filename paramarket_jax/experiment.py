@@ -16,9 +16,10 @@ import numpy as np
 import tomli_w
 
 from paramarket_jax import scenario as sc
-from paramarket_jax.broker import align_mode
+from paramarket_jax.broker.value import align_mode
 from paramarket_jax.data import Dataset, add_label_noise, load_dataset, partition, wrong_labels
-from paramarket_jax.economics import STRATEGIES, Economy, StrategyParams
+from paramarket_jax.economics.revenue import Economy
+from paramarket_jax.economics.strategies import STRATEGIES, StrategyParams
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.market.types import MarketData, MarketParams, MarketSpec
 from paramarket_jax.mechanisms import Knobs, make_mechanism

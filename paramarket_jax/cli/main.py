@@ -512,13 +512,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("run", "sweep"):
             from paramarket_jax.cli import processes
-            from paramarket_jax.market import sharding
 
             if processes.is_multi(args):
-                sharding.check_processes(args.coordinator, args.num_processes, args.process_id)
+                processes.check_processes(args.coordinator, args.num_processes, args.process_id)
                 if not processes.is_worker():
                     return processes.supervise(argv, args)
-                sharding.initialize(
+                processes.initialize(
                     args.coordinator,
                     args.num_processes,
                     args.process_id,

@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 
+from paramarket_jax.errors import ParamarketError
+
 WORKER = "PARAMARKET_WORKER"
 _MORE = 8  # plain lines after a runtime error line that still belong to its message
 # the runtime's log lines (glog: severity, date, time), its stack trace, gloo's chatter
@@ -130,3 +132,48 @@ def supervise(argv: list[str], args) -> int:
               "nothing was written", file=sys.stderr)  # fmt: skip
         return 2
     return rc
+
+
+def check_processes(coordinator: str | None, num_processes: int | None,
+                    process_id: int | None) -> None:  # fmt: skip
+    """ParamarketError unless the multi-process options are all given and sane, or none."""
+    given = [coordinator, num_processes, process_id]
+    if all(v is None for v in given):
+        return
+    if any(v is None for v in given):
+        raise ParamarketError(
+            "a multi-process run needs all of --coordinator HOST:PORT, --num-processes P "
+            "and --process-id I (or none of them, and JAX_COORDINATOR_ADDRESS, "
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment)"
+        )
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ParamarketError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+    if not 0 <= process_id < num_processes:
+        raise ParamarketError(
+            f"--process-id must be between 0 and {num_processes - 1} (--num-processes "
+            f"{num_processes}), got {process_id}"
+        )
+
+
+def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None,
+               *, timeout: int = 300, heartbeat: int = 60) -> None:  # fmt: skip
+    """Join a multi-process run (``jax.distributed.initialize``), before any other JAX work.
+
+    With ``coordinator`` (``HOST:PORT`` of process 0), ``num_processes`` and ``process_id``
+    given, those are used; with none of them, JAX reads its own environment variables
+    (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) or detects
+    the cluster (SLURM, ...). ``timeout``: seconds to wait for every process to join;
+    ``heartbeat``: seconds of silence after which a process counts as lost.
+    """
+    check_processes(coordinator, num_processes, process_id)
+    import jax  # deferred: JAX (the command line answers --help and usage errors without it)
+
+    jax.distributed.initialize(
+        coordinator,
+        num_processes,
+        process_id,
+        initialization_timeout=timeout,
+        heartbeat_timeout_seconds=heartbeat,
+        shutdown_timeout_seconds=heartbeat,
+    )

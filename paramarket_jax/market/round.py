@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from paramarket_jax.economics import init_state, quality, revenue
+from paramarket_jax.economics.revenue import quality, revenue
+from paramarket_jax.economics.strategies import init_state
 from paramarket_jax.market.sharding import constrain_state
 from paramarket_jax.market.trade import no_trade, trade
 from paramarket_jax.market.types import (

@@ -16,8 +16,8 @@ one of two layouts (``MarketSpec.shard``):
   whole on one device, no collectives); the batch is padded to a multiple of D.
 
 Results are gathered (replicated) before they leave the device, so every process of a
-multi-process run holds the same records. :func:`initialize` starts JAX's distributed
-runtime (``jax.distributed.initialize``) for runs over several processes or hosts.
+multi-process run holds the same records. Runs over several processes or hosts start
+JAX's distributed runtime first (:func:`paramarket_jax.cli.processes.initialize`).
 """
 
 from __future__ import annotations
@@ -235,50 +235,3 @@ def put(spec, tree, batched: Any = None):
         return jax.make_array_from_callback(leaf.shape, s, lambda idx: leaf[idx])
 
     return jax.tree.map(one, batched, tree, is_leaf=lambda x: x is None)
-
-
-# ---------------------------------------------------------------------------------------
-# several processes
-
-
-def check_processes(coordinator: str | None, num_processes: int | None,
-                    process_id: int | None) -> None:  # fmt: skip
-    """ParamarketError unless the multi-process options are all given and sane, or none."""
-    given = [coordinator, num_processes, process_id]
-    if all(v is None for v in given):
-        return
-    if any(v is None for v in given):
-        raise ParamarketError(
-            "a multi-process run needs all of --coordinator HOST:PORT, --num-processes P "
-            "and --process-id I (or none of them, and JAX_COORDINATOR_ADDRESS, "
-            "JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment)"
-        )
-    host, _, port = coordinator.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ParamarketError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
-    if not 0 <= process_id < num_processes:
-        raise ParamarketError(
-            f"--process-id must be between 0 and {num_processes - 1} (--num-processes "
-            f"{num_processes}), got {process_id}"
-        )
-
-
-def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None,
-               *, timeout: int = 300, heartbeat: int = 60) -> None:  # fmt: skip
-    """Join a multi-process run (``jax.distributed.initialize``), before any other JAX work.
-
-    With ``coordinator`` (``HOST:PORT`` of process 0), ``num_processes`` and ``process_id``
-    given, those are used; with none of them, JAX reads its own environment variables
-    (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) or detects
-    the cluster (SLURM, ...). ``timeout``: seconds to wait for every process to join;
-    ``heartbeat``: seconds of silence after which a process counts as lost.
-    """
-    check_processes(coordinator, num_processes, process_id)
-    jax.distributed.initialize(
-        coordinator,
-        num_processes,
-        process_id,
-        initialization_timeout=timeout,
-        heartbeat_timeout_seconds=heartbeat,
-        shutdown_timeout_seconds=heartbeat,
-    )

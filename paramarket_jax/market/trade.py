@@ -7,8 +7,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from paramarket_jax import broker
-from paramarket_jax.economics import StrategyState, learn, purchase_values, quality, reports
+from paramarket_jax.broker.value import (
+    all_candidates,
+    merge_settled,
+    sample_candidates,
+    value_with_perms,
+)
+from paramarket_jax.economics.revenue import purchase_values, quality
+from paramarket_jax.economics.strategies import StrategyState, learn, reports
 from paramarket_jax.market.types import (
     MARKET,
     Flows,
@@ -41,9 +47,9 @@ def _candidates(spec: MarketSpec, key, score, alive) -> jax.Array:
         # dead agents (padded ones included) score +inf: never picked before a real one
         return top_candidates(score, alive, spec.candidates)
     if spec.candidates == 0 or spec.candidates >= real - 1:
-        cands = broker.all_candidates(real)
+        cands = all_candidates(real)
     else:
-        cands = broker.sample_candidates(key, real, spec.candidates)
+        cands = sample_candidates(key, real, spec.candidates)
     return jnp.concatenate([cands, jnp.broadcast_to(cands[:1], (spec.pad, cands.shape[1]))])
 
 
@@ -208,7 +214,7 @@ def value(
     """
     agents = data.agents
     cands = _candidates(spec, keys.candidates, loss_v, alive)
-    val, perms = broker.value_with_perms(
+    val, perms = value_with_perms(
         spec.make_model(),
         pop_params,
         agents.x_val,
@@ -359,7 +365,7 @@ def apply_trades(
     rows = jnp.arange(n)
     slot = jnp.argmax(offers.candidates == deals.pick[:, None], axis=1)
     chosen = jax.tree.map(lambda p: p[rows, slot], offers.perms)
-    merged = broker.merge_settled(
+    merged = merge_settled(
         spec.make_model().spec,
         pop.params,
         deals.pick,
