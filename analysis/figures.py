@@ -17,13 +17,11 @@ import argparse
 import pathlib
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from paramarket_jax.results.plots import MARKET, SILOED  # noqa: E402
+from paramarket_jax.results.plots import MARKET, SILOED
 
 ALIGN = {True: (MARKET, "aligned"), False: ("0.45", "not aligned")}
 
@@ -55,7 +53,8 @@ def _lines(ax, df, x, by, y, styles, offset=0.0):
 
 
 def replication(folders: list[str]):
-    fig, axes = plt.subplots(1, len(folders), figsize=(5.2 * len(folders), 3.8), sharey=True)
+    fig = Figure(figsize=(5.2 * len(folders), 3.8))
+    axes = fig.subplots(1, len(folders), sharey=True)
     for ax, folder in zip(np.atleast_1d(axes), folders, strict=True):
         df = _load(folder)
         df["align"] = df["broker.align"].map(lambda v: v is True or v in ("pairwise", "true"))
@@ -76,13 +75,8 @@ def alignment(folders: list[str]):
     df = pd.concat(frames)
     starts = sorted(df["trading.start"].unique())
     sets = list(dict.fromkeys(df["dataset"]))
-    fig, axes = plt.subplots(
-        len(sets),
-        len(starts),
-        figsize=(4.6 * len(starts) + 1.2, 3.2 * len(sets)),
-        squeeze=False,
-        sharex=True,
-    )
+    fig = Figure(figsize=(4.6 * len(starts) + 1.2, 3.2 * len(sets)))
+    axes = fig.subplots(len(sets), len(starts), squeeze=False, sharex=True)
     for i, ds in enumerate(sets):
         for j, start in enumerate(starts):
             ax = axes[i, j]
@@ -99,7 +93,8 @@ def alignment(folders: list[str]):
 
 def duopoly(folders: list[str]):
     df = _load(folders[0])
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), sharey=True)
+    fig = Figure(figsize=(10.5, 3.8))
+    axes = fig.subplots(1, 2, sharey=True)
     gammas = sorted(df["economics.gamma"].unique())
     for i, ax in enumerate(axes):
         df[f"gain_{i}"] = df[f"utility_{i}"] - df[f"siloed_utility_{i}"]
@@ -110,7 +105,7 @@ def duopoly(folders: list[str]):
             "economics.gamma",
             f"gain_{i}",
             lambda g: (
-                plt.get_cmap("viridis")(0.85 * gammas.index(g) / max(len(gammas) - 1, 1)),
+                matplotlib.colormaps["viridis"](0.85 * gammas.index(g) / max(len(gammas) - 1, 1)),
                 f"gamma = {g}",
             ),
             offset=0.02,
@@ -127,7 +122,8 @@ def license_(folders: list[str]):
     df["seller_gain"] = df["utility_0"] - df["siloed_utility_0"]
     mechs = list(dict.fromkeys(df["mechanism.name"]))
     g = df.groupby("mechanism.name")
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    fig = Figure(figsize=(9, 3.8))
+    ax = fig.subplots()
     x = np.arange(len(mechs))
     for k, (col, color, label) in enumerate(
         (

@@ -51,7 +51,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import DEFAULT_ANCHOR_DIR, emit, load_anchor, peak_mem_mb, timeit
-from paramarket_jax import broker
+from paramarket_jax.broker import align as align_mod  # align: a local name below too
+from paramarket_jax.broker.align import align_pairs
+from paramarket_jax.broker.modes import PAPER_ALPHAS
+from paramarket_jax.broker.value import (
+    all_candidates,
+    all_pairs,
+    sample_candidates,
+    value_candidates,
+)
 from paramarket_jax.data import load_dataset, partition
 from paramarket_jax.models import make_model
 from paramarket_jax.population import agent_data, make_trainer
@@ -71,11 +79,11 @@ def bench_align(
     solver = "scipy callback" if jax.default_backend() == "cpu" else "optax"
     for n in sizes:
         pop = population(model, n)
-        buyers, sellers = broker.all_pairs(n)
+        buyers, sellers = all_pairs(n)
         n_pairs = int(buyers.shape[0])
 
         def run(pop, buyers, sellers, sweeps, backend="auto"):
-            return broker.align_pairs(spec, pop, buyers, sellers, key, sweeps, backend=backend)
+            return align_pairs(spec, pop, buyers, sellers, key, sweeps, backend=backend)
 
         t = timeit(run, pop, buyers, sellers, max_sweeps, reps=reps)
         forced = {}
@@ -86,7 +94,7 @@ def bench_align(
 
         def scipy_align(b, s, host=host):
             pair = [jax.tree.map(lambda x, i=i: x[i], host) for i in (b, s)]
-            return broker.align(spec, *pair, key, max_sweeps=max_sweeps, backend="scipy")
+            return align_mod.align(spec, *pair, key, max_sweeps=max_sweeps, backend="scipy")
 
         scipy_align(1, 0)  # compiles the jitted similarity products outside the timing
         start = time.perf_counter()
@@ -143,10 +151,10 @@ def bench_value(model, sizes, aligned_sizes, batch, max_sweeps, anchor, reps):
         x_val = jax.random.normal(jax.random.key(3), (n * N_VAL, D_IN))
         y_val = jax.random.randint(jax.random.key(4), (n * N_VAL,), 0, CLASSES)
         val_idx = jnp.arange(n * N_VAL, dtype=jnp.int32).reshape(n, N_VAL)
-        cands = broker.all_candidates(n)
+        cands = all_candidates(n)
 
         def run(pop, x_val, y_val, val_idx, cands, align=align):
-            return broker.value_candidates(
+            return value_candidates(
                 model,
                 pop,
                 x_val,
@@ -209,17 +217,17 @@ def trained_digits_population(n: int, steps: int, seed: int = 0):
 
 
 def bench_reference(sizes, k, steps, batch, max_sweeps, restarts, reps):
-    alphas = jnp.asarray(broker.PAPER_ALPHAS, jnp.float32)
+    alphas = jnp.asarray(PAPER_ALPHAS, jnp.float32)
     key = jax.random.key(5)
     for n in sizes:
         model, pop, data = trained_digits_population(n, steps)
-        cands = broker.sample_candidates(jax.random.key(6), n, min(k, n - 1))
+        cands = sample_candidates(jax.random.key(6), n, min(k, n - 1))
         n_pairs = int(cands.size)
         out = {}
         for mode in ("pairwise", "reference"):
 
             def run(pop, cands, mode=mode, model=model, data=data):
-                return broker.value_candidates(
+                return value_candidates(
                     model,
                     pop,
                     data.x_val,
@@ -252,7 +260,7 @@ def bench_reference(sizes, k, steps, batch, max_sweeps, restarts, reps):
             max_sweeps=max_sweeps,
             restarts=restarts,
             batch_size=batch,
-            alphas=len(broker.PAPER_ALPHAS),
+            alphas=len(PAPER_ALPHAS),
             seconds=t_ref,
             baseline_seconds=t_pair,
             mean_best_loss=loss_ref,

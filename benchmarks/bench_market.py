@@ -242,8 +242,9 @@ def naive_mesa(n: int, reps: int) -> None:
     """Each agent a Mesa agent with its own params and its own jitted calls, seed 0."""
     import mesa
 
-    from paramarket_jax import broker
-    from paramarket_jax.broker.value import loss_and_accuracy
+    from paramarket_jax.broker import align as align_mod
+    from paramarket_jax.broker import merge as merge_mod  # merge: a local name below
+    from paramarket_jax.broker.value import loss_and_accuracy, sample_candidates
 
     overrides = [f"agents.n={n}", "broker.align='pairwise'", "trading.start=0",
                  "mechanism.name=take_it", "baselines.siloed=false"]  # fmt: skip
@@ -259,13 +260,13 @@ def naive_mesa(n: int, reps: int) -> None:
     @jax.jit
     def score(buyer, seller, rows):
         x, y = agents.x_val[rows], agents.y_val[rows]
-        merged = jax.vmap(lambda a: broker.merge(buyer, seller, a))(alphas)
+        merged = jax.vmap(lambda a: merge_mod.merge(buyer, seller, a))(alphas)
         losses = jax.vmap(lambda p: loss_and_accuracy(model, p, x, y)[0])(merged)
         before = loss_and_accuracy(model, buyer, x, y)[0]
         return (before - losses.min()) / before, alphas[losses.argmin()]
 
-    permute = jax.jit(lambda perms, p: broker.aligned(model.spec, perms, p))
-    merge = jax.jit(broker.merge)
+    permute = jax.jit(lambda perms, p: align_mod.aligned(model.spec, perms, p))
+    merge = jax.jit(merge_mod.merge)
 
     class Trader(mesa.Agent):
         def __init__(self, market, i):
@@ -286,7 +287,9 @@ def naive_mesa(n: int, reps: int) -> None:
             best = (0.0, None, None)
             for j in sellers:
                 other = self.model.traders[int(j)].params
-                perms = broker.align(model.spec, self.params, other, k, max_sweeps=spec.max_sweeps)
+                perms = align_mod.align(
+                    model.spec, self.params, other, k, max_sweeps=spec.max_sweeps
+                )
                 seller = permute(perms, other)
                 gain, alpha = score(self.params, seller, agents.val_idx[self.i])
                 if float(gain) > best[0]:
@@ -305,7 +308,7 @@ def naive_mesa(n: int, reps: int) -> None:
         def step(self, k):
             for t in self.traders:
                 t.train(jax.random.fold_in(k, t.i))
-            cands = broker.sample_candidates(k, n, min(spec.candidates, n - 1))
+            cands = sample_candidates(k, n, min(spec.candidates, n - 1))
             for t in self.traders:
                 t.shop(jax.random.fold_in(k, n + t.i), np.asarray(cands[t.i]))
             for t in self.traders:

@@ -21,7 +21,7 @@ from paramarket_jax.data import Dataset, add_label_noise, load_dataset, partitio
 from paramarket_jax.economics.revenue import Economy
 from paramarket_jax.economics.strategies import STRATEGIES, StrategyParams
 from paramarket_jax.errors import ParamarketError
-from paramarket_jax.market.types import MarketData, MarketParams, MarketSpec
+from paramarket_jax.market.types import PARAM_AXES, MarketData, MarketParams, MarketSpec, over_axes
 from paramarket_jax.mechanisms import Knobs, make_mechanism
 from paramarket_jax.population import agent_data, row_capacity
 from paramarket_jax.scenario import Scenario, per_agent
@@ -30,13 +30,27 @@ from paramarket_jax.scenario import Scenario, per_agent
 NOISE_STREAM = 0x6E6F6973
 
 
+class LabelNoise(NamedTuple):
+    """Which agents' training labels are noisy, and the fraction of their rows that are.
+
+    It changes the data a seed gets (:func:`seed_data`), not the round: not in the
+    ``MarketSpec`` (it never decides a compilation), but cells that differ in it never
+    share a batch (their training arrays differ).
+    """
+
+    agents: tuple[int, ...] = ()
+    fraction: float = 0.0
+
+
 class Experiment(NamedTuple):
-    """What every seed of a scenario shares: the scenario, its spec, knobs and dataset."""
+    """What every seed of a scenario shares: the scenario, its spec, knobs and dataset, and
+    the label noise of its data."""
 
     scenario: Scenario
     spec: MarketSpec
     params: MarketParams
     dataset: Dataset
+    noise: LabelNoise = LabelNoise()
 
 
 def _hashable(value):
@@ -93,64 +107,82 @@ def spec_of(scenario: Scenario, dataset: Dataset) -> MarketSpec:
         strategy_grid=len(s.strategies.grid),
         # without hostile agents the kind is moot: such scenarios share one compilation
         hostile=s.agents.hostile_kind if s.agents.hostile else "",
-        # label noise changes the data (not the round): in the spec so that cells with
-        # different noise never share a batch (and a wrong-label copy of the training set)
-        noisy=tuple(sorted(set(s.agents.noisy))) if s.agents.noise > 0 else (),
-        noise=float(s.agents.noise) if s.agents.noisy else 0.0,
     )
 
 
+def noise_of(scenario: Scenario) -> LabelNoise:
+    """The scenario's label noise (none unless both agents and a fraction are given)."""
+    a = scenario.agents
+    if not (a.noisy and a.noise > 0):
+        return LabelNoise()
+    return LabelNoise(tuple(sorted(set(a.noisy))), float(a.noise))
+
+
 def params_of(scenario: Scenario) -> MarketParams:
-    """The scenario's numeric knobs as arrays."""
+    """The scenario's numeric knobs as arrays; every per-agent knob
+    (:data:`~paramarket_jax.market.types.PARAM_AXES`) broadcast to (N,)."""
     s, n = scenario, scenario.agents.n
-    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
     e, m, st = s.economics, s.mechanism, s.strategies
     seller_only = np.zeros(n, bool)
     seller_only[list(s.broker.sellers)] = True
     hostile = np.zeros(n, bool)
     hostile[list(s.agents.hostile)] = True
-    roles = ~seller_only if s.broker.sellers else np.arange(n) < (n + 1) // 2
-    return MarketParams(
-        learning_rate=f32(per_agent(s.train.learning_rate, n)),
+    alphas = np.asarray(s.broker.alphas)
+    values = MarketParams(
+        learning_rate=s.train.learning_rate,
         # weights above the cap become 0 (the buyer's own model: never a gain, never bought),
         # so capped and uncapped cells share one compiled call
-        alphas=f32(np.where(np.asarray(s.broker.alphas) <= s.broker.max_alpha, s.broker.alphas, 0)),
+        alphas=np.where(alphas <= s.broker.max_alpha, alphas, 0),
         knobs=Knobs(
-            reserve=f32(m.reserve),
-            beta=f32(m.beta),
-            posted=jnp.full((n,), m.posted, jnp.float32),
-            roles=jnp.asarray(roles),
+            reserve=m.reserve,
+            beta=m.beta,
+            posted=m.posted,
+            roles=~seller_only if s.broker.sellers else np.arange(n) < (n + 1) // 2,
         ),
         economy=Economy(
-            value_per_quality=f32(per_agent(e.value_per_quality, n)),
-            market_size=f32(e.market_size),
-            gamma=f32(e.gamma),
-            outside=f32(e.outside_option),
-            horizon=f32(e.horizon),
-            step_cost=f32(e.step_cost),
-            query_fee=f32(e.query_fee),
-            trade_fee=f32(e.trade_fee),
-            fee_share=f32(e.fee_share),
+            value_per_quality=e.value_per_quality,
+            market_size=e.market_size,
+            gamma=e.gamma,
+            outside=e.outside_option,
+            horizon=e.horizon,
+            step_cost=e.step_cost,
+            query_fee=e.query_fee,
+            trade_fee=e.trade_fee,
+            fee_share=e.fee_share,
         ),
         strategy=StrategyParams(
-            kind=jnp.asarray([STRATEGIES.index(k) for k in per_agent(st.kind, n)], jnp.int32),
-            shade=f32(per_agent(st.shade, n)),
-            markup=f32(per_agent(st.markup, n)),
-            grid=f32(st.grid),
-            eta=f32(st.eta),
-            explore=f32(st.explore),
+            kind=np.int32([STRATEGIES.index(k) for k in per_agent(st.kind, n)]),
+            shade=st.shade,
+            markup=st.markup,
+            grid=st.grid,
+            eta=st.eta,
+            explore=st.explore,
         ),
-        initial_cash=f32(e.initial_cash),
-        trade_start=jnp.asarray(s.trading.start, jnp.int32),
-        trade_every=jnp.asarray(s.trading.every, jnp.int32),
-        seller_only=jnp.asarray(seller_only),
-        initial_alive=jnp.arange(n) < (s.agents.initial or n),
-        bankruptcy=jnp.asarray(e.bankruptcy),
-        diverge_loss=f32(s.train.diverge_loss),
-        hostile=jnp.asarray(hostile),
-        min_gain=f32(s.broker.min_gain),
-        confidence=f32(s.broker.confidence),
+        initial_cash=e.initial_cash,
+        trade_start=np.int32(s.trading.start),
+        trade_every=np.int32(s.trading.every),
+        seller_only=seller_only,
+        initial_alive=np.arange(n) < (s.agents.initial or n),
+        bankruptcy=e.bankruptcy,
+        diverge_loss=s.train.diverge_loss,
+        hostile=hostile,
+        min_gain=s.broker.min_gain,
+        confidence=s.broker.confidence,
     )
+    # flags stay bool and counts int32 (schedule, strategy kinds); every other number float32
+
+    def array(axes, value):
+        value = np.asarray(value)
+        if value.dtype not in (np.bool_, np.int32):
+            value = value.astype(np.float32)
+        if axes.agent is not None:  # one value for everyone, or one per agent
+            value = np.broadcast_to(value, (n,))
+        return jnp.asarray(value)
+
+    # a per-agent list is one value, not a subtree
+    is_list = lambda v: type(v) in (tuple, list)  # noqa: E731
+    values = jax.tree.map(np.asarray, values, is_leaf=is_list)
+    return over_axes(array, PARAM_AXES, values)
 
 
 def build(scenario: Scenario, dataset: Dataset | None = None) -> Experiment:
@@ -160,7 +192,7 @@ def build(scenario: Scenario, dataset: Dataset | None = None) -> Experiment:
     spec = spec_of(scenario, dataset)
     spec.make_trainer()  # validates model and optimizer options now, not inside a trace
     make_mechanism(spec.mechanism, **dict(spec.mechanism_options))  # and the mechanism's
-    return Experiment(scenario, spec, params_of(scenario), dataset)
+    return Experiment(scenario, spec, params_of(scenario), dataset, noise_of(scenario))
 
 
 def seed_data(exp: Experiment, seed: int) -> tuple[MarketData, jax.Array]:
@@ -190,12 +222,12 @@ def seed_data(exp: Experiment, seed: int) -> tuple[MarketData, jax.Array]:
     )
     n_train = len(dataset.y_train)
     capacity = row_capacity(part, n_train)
-    spec = exp.spec
-    if spec.noisy:
+    noise = exp.noise
+    if noise.agents:
         k_wrong = jax.random.fold_in(jax.random.key(d.seed), NOISE_STREAM)
         wrong = wrong_labels(k_wrong, dataset.y_train, dataset.num_classes)
         part = add_label_noise(
-            jax.random.fold_in(k_split, NOISE_STREAM), part, n_train, spec.noisy, spec.noise
+            jax.random.fold_in(k_split, NOISE_STREAM), part, n_train, noise.agents, noise.fraction
         )
         dataset = dataset._replace(
             x_train=np.concatenate([dataset.x_train, dataset.x_train]),

@@ -42,10 +42,6 @@ class Population(NamedTuple):
     opt_state: Any
     learning_rate: jax.Array
 
-    @property
-    def size(self) -> int:
-        return int(self.learning_rate.shape[0])
-
 
 class AgentData(NamedTuple):
     """Shared dataset arrays on the device plus each agent's index views into them.
@@ -245,14 +241,3 @@ def make_trainer(model: Model, optimizer: str = "adam", batch_size: int = 32) ->
         train_one=train_one,
         loss=loss_fn,
     )
-
-
-def check_finite(params) -> None:
-    """Raise ParamarketError if any parameter is NaN or infinite (host-side check)."""
-    bad = [
-        jax.tree_util.keystr(path)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-        if not np.all(np.isfinite(np.asarray(leaf)))
-    ]
-    if bad:
-        raise ParamarketError(f"non-finite (NaN or inf) weights in {', '.join(bad[:3])}")

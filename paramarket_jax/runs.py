@@ -13,6 +13,7 @@ from paramarket_jax.engines import batch
 from paramarket_jax.errors import ParamarketError, unknown
 from paramarket_jax.experiment import Experiment, build
 from paramarket_jax.results import tables
+from paramarket_jax.results.report import run_outputs
 from paramarket_jax.scenario import Scenario, dumps
 
 ENGINES = ("auto", "batch", "mesa")
@@ -61,8 +62,6 @@ class RunResult:
             "summary.json": self.summary,
         }
         if report:
-            from paramarket_jax.results.report import run_outputs
-
             outputs = run_outputs(text, self.rounds, self.trades, self.summary, self.scenario.name)
             files.update(outputs)  # PNG bytes and the page's text
         return files
@@ -92,6 +91,20 @@ def run_cells(
         cells, max_batch=max_batch, progress=progress, devices=devices, shard=shard
     )
     return [result_of(c, rec) for c, rec in zip(cells, out.records, strict=True)]
+
+
+def run_mesa(experiment: Experiment, progress: Callable[[int], None] | None = None) -> RunResult:
+    """Every seed of a built experiment stepped through the Mesa view, one seed at a time
+    (:class:`~paramarket_jax.engines.mesa.MarketModel`); ``progress(1)`` after each round."""
+    # deferred: Mesa is imported only by runs that use it (the batch path never does)
+    from paramarket_jax.engines.mesa import MarketModel
+
+    records = []
+    for seed in experiment.scenario.seeds:
+        market = MarketModel(experiment, seed)
+        market.run(None if progress is None else (lambda: progress(1)))
+        records.append(market.records())
+    return result_of(experiment, jax.tree.map(lambda *xs: np.stack(xs), *records))
 
 
 def run_scenario(
@@ -152,12 +165,4 @@ def _run_scenario(scenario, engine, max_batch, progress, checkpoints, devices, s
     if engine == "batch":
         tick = None if progress is None else (lambda runs: progress(runs * rounds))
         return run_cells([exp], max_batch=max_batch, progress=tick, devices=devices, shard=shard)[0]
-    from paramarket_jax.engines.mesa import MarketModel
-
-    records = []
-    for seed in scenario.seeds:
-        market = MarketModel(exp, seed)
-        market.run(None if progress is None else (lambda: progress(1)))
-        records.append(market.records())
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *records)
-    return result_of(exp, stacked)
+    return run_mesa(exp, progress)

@@ -18,9 +18,8 @@ from typing import Any
 
 import tomli_w
 
-from paramarket_jax.broker.merge import PAPER_ALPHAS
-from paramarket_jax.broker.value import ALIGN_MODES
-from paramarket_jax.economics import QUALITIES, REVENUES, STRATEGIES
+from paramarket_jax.broker.modes import ALIGN_MODES, PAPER_ALPHAS
+from paramarket_jax.economics.kinds import QUALITIES, REVENUES, STRATEGIES
 from paramarket_jax.errors import ParamarketError
 
 # Installed: the bundled TOMLs ship as paramarket_jax/scenarios; in a checkout they sit in
@@ -104,32 +103,36 @@ ALPHAS = (
 )
 
 
+# The registries, imported when a rule first asks for their names: each imports its kernels
+# (and so JAX), which a misspelt key or a listing of the bundled scenarios never needs.
+
+
 def _datasets():
-    from paramarket_jax.data import DATASETS
+    from paramarket_jax.data import DATASETS  # deferred: JAX
 
     return DATASETS
 
 
 def _partitioners():
-    from paramarket_jax.data import PARTITIONERS
+    from paramarket_jax.data import PARTITIONERS  # deferred: JAX
 
     return PARTITIONERS
 
 
 def _models():
-    from paramarket_jax.models import MODELS
+    from paramarket_jax.models import MODELS  # deferred: JAX
 
     return MODELS
 
 
 def _optimizers():
-    from paramarket_jax.population import OPTIMIZERS
+    from paramarket_jax.population import OPTIMIZERS  # deferred: JAX
 
     return OPTIMIZERS
 
 
 def _mechanisms():
-    from paramarket_jax.mechanisms import MECHANISMS
+    from paramarket_jax.mechanisms import MECHANISMS  # deferred: JAX
 
     return MECHANISMS
 
@@ -504,10 +507,44 @@ def _check(key: str, value) -> None:
         )
 
 
-def _build(cls, table: Mapping[str, Any], prefix: str):
-    """Validate one TOML table into its dataclass, recursing into sub-tables."""
+def _table(table, prefix: str) -> Mapping[str, Any]:
     if not isinstance(table, Mapping):
         raise ParamarketError(f"scenario key {prefix!r} must be a table, got {table!r}")
+    return table
+
+
+def _unknown_key(full: str, prefix: str, known) -> ParamarketError:
+    allowed = ", ".join(sorted(known))
+    return ParamarketError(
+        f"unknown scenario key {full!r}; allowed in [{prefix or 'top'}]: {allowed}"
+    )
+
+
+# a swept key's placeholder in :func:`check` (a sweep's grid sets its value cell by cell)
+_SWEPT = object()
+
+
+def _check_fields(cls, table, prefix: str) -> None:
+    """What needs no registry, over a whole TOML table and its sub-tables: every key of a
+    table that takes no registered item's options is known, and every value that is not a
+    registry name keeps its rule. :func:`from_dict` runs this before :func:`_build`, which
+    imports the registries (and so JAX): a misspelt key fails at once."""
+    known = {f.name for f in dataclasses.fields(cls)} - {"options"}
+    for key, value in _table(table, prefix).items():
+        full = _join(prefix, key)
+        if full not in SECTIONS and key not in known and prefix not in OPEN_TABLES:
+            raise _unknown_key(full, prefix, known)
+        if value is _SWEPT:
+            continue
+        if full in SECTIONS:
+            _check_fields(SECTIONS[full], value, full)
+        elif key in known and not callable(RULES[full][0]):  # callable: a registry's names
+            _check(full, value)
+
+
+def _build(cls, table: Mapping[str, Any], prefix: str):
+    """Validate one TOML table into its dataclass, recursing into sub-tables."""
+    table = _table(table, prefix)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     known = {k for k in fields if k != "options"}
     kwargs: dict[str, Any] = {}
@@ -525,10 +562,7 @@ def _build(cls, table: Mapping[str, Any], prefix: str):
         elif open_table is not None:
             options[key] = value
         else:
-            allowed = ", ".join(sorted(known))
-            raise ParamarketError(
-                f"unknown scenario key {full!r}; allowed in [{prefix or 'top'}]: {allowed}"
-            )
+            raise _unknown_key(full, prefix, known)
     if open_table is not None:
         name_key, registry = open_table
         name = kwargs.get(name_key, fields[name_key].default)
@@ -552,6 +586,7 @@ def _build(cls, table: Mapping[str, Any], prefix: str):
 
 def from_dict(table: Mapping[str, Any]) -> Scenario:
     """Validate a parsed TOML document into a :class:`Scenario` (errors name the key)."""
+    _check_fields(Scenario, table, "")
     scenario = _build(Scenario, table, "")
     n = scenario.agents.n
     if scenario.agents.initial > n:
@@ -591,6 +626,7 @@ def _check_registered(scenario: Scenario) -> None:
     """Option values of the chosen dataset, partitioner, model and mechanism, checked by
     their registries without loading data or building anything heavy, then against the
     factories' annotations."""
+    # deferred: JAX (the registries import their kernels)
     from paramarket_jax.data import check_partition_options
     from paramarket_jax.data.datasets import check_dataset_options, dataset_num_classes
     from paramarket_jax.mechanisms import make_mechanism
@@ -746,6 +782,24 @@ def read_table(name_or_path: str) -> dict[str, Any]:
         raise ParamarketError(f"{path}: invalid TOML: nested too deeply") from None
     except tomllib.TOMLDecodeError as err:
         raise ParamarketError(f"{path}: invalid TOML: {' '.join(str(err).split())}") from None
+
+
+def check(name_or_path: str, overrides: list[str] = (), swept: list[str] = ()) -> None:
+    """What :func:`load` checks before it imports a registry (and so JAX): the file, the
+    overrides, every key's name and every value that is not a registry name. ``swept``
+    keys (a sweep's grid sets them cell by cell) are checked by name only."""
+    table = apply_overrides(read_table(name_or_path), list(overrides))
+    for key in swept:
+        *parents, last = parts = key.split(".")
+        node = table if all(parts) else None  # a malformed key: loading the cell says why
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node[last] = _SWEPT
+    try:
+        _check_fields(Scenario, table, "")
+    except RecursionError:  # as in load
+        raise ParamarketError("scenario values are nested too deeply") from None
 
 
 def load(name_or_path: str, overrides: list[str] = ()) -> Scenario:

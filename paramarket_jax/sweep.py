@@ -15,6 +15,7 @@ for bit. A group's checkpoints are removed once its cells are written, and the w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -23,12 +24,28 @@ import pathlib
 import re
 import shutil
 import tomllib
+from collections.abc import Callable
 
+import jax
 import numpy as np
 import pandas as pd
+from jax.experimental import multihost_utils
 
 from paramarket_jax import scenario as sc
+from paramarket_jax.engines import batch, checkpoint
 from paramarket_jax.errors import ParamarketError
+from paramarket_jax.experiment import Experiment, build, dataset_key, load_shared_dataset
+from paramarket_jax.results.folders import write_run
+from paramarket_jax.results.report import sweep_outputs, write_files
+from paramarket_jax.runs import (
+    CHECKPOINT_ENGINE,
+    MESA_DEVICES,
+    RunResult,
+    resolve_engine,
+    result_of,
+    run_cells,
+    run_mesa,
+)
 
 SEED_FIELDS = (
     "mutual_gain",
@@ -58,12 +75,6 @@ def parse_grid(text: str) -> tuple[str, list]:
     if not key or not values:
         raise ParamarketError(f"--grid {text!r} names no key or no values")
     return key, values
-
-
-def knob_text(value):
-    """A swept value as a table shows it: scalars as they are, a list as its JSON text
-    (hashable, so a table groups by it)."""
-    return value if np.isscalar(value) or value is None else json.dumps(np.asarray(value).tolist())
 
 
 def cell_name(assignment: dict) -> str:
@@ -138,7 +149,7 @@ def sweep_table(out: pathlib.Path, planned) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _replace_run(folder: pathlib.Path, files: dict, write_run) -> None:
+def _replace_run(folder: pathlib.Path, files: dict) -> None:
     """Write a cell's run folder; an older run there (``--force``) is swapped out only once
     the new one is complete, and comes back if writing fails."""
     if not folder.exists():
@@ -176,8 +187,6 @@ def groups(scenarios: list[sc.Scenario]):
     Yields lists of (index, Experiment): one dataset is loaded per distinct data setting,
     and cells are grouped by spec, rounds and seeds.
     """
-    from paramarket_jax.experiment import build, dataset_key, load_shared_dataset
-
     datasets: dict[tuple, object] = {}
     grouped: dict[tuple, list] = {}
     for i, scenario in enumerate(scenarios):
@@ -185,7 +194,7 @@ def groups(scenarios: list[sc.Scenario]):
         if dkey not in datasets:
             datasets[dkey] = load_shared_dataset(scenario)
         exp = build(scenario, datasets[dkey])
-        key = (dkey, exp.spec, scenario.train.rounds, tuple(scenario.seeds))
+        key = (dkey, exp.spec, exp.noise, scenario.train.rounds, tuple(scenario.seeds))
         grouped.setdefault(key, []).append((i, exp))
     yield from grouped.values()
 
@@ -199,122 +208,68 @@ def group_id(cells: list[tuple[str, sc.Scenario]]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def _run_checkpointed(root: pathlib.Path, names: list[str], cells, every: int,
-                      max_batch: int | None, tick, note, devices: int = 1,
-                      shard: str = "auto") -> tuple[list, pathlib.Path]:  # fmt: skip
-    """A group's cells through the batch path in chunks of ``every`` rounds, saving after
-    each into ``root/.checkpoints/<group id>`` and going on from the newest usable step
-    there: their RunResults and that folder. A group that fails for good (every agent
-    diverged) drops its checkpoints."""
-    from paramarket_jax.engines import batch, checkpoint
-    from paramarket_jax.runs import result_of
+@dataclasses.dataclass(frozen=True)
+class SweepOptions:
+    """How a sweep runs its cells: :func:`run_sweep`'s keyword options.
 
-    gid = group_id([(name, c.scenario) for name, c in zip(names, cells, strict=True)])
-    folder = root / checkpoint.FOLDER / gid
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    name = f"the group of cell(s) {shown}"
-    saves = checkpoint.Checkpoints(
-        root, every, resume=folder.exists(), note=note, folder=folder, name=name
-    )
-
-    try:
-        with saves:
-            out = batch.run_cells_chunked(
-                cells,
-                every,
-                max_batch=max_batch,
-                progress=tick,
-                start=saves.starter(tick),
-                save=saves.save,
-                devices=devices,
-                shard=shard,
-            )
-        return [result_of(c, r) for c, r in zip(cells, out.records, strict=True)], folder
-    except ParamarketError:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-
-
-def run_sweep(
-    base: str,
-    grid,
-    overrides,
-    out: str | os.PathLike,
-    progress=None,
-    *,
-    engine: str = "auto",
-    max_batch: int | None = None,
-    force: bool = False,
-    bar=None,
-    report: bool = True,
-    command: str | None = None,
-    checkpoint_every: int | None = None,
-    note=None,
-    devices: int = 1,
-    shard: str = "auto",
-) -> pd.DataFrame:
-    """Run every missing cell of the grid into ``out``: ``sweep.json`` (what is swept) first,
-    ``sweep.parquet`` (one row per finished cell x seed) after every batch of cells, and at
-    the end, with ``report``, ``report.html`` and the sweep's figures.
-
-    Args:
-        base: bundled scenario name or TOML path.
-        grid: [(dotted key, values)], e.g. from :func:`parse_grid`.
-        overrides: ``key=value`` overrides applied to every cell.
-        out: the sweep folder (created if missing; complete cells are kept).
-        progress: optional callable(cell name, done) after each cell.
+    Attributes:
         engine: ``batch`` (cells differing only in numeric knobs share one compiled call),
             ``mesa`` (each cell's seeds stepped through the Mesa model) or ``auto``
             (``batch`` unless agents enter the market).
         max_batch: most runs per compiled call of the batch path.
-        bar: optional callable(total) -> progress bar (tqdm-like ``update(k)``) over the
-            rounds x seeds of the cells to run, made once every cell is checked and built.
-        report: write the sweep's figures and ``report.html`` at the end (cells get tables
-            only; ``paramarket report`` on a cell folder draws one).
-        command: the command line, recorded in ``sweep.json`` and the report.
         force: rerun complete cells whose scenario differs from the requested one (else
             such a cell stops the sweep, naming the differing keys, before any compute).
-        checkpoint_every: save each batch of cells every K rounds under
+        report: write the sweep's figures and ``report.html`` at the end (cells get tables
+            only; ``paramarket report`` on a cell folder draws one).
+        checkpoint_every: save each group of cells every K rounds under
             ``out/.checkpoints`` and go on from there (batch engine only; see the module).
-        note: optional callable(text) for checkpoint messages (which step a group goes
-            on from).
         devices, shard: run on this many devices, splitting runs or agents over them
-            (:func:`paramarket_jax.engines.batch.prepare`). In a multi-process run (``jax.
-            distributed``) process 0 decides which cells to run and tells the others, and
-            only process 0 writes; the others return an empty table.
+            (:func:`paramarket_jax.engines.batch.prepare`).
     """
-    import jax
 
-    from paramarket_jax.engines import checkpoint
-    from paramarket_jax.results.folders import write_run
-    from paramarket_jax.runs import (
-        CHECKPOINT_ENGINE,
-        MESA_DEVICES,
-        resolve_engine,
-        run_cells,
-        run_scenario,
-    )
+    engine: str = "auto"
+    max_batch: int | None = None
+    force: bool = False
+    report: bool = True
+    checkpoint_every: int | None = None
+    devices: int = 1
+    shard: str = "auto"
 
-    every = checkpoint_every
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ParamarketError(f"--checkpoint-every must be a positive integer, got {every!r}")
-    planned = plan(base, grid, overrides)
-    for _, scenario in planned:  # a bad engine for any cell fails before any compute
-        if resolve_engine(scenario, engine) != "batch" and every is not None:
+    def __post_init__(self):
+        every = self.checkpoint_every
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise ParamarketError(f"--checkpoint-every must be a positive integer, got {every!r}")
+
+
+def check_cells(planned, options: SweepOptions) -> None:
+    """Every cell's engine suits the options: a bad one fails before any compute."""
+    for _, scenario in planned:
+        if resolve_engine(scenario, options.engine) == "batch":
+            continue
+        if options.checkpoint_every is not None:
             raise ParamarketError(CHECKPOINT_ENGINE)
-        if resolve_engine(scenario, engine) != "batch" and devices != 1:
+        if options.devices != 1:
             raise ParamarketError(MESA_DEVICES)
-    processes = jax.process_count()
-    writer = jax.process_index() == 0
-    if processes > 1 and every is not None:
+    if jax.process_count() > 1 and options.checkpoint_every is not None:
         raise ParamarketError(
             "--checkpoint-every works in one process only; run the processes without it"
         )
-    root = pathlib.Path(out)
+
+
+def pending(root: pathlib.Path, planned, force: bool, check: bool = True):
+    """The cells to run, [(folder, scenario)], and the names of the complete cells kept.
+
+    With ``check`` a cell holding a ``summary.json`` is kept if it ran the requested
+    scenario; one that ran another is run again with ``force``, and stops the sweep without
+    it. Without ``check`` (a process other than 0, which learns from process 0) every cell
+    is to run.
+    """
     todo, kept = [], []
     for assignment, scenario in planned:
         folder = root / cell_name(assignment)
-        if writer and (folder / "summary.json").exists():
+        if check and (folder / "summary.json").exists():
             stale = stale_keys(folder, scenario)
             if not stale:
                 kept.append(folder.name)
@@ -325,69 +280,172 @@ def run_sweep(
                     f"{', '.join(stale[:5])}); use a new --out, or --force to rerun it"
                 )
         todo.append((folder, scenario))
-    if processes > 1:  # every process runs the cells process 0 found missing
-        from jax.experimental import multihost_utils
+    return todo, kept
 
-        missing = np.array([(root / cell_name(a)) in {f for f, _ in todo} for a, _ in planned])
-        missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
-        todo = [(root / cell_name(a), s) for (a, s), m in zip(planned, missing, strict=True) if m]
-        if not writer:
-            kept, progress, bar, report = [], None, None, False
+
+def _shared_todo(root: pathlib.Path, planned, todo):
+    """In a multi-process run every process runs the cells process 0 found missing."""
+    folders = {folder for folder, _ in todo}
+    missing = np.array([(root / cell_name(a)) in folders for a, _ in planned])
+    missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
+    return [(root / cell_name(a), s) for (a, s), m in zip(planned, missing, strict=True) if m]
+
+
+def _run_checkpointed(
+    root: pathlib.Path, names: list[str], cells: list[Experiment], options: SweepOptions, tick, note
+) -> tuple[list, pathlib.Path]:
+    """A group's cells through the batch path in chunks of ``checkpoint_every`` rounds,
+    saving after each into ``root/.checkpoints/<group id>`` and going on from the newest
+    usable step there: their RunResults and that folder. A group that fails for good (every
+    agent diverged) drops its checkpoints."""
+    every = options.checkpoint_every
+    gid = group_id([(name, c.scenario) for name, c in zip(names, cells, strict=True)])
+    folder = root / checkpoint.FOLDER / gid
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    name = f"the group of cell(s) {shown}"
+    saves = checkpoint.Checkpoints(
+        root, every, resume=folder.exists(), note=note, folder=folder, name=name
+    )
+    try:
+        with saves:
+            out = batch.run_cells_chunked(
+                cells,
+                every,
+                max_batch=options.max_batch,
+                progress=tick,
+                start=saves.starter(tick),
+                save=saves.save,
+                devices=options.devices,
+                shard=options.shard,
+            )
+        return [result_of(c, r) for c, r in zip(cells, out.records, strict=True)], folder
+    except ParamarketError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def run_group(
+    root: pathlib.Path,
+    names: list[str],
+    cells: list[Experiment],
+    options: SweepOptions,
+    tick,
+    note=None,
+) -> tuple[list[RunResult], pathlib.Path | None]:
+    """One group of built cells (from :func:`groups`): checkpointed, through the batch path
+    (one compiled call) or each through the Mesa view. Their RunResults, and the group's
+    checkpoint folder (None without checkpoints); ``tick(k)`` after k rounds x seeds."""
+    if options.checkpoint_every is not None:
+        quiet = note or (lambda text: None)
+        return _run_checkpointed(root, names, cells, options, tick, quiet)
+    if resolve_engine(cells[0].scenario, options.engine) == "mesa":
+        return [run_mesa(exp, tick) for exp in cells], None
+    rounds = cells[0].scenario.train.rounds
+    results = run_cells(
+        cells,
+        max_batch=options.max_batch,
+        progress=lambda runs: tick(runs * rounds),
+        devices=options.devices,
+        shard=options.shard,
+    )
+    return results, None
+
+
+def write_group(
+    root: pathlib.Path,
+    planned,
+    folders: list[pathlib.Path],
+    results,
+    progress=None,
+    saved: pathlib.Path | None = None,
+) -> None:
+    """A group's cells into their folders (``progress(name, False)`` after each), its
+    checkpoints (``saved``) removed, and ``sweep.parquet`` rewritten: the finished cells so
+    far, so a report works mid-sweep."""
+    for folder, result in zip(folders, results, strict=True):
+        _replace_run(folder, result.files(report=False))
+        if progress is not None:
+            progress(folder.name, False)
+    if saved is not None:
+        shutil.rmtree(saved, ignore_errors=True)
+    _write_table(root, planned)
+
+
+def _finish(root: pathlib.Path, planned, report: bool) -> pd.DataFrame:
+    """Every cell is complete: the final table; checkpoints left by groups of other
+    settings are of no use; with ``report``, the sweep's figures and page."""
+    table = _write_table(root, planned)
+    shutil.rmtree(root / checkpoint.FOLDER, ignore_errors=True)
+    if report:
+        write_files(root, sweep_outputs(root))
+    return table
+
+
+def run_sweep(
+    base: str,
+    grid,
+    overrides,
+    out: str | os.PathLike,
+    progress: Callable[[str, bool], None] | None = None,
+    *,
+    bar=None,
+    command: str | None = None,
+    note: Callable[[str], None] | None = None,
+    **options,
+) -> pd.DataFrame:
+    """Run every missing cell of the grid into ``out``: ``sweep.json`` (what is swept) first,
+    ``sweep.parquet`` (one row per finished cell x seed) after every group of cells, and at
+    the end, with ``report``, ``report.html`` and the sweep's figures.
+
+    Every cell is checked and built (datasets loaded once each, models and mechanisms
+    checked) before any cell runs. In a multi-process run (``jax.distributed``) process 0
+    decides which cells to run and tells the others, and only process 0 writes; the others
+    return an empty table.
+
+    Args:
+        base: bundled scenario name or TOML path.
+        grid: [(dotted key, values)], e.g. from :func:`parse_grid`.
+        overrides: ``key=value`` overrides applied to every cell.
+        out: the sweep folder (created if missing; complete cells are kept).
+        progress: optional callable(cell name, done) after each cell.
+        bar: optional callable(total) -> progress bar (tqdm-like ``update(k)``) over the
+            rounds x seeds of the cells to run, made once every cell is checked and built.
+        command: the command line, recorded in ``sweep.json`` and the report.
+        note: optional callable(text) for checkpoint messages (which step a group goes
+            on from).
+        **options: the fields of :class:`SweepOptions` (``engine``, ``max_batch``,
+            ``force``, ``report``, ``checkpoint_every``, ``devices``, ``shard``).
+    """
+    options = SweepOptions(**options)
+    planned = plan(base, grid, overrides)
+    check_cells(planned, options)
+    root = pathlib.Path(out)
+    writer = jax.process_index() == 0
+    todo, kept = pending(root, planned, options.force, check=writer)
+    if jax.process_count() > 1:
+        todo = _shared_todo(root, planned, todo)
+    if not writer:
+        progress = bar = None
     for name in kept:
         if progress is not None:
             progress(name, True)
-    # every cell is built (datasets, models, mechanisms checked) before any cell runs
     built = list(groups([scenario for _, scenario in todo]))
     if writer:
         root.mkdir(parents=True, exist_ok=True)
-    meta = dict(
-        scenario=base,
-        grid=[[k, list(v)] for k, v in grid],
-        overrides=list(overrides),
-        command=command,
-    )
-    if writer:
+        meta = dict(
+            scenario=base,
+            grid=[[k, list(v)] for k, v in grid],
+            overrides=list(overrides),
+            command=command,
+        )
         _atomic_text(root / "sweep.json", json.dumps(meta, indent=2) + "\n")
     if bar is not None:
         bar = bar(sum(s.train.rounds * len(s.seeds) for _, s in todo))
     tick = (lambda k: None) if bar is None else bar.update
     for group in built:
-        rounds = group[0][1].scenario.train.rounds
-        saved = None  # the group's checkpoint folder
-        if every is not None:
-            outcomes, saved = _run_checkpointed(
-                root, [todo[i][0].name for i, _ in group], [exp for _, exp in group], every,
-                max_batch, tick, note or (lambda text: None), devices, shard,
-            )  # fmt: skip
-        elif resolve_engine(group[0][1].scenario, engine) == "batch":
-            outcomes = run_cells(
-                [exp for _, exp in group],
-                max_batch=max_batch,
-                progress=lambda runs, rounds=rounds: tick(runs * rounds),
-                devices=devices,
-                shard=shard,
-            )
-        else:
-            outcomes = [
-                run_scenario(exp.scenario, engine="mesa", progress=tick) for _, exp in group
-            ]
-        if not writer:
-            continue
-        for (i, _), result in zip(group, outcomes, strict=True):
-            folder = todo[i][0]
-            _replace_run(folder, result.files(report=False), write_run)
-            if progress is not None:
-                progress(folder.name, False)
-        if saved is not None:
-            shutil.rmtree(saved, ignore_errors=True)
-        _write_table(root, planned)  # the finished cells so far: a report works mid-sweep
-    if not writer:
-        return pd.DataFrame()
-    table = _write_table(root, planned)
-    # every cell is complete: checkpoints left by groups of other settings are of no use
-    shutil.rmtree(root / checkpoint.FOLDER, ignore_errors=True)
-    if report:
-        from paramarket_jax.results.report import sweep_outputs, write_files
-
-        write_files(root, sweep_outputs(root))
-    return table
+        folders = [todo[i][0] for i, _ in group]
+        cells = [exp for _, exp in group]
+        results, saved = run_group(root, [f.name for f in folders], cells, options, tick, note)
+        if writer:
+            write_group(root, planned, folders, results, progress, saved)
+    return _finish(root, planned, options.report) if writer else pd.DataFrame()

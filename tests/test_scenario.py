@@ -1,5 +1,8 @@
 """Scenario files: validation names the bad key and the allowed values; overrides; round trip."""
 
+import ast
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -126,3 +129,54 @@ def test_a_minimal_file_gets_the_defaults(tmp_path):
     path.write_text('name = "mine"\n[agents]\nn = 4\n')
     s = sc.load(str(path))
     assert s.name == "mine" and s.agents.n == 4 and s.train == sc.TrainConfig()
+
+
+HEAVY = ("flax", "jax", "matplotlib", "optax", "orbax", "pandas", "scipy")
+
+
+def heavy_modules(code: str) -> list[str]:
+    """The heavy packages (of :data:`HEAVY`) that a fresh interpreter running ``code`` has
+    imported, counted in ``sys.modules`` at its end."""
+    count = "import sys\nprint(sorted({m.split('.')[0] for m in sys.modules} & set(%r)))"
+    probe = code + "\n" + count % (HEAVY,)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_scenario_layer_imports_no_jax():
+    """Reading, checking and overriding a scenario, and a bad key's error, import no kernel:
+    the registries and JAX come in only when a valid scenario's registered names are
+    checked."""
+    code = """
+from paramarket_jax import ParamarketError
+from paramarket_jax import scenario as sc
+assert sc.read_table("paper_two_agent")["name"] == "paper_two_agent"
+sc.check("paper_two_agent", ["agents.n=3"], swept=["mechanism.beta"])
+for bad in ("no.such=1", "agents.nn=1", "agents.n=0"):
+    try:
+        sc.load("paper_two_agent", [bad])
+    except ParamarketError as err:
+        assert "scenario key" in str(err), err
+    else:
+        raise AssertionError(bad)
+"""
+    assert heavy_modules(code) == []
+    assert heavy_modules("from paramarket_jax import scenario as sc\nsc.load('paper_two_agent')")
+
+
+@pytest.mark.parametrize(
+    "overrides, swept, needle",
+    [
+        (["no.such=1"], [], "unknown scenario key 'no'"),
+        (["agents.n=0"], [], "'agents.n' must be an integer >= 2"),
+        ([], ["agents.nn"], "unknown scenario key 'agents.nn'"),
+    ],
+)
+def test_check_is_the_light_part_of_load(overrides, swept, needle):
+    """``check`` says what ``load`` says first; a swept key is checked by name only (its
+    values are the grid's), and a registry name is left to ``load``."""
+    with pytest.raises(ParamarketError, match=needle):
+        sc.check("paper_two_agent", overrides, swept)
+    sc.check("paper_two_agent", ["agents.n=0"], swept=["agents.n"])
+    sc.check("paper_two_agent", ["data.dataset=imagenet", "data.no_such_option=1"])

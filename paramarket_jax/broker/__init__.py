@@ -1,67 +1,11 @@
-"""The broker: align (weight matching), merge, and try-before-buy valuation of weights."""
+"""The broker: align (weight matching), merge, and try-before-buy valuation of weights.
 
-from paramarket_jax.broker.align import (
-    BACKENDS,
-    align,
-    align_pairs,
-    align_to,
-    align_to_reference,
-    aligned,
-    compose,
-    hungarian,
-    matching_objective,
-    restart_keys,
-)
-from paramarket_jax.broker.merge import (
-    PAPER_ALPHAS,
-    merge,
-    merge_alphas,
-    merge_many,
-    select_layers,
-)
-from paramarket_jax.broker.value import (
-    ALIGN_MODES,
-    CHOICES,
-    Valuation,
-    align_mode,
-    all_candidates,
-    all_pairs,
-    loss_and_accuracy,
-    merge_settled,
-    merge_trades,
-    sample_candidates,
-    value_candidates,
-    value_pairs,
-    value_with_perms,
-)
+The kernels live in :mod:`~paramarket_jax.broker.align`, :mod:`~paramarket_jax.broker.merge`
+and :mod:`~paramarket_jax.broker.value` (import them from there); the package itself holds
+only the light vocabulary of :mod:`~paramarket_jax.broker.modes`, so importing it (as the
+scenario layer does) imports no JAX.
+"""
 
-__all__ = [
-    "ALIGN_MODES",
-    "BACKENDS",
-    "CHOICES",
-    "PAPER_ALPHAS",
-    "Valuation",
-    "align",
-    "align_mode",
-    "align_pairs",
-    "align_to",
-    "align_to_reference",
-    "aligned",
-    "all_candidates",
-    "all_pairs",
-    "compose",
-    "hungarian",
-    "loss_and_accuracy",
-    "matching_objective",
-    "merge",
-    "merge_alphas",
-    "merge_many",
-    "merge_settled",
-    "merge_trades",
-    "restart_keys",
-    "sample_candidates",
-    "select_layers",
-    "value_candidates",
-    "value_pairs",
-    "value_with_perms",
-]
+from paramarket_jax.broker.modes import ALIGN_MODES, CHOICES, PAPER_ALPHAS, align_mode
+
+__all__ = ["ALIGN_MODES", "CHOICES", "PAPER_ALPHAS", "align_mode"]

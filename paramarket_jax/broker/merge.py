@@ -17,9 +17,6 @@ import jax.numpy as jnp
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.models.spec import SEP, flatten, unflatten
 
-# The paper's alpha grid: 0.05, 0.15, ..., 0.95.
-PAPER_ALPHAS: tuple[float, ...] = tuple(round(0.05 + 0.1 * k, 2) for k in range(10))
-
 
 def _matches(path: str, pattern: str) -> bool:
     """A flat path matches a prefix (``params/Dense_0``) or a glob (``*/Dense_[01]/*``).
@@ -122,7 +119,8 @@ def merge_alphas(buyer_params, seller_params, alphas, layers: Sequence[str] | No
     Args:
         buyer_params: the buyer's parameter pytree.
         seller_params: the aligned seller's.
-        alphas: (A,) float grid, e.g. ``jnp.array(PAPER_ALPHAS)``.
+        alphas: (A,) float grid, e.g. the paper's
+            :data:`~paramarket_jax.broker.modes.PAPER_ALPHAS`.
         layers: prefix or glob patterns of the traded layers; None trades all of them.
     """
     return jax.vmap(lambda a: merge(buyer_params, seller_params, a, layers))(jnp.asarray(alphas))

@@ -24,27 +24,11 @@ from paramarket_jax.broker.align import (
     take,
     thaw,
 )
-from paramarket_jax.broker.merge import PAPER_ALPHAS, merge, select_layers
+from paramarket_jax.broker.merge import merge, select_layers
+from paramarket_jax.broker.modes import CHOICES, PAPER_ALPHAS, align_mode
 from paramarket_jax.errors import ParamarketError, unknown
 from paramarket_jax.models.base import Model
 from paramarket_jax.models.spec import PermutationSpec, apply_permutation, flatten, unflatten
-
-# ``none``: merge raw seller weights; ``pairwise``: weight matching of every (buyer,
-# candidate) pair; ``reference``: every agent matched once to a reference agent, pairs by
-# composition (N alignments instead of N * K).
-ALIGN_MODES = ("none", "pairwise", "reference")
-# How one of R alignment restarts is kept: best matching objective, or lowest validation
-# loss of the merges (scored at every alpha, so alignment is part of try-before-buy).
-CHOICES = ("objective", "validation")
-
-
-def align_mode(align) -> str:
-    """An alignment mode of :data:`ALIGN_MODES`; True is ``pairwise``, False ``none``."""
-    if isinstance(align, bool | np.bool_):
-        return "pairwise" if align else "none"
-    if isinstance(align, str) and align in ALIGN_MODES:
-        return align
-    raise unknown("alignment mode", str(align), ALIGN_MODES)
 
 
 def _options(align, restarts, choose) -> tuple[str, int, str]:
@@ -311,11 +295,12 @@ def _value(
     offers as a seller; buyers are always ``pop``. ``solver``: the assignment solver of
     the weight matching (:func:`~paramarket_jax.broker.align.hungarian`).
 
-    ``mode`` is one of :data:`ALIGN_MODES`; with ``choose="validation"`` and R > 1 restarts
-    every restart's merges are scored and the (restart, alpha) with the lowest validation
-    loss is kept (perms of the kept restart). Under ``reference`` those R candidates are
-    the compositions of the buyer's and the seller's reference alignments of equal
-    objective rank (candidate 0 is the objective's choice).
+    ``mode`` is one of :data:`~paramarket_jax.broker.modes.ALIGN_MODES`; with
+    ``choose="validation"`` and R > 1 restarts every restart's merges are scored and the
+    (restart, alpha) with the lowest validation loss is kept (perms of the kept restart).
+    Under ``reference`` those R candidates are the compositions of the buyer's and the
+    seller's reference alignments of equal objective rank (candidate 0 is the objective's
+    choice).
     """
     spec = model.spec
     frozen = freeze(spec)
@@ -565,11 +550,12 @@ def value_candidates(
         key: drives the alignment's group order (shared by all pairs; restart r > 0 uses
             ``fold_in(key, r)``).
         alphas: (A,) seller weights to try; the paper's 0.05, ..., 0.95 by default.
-        align: how sellers are aligned to buyers before merging (:data:`ALIGN_MODES`):
-            ``pairwise`` (or True) matches every (buyer, candidate) pair, N * K weight
-            matchings; ``reference`` aligns every agent once to agent ``reference`` and
-            composes (N weight matchings, :func:`~paramarket_jax.broker.align.compose`);
-            ``none`` (or False) merges raw seller weights.
+        align: how sellers are aligned to buyers before merging
+            (:data:`~paramarket_jax.broker.modes.ALIGN_MODES`): ``pairwise`` (or True)
+            matches every (buyer, candidate) pair, N * K weight matchings; ``reference``
+            aligns every agent once to agent ``reference`` and composes (N weight
+            matchings, :func:`~paramarket_jax.broker.align.compose`); ``none`` (or False)
+            merges raw seller weights.
         layers: prefix or glob patterns of the traded layers; None trades the whole model.
         max_sweeps: most alignment sweeps.
         batch_size: buyers per chunk; None scores all buyers in one vmap.
@@ -689,6 +675,10 @@ def merge_trades(
 ):
     """Settled trades: each buyer with ``mask[i]`` takes its merge with ``sellers[i]``.
 
+    The settlement API for callers that hold no permutations (a valuation run elsewhere,
+    or trades chosen by hand): it aligns the settled pairs itself. The market round keeps
+    the valuation's permutations and settles with :func:`merge_settled` instead (no second
+    weight matching); ``tests/market/test_round.py`` checks that both give the same merge.
     All trades use the pre-trade population (simultaneous settlement). With the same
     ``key``, ``align``, ``layers``, ``max_sweeps``, ``restarts`` and ``reference`` as a
     valuation that chose restarts by objective, buyer i gets the merge that was scored

@@ -1,249 +1,33 @@
-"""The ``paramarket`` command: ``run`` a scenario, list bundled ``scenarios``."""
+"""The ``paramarket`` command: ``run`` a scenario or a ``sweep`` of them, list the bundled
+``scenarios``, ``plot`` and ``report`` a folder (options: :mod:`paramarket_jax.cli.parser`).
+
+A command imports what computes (JAX, orbax, pandas, matplotlib) inside itself, once its
+scenario is checked: ``--help``, ``scenarios`` and a bad scenario key answer without them.
+"""
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import pathlib
 import shlex
 import sys
 
+from tqdm import tqdm
+
+from paramarket_jax import scenario as sc
+from paramarket_jax.cli import processes
+from paramarket_jax.cli.parser import DEFAULT_SCENARIO, build_parser, parse_seeds
 from paramarket_jax.errors import ParamarketError
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` or ``"0-4"`` -> a list of seeds."""
-    try:
-        if "-" in text and "," not in text:
-            lo, hi = (int(v) for v in text.split("-", 1))
-            seeds = list(range(lo, hi + 1))
-        else:
-            seeds = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ParamarketError(f"--seeds {text!r} must look like 0,1,2 or 0-4") from None
-    if not seeds:
-        raise ParamarketError(f"--seeds {text!r} names no seed")
-    return seeds
-
-
-def _at_least(low: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = _at_least(1, "a positive integer")
-nonnegative_int = _at_least(0, "an integer >= 0")
-
-
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--engine",
-        choices=("auto", "batch", "mesa"),
-        default="auto",
-        help="batch: every seed (and every cell differing only in numeric knobs) in one "
-        "compiled call; mesa: step each seed's Mesa model round by round; auto (default): "
-        "batch unless agents enter the market (agents.entry), a Mesa-side rule",
-    )
-    parser.add_argument(
-        "--batch",
-        type=positive_int,
-        default=None,
-        metavar="RUNS",
-        help="most runs per compiled call of the batch engine (default: what fits memory)",
-    )
-    add_device_options(parser)
-
-
-def add_device_options(parser: argparse.ArgumentParser) -> None:
-    """Devices and processes (batch engine): see README "Running on many GPUs and hosts"."""
-    group = parser.add_argument_group("devices and hosts")
-    group.add_argument(
-        "--devices",
-        type=nonnegative_int,
-        default=None,
-        metavar="D",
-        help="run on the first D devices JAX sees, 0 for all (default: 1, or all of them "
-        "in a multi-process run); the numbers do not depend on D",
-    )
-    group.add_argument(
-        "--shard",
-        choices=("auto", "agents", "runs"),
-        default="auto",
-        help="what is split over the devices: the agents of every run (padded with dead "
-        "agents to a multiple of D), or the runs (seeds x cells); auto (default): runs "
-        "when there are at least D of them, else agents",
-    )
-    group.add_argument(
-        "--coordinator",
-        default=None,
-        metavar="HOST:PORT",
-        help="multi-process run: address of process 0, which every process reaches "
-        "(default: $JAX_COORDINATOR_ADDRESS); needs --num-processes and --process-id",
-    )
-    group.add_argument(
-        "--num-processes",
-        type=positive_int,
-        default=None,
-        metavar="P",
-        help="processes in a multi-process run (one per host, usually)",
-    )
-    group.add_argument(
-        "--process-id",
-        type=nonnegative_int,
-        default=None,
-        metavar="I",
-        help="this process's index, 0 .. P-1; process 0 writes the results",
-    )
-    group.add_argument(
-        "--heartbeat",
-        type=positive_int,
-        default=60,
-        metavar="S",
-        help="multi-process run: seconds without word from a process before the others "
-        "stop with an error (default 60)",
-    )
-    group.add_argument(
-        "--connect-timeout",
-        type=positive_int,
-        default=300,
-        metavar="S",
-        help="multi-process run: seconds to wait for every process to join (default 300)",
-    )
-
-
-DEFAULT_SCENARIO = "paper_two_agent"
-
-
-class Parser(argparse.ArgumentParser):
-    """Usage errors in one line, exit code 2 (like every other bad input)."""
-
-    def error(self, message: str):
-        command = " ".join(self.prog.split()[1:2])  # "paramarket run" -> "run"; top level: ""
-        see = f"paramarket {command} --help" if command else "paramarket --help"
-        print(f"paramarket: error: {message} (see {see})", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="paramarket", description="Simulate parameter markets of Flax models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a scenario: market against siloed twins")
-    run.add_argument(
-        "scenario",
-        nargs="?",
-        default=None,
-        help=f"bundled scenario name or TOML file (default {DEFAULT_SCENARIO})",
-    )
-    run.add_argument(
-        "--out", default=None, help="run folder to create (default runs/<scenario>-<time>)"
-    )
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a scenario key, e.g. --set data.split.d=0.2 (repeatable)",
-    )
-    run.add_argument("--seeds", default=None, help="seeds to run, e.g. 0,1,2 or 0-4")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_report_option(run)
-    run.add_argument(
-        "--check",
-        action="store_true",
-        help="check the market's invariants on every round (money conserved, no payment "
-        "without a trade, purchase counts) before writing; a violation exits 2",
-    )
-    add_engine_options(run)
-    run.set_defaults(engine=None)  # auto; None tells --resume that --engine was not given
-    run.add_argument(
-        "--checkpoint-every",
-        type=positive_int,
-        default=None,
-        metavar="K",
-        help="save every run's state every K rounds into the --out folder, so a killed run "
-        "goes on with --resume (batch engine only)",
-    )
-    run.add_argument(
-        "--resume",
-        default=None,
-        metavar="DIR",
-        help="go on with a run started with --checkpoint-every that was killed or "
-        "interrupted: DIR is its --out; the scenario and options come from DIR/run.json",
-    )
-    sweep = sub.add_parser("sweep", help="run a grid of overrides x seeds into one folder")
-    sweep.add_argument("scenario", help="bundled scenario name or TOML file")
-    sweep.add_argument(
-        "--grid",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="a swept key and its values, e.g. mechanism.beta=0,0.5,1 "
-        "(repeatable; the grid is their product)",
-    )
-    sweep.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override applied to every cell",
-    )
-    sweep.add_argument("--seeds", default=None, help="seeds of every cell, e.g. 0-4")
-    sweep.add_argument("--out", required=True, help="sweep folder (resumes if it exists)")
-    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_report_option(sweep)
-    sweep.add_argument(
-        "--force",
-        action="store_true",
-        help="rerun finished cells whose scenario differs from the one requested now",
-    )
-    add_engine_options(sweep)
-    sweep.add_argument(
-        "--checkpoint-every",
-        type=positive_int,
-        default=None,
-        metavar="K",
-        help="save the state of the cells being run every K rounds under "
-        "DIR/.checkpoints, so the same command run again after a kill goes on from there "
-        "instead of from round 0 (batch engine only)",
-    )
-    sub.add_parser("scenarios", help="list bundled scenarios")
-    for name, text in (
-        ("plot", "draw a run's or sweep's figures as PNG files into its folder"),
-        ("report", "write DIR/report.html: one self-contained page with the figures and tables"),
-    ):
-        cmd = sub.add_parser(name, help=text, description=text + " (reads the tables only)")
-        cmd.add_argument("folder", metavar="DIR", help="a run folder or a sweep folder")
-    return parser
-
-
-def add_report_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--no-report",
-        dest="report",
-        action="store_false",
-        help="write the tables only: no figures and no report.html (paramarket report DIR "
-        "draws them later)",
-    )
-
-
 def jax_processes() -> int:
-    import jax
+    import jax  # deferred: JAX
 
     return jax.process_count()
 
 
 def jax_process() -> int:
-    import jax
+    import jax  # deferred: JAX
 
     return jax.process_index()
 
@@ -251,7 +35,7 @@ def jax_process() -> int:
 def device_count(args) -> int:
     """``--devices`` checked against the devices JAX sees (default: 1, or every device
     of a multi-process run)."""
-    from paramarket_jax.market import sharding
+    from paramarket_jax.market import sharding  # deferred: JAX
 
     if args.devices is None:
         return sharding.available() if jax_processes() > 1 else 1
@@ -259,27 +43,24 @@ def device_count(args) -> int:
 
 
 def cmd_scenarios(args) -> int:
-    from paramarket_jax.scenario import bundled, load
-
-    for name in bundled():
-        print(f"{name:<24} {load(name).description}")
+    """Names and descriptions, read from the files (validating them would import JAX)."""
+    for name in sc.bundled():
+        print(f"{name:<24} {sc.read_table(name).get('description', '')}")
     return 0
 
 
 def cmd_run(args) -> int:
-    from tqdm import tqdm
-
-    from paramarket_jax import scenario as sc
-    from paramarket_jax.engines import checkpoint
-    from paramarket_jax.results.folders import check_out_dir, write_run
-    from paramarket_jax.runs import CHECKPOINT_ENGINE, resolve_engine, run_scenario
-
     if args.resume is not None:
         return resume_run(args)
     overrides = list(args.overrides)
     if args.seeds is not None:
         overrides.append(f"seeds={parse_seeds(args.seeds)}")
     scenario = sc.load(args.scenario or DEFAULT_SCENARIO, overrides)
+    # deferred: JAX, orbax and pandas, once the scenario is valid
+    from paramarket_jax.engines import checkpoint
+    from paramarket_jax.results.folders import check_out_dir, write_run
+    from paramarket_jax.runs import CHECKPOINT_ENGINE, resolve_engine, run_scenario
+
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = pathlib.Path(args.out if args.out is not None else f"runs/{scenario.name}-{stamp}")
     writer = jax_process() == 0  # in a multi-process run only process 0 writes
@@ -331,7 +112,7 @@ def cmd_run(args) -> int:
 def resume_run(args) -> int:
     """``run --resume DIR``: the scenario and options from DIR/run.json, then on from the
     newest usable checkpoint in DIR/.checkpoints (round 0 without one)."""
-    from paramarket_jax.engines import checkpoint
+    from paramarket_jax.engines import checkpoint  # deferred: JAX and orbax
 
     others = {
         "SCENARIO": args.scenario,
@@ -364,8 +145,7 @@ def resume_run(args) -> int:
 
 def run_checkpointed(args, out, scenario, every: int, max_batch, report: bool, *, resume: bool):
     """Run (or go on with) a checkpointed run in ``out`` and write its files there."""
-    from tqdm import tqdm
-
+    # deferred: JAX and orbax
     from paramarket_jax.engines import checkpoint
     from paramarket_jax.runs import run_scenario
 
@@ -426,16 +206,17 @@ def print_summary(scenario, summary: dict) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from tqdm import tqdm
-
-    from paramarket_jax.results.folders import check_out_dir
-    from paramarket_jax.sweep import knob_text, parse_grid, run_sweep
-
     if not args.grid:
         raise ParamarketError("sweep needs at least one --grid KEY=V1,V2")
     overrides = list(args.overrides)
     if args.seeds is not None:
         overrides.append(f"seeds={parse_seeds(args.seeds)}")
+    # the file, the overrides and the swept keys' names (the sweep checks every cell later)
+    sc.check(args.scenario, overrides, [g.split("=", 1)[0].strip() for g in args.grid if "=" in g])
+    # deferred: JAX and pandas, once the scenario's keys are valid
+    from paramarket_jax.results.folders import check_out_dir
+    from paramarket_jax.results.tables import knob_text
+    from paramarket_jax.sweep import parse_grid, run_sweep
 
     grid = [parse_grid(g) for g in args.grid]
     writer = jax_process() == 0  # in a multi-process run only process 0 writes
@@ -491,7 +272,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from paramarket_jax.results.report import write_plots
+    from paramarket_jax.results.report import write_plots  # deferred: matplotlib and pandas
 
     for path in write_plots(args.folder):
         print(f"wrote {path}")
@@ -499,7 +280,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from paramarket_jax.results.report import write_report
+    from paramarket_jax.results.report import write_report  # deferred: matplotlib and pandas
 
     print(f"wrote {write_report(args.folder)}")
     return 0
@@ -510,20 +291,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        if args.command in ("run", "sweep"):
-            from paramarket_jax.cli import processes
-
-            if processes.is_multi(args):
-                processes.check_processes(args.coordinator, args.num_processes, args.process_id)
-                if not processes.is_worker():
-                    return processes.supervise(argv, args)
-                processes.initialize(
-                    args.coordinator,
-                    args.num_processes,
-                    args.process_id,
-                    timeout=args.connect_timeout,
-                    heartbeat=args.heartbeat,
-                )
+        if args.command in ("run", "sweep") and processes.is_multi(args):
+            processes.check_processes(args.coordinator, args.num_processes, args.process_id)
+            if not processes.is_worker():
+                return processes.supervise(argv, args)
+            processes.initialize(
+                args.coordinator,
+                args.num_processes,
+                args.process_id,
+                timeout=args.connect_timeout,
+                heartbeat=args.heartbeat,
+            )
         commands = {"run": cmd_run, "sweep": cmd_sweep, "scenarios": cmd_scenarios,
                     "plot": cmd_plot, "report": cmd_report}  # fmt: skip
         return commands[args.command](args)

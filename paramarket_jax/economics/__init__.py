@@ -1,33 +1,11 @@
-"""Economics of the market: revenue from quality, purchase values, strategies (DESIGN.md s4)."""
+"""Economics of the market: revenue from quality, purchase values, strategies (DESIGN.md s4).
 
-from paramarket_jax.economics.revenue import (
-    QUALITIES,
-    REVENUES,
-    Economy,
-    purchase_values,
-    quality,
-    revenue,
-)
-from paramarket_jax.economics.strategies import (
-    STRATEGIES,
-    StrategyParams,
-    StrategyState,
-    init_state,
-    learn,
-    reports,
-)
+The kernels live in :mod:`~paramarket_jax.economics.revenue` and
+:mod:`~paramarket_jax.economics.strategies` (import them from there); the package itself
+holds only the light vocabulary of :mod:`~paramarket_jax.economics.kinds`, so importing it
+(as the scenario layer does) imports no JAX.
+"""
 
-__all__ = [
-    "QUALITIES",
-    "REVENUES",
-    "STRATEGIES",
-    "Economy",
-    "StrategyParams",
-    "StrategyState",
-    "init_state",
-    "learn",
-    "purchase_values",
-    "quality",
-    "reports",
-    "revenue",
-]
+from paramarket_jax.economics.kinds import QUALITIES, REVENUES, STRATEGIES
+
+__all__ = ["QUALITIES", "REVENUES", "STRATEGIES"]

@@ -14,9 +14,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-QUALITIES = ("likelihood", "accuracy")
-REVENUES = ("independent", "competitive")
-
 
 class Economy(NamedTuple):
     """Numeric economic knobs (arrays, so a sweep is a vmap); the revenue kind is static.
@@ -45,7 +42,8 @@ class Economy(NamedTuple):
 
 
 def quality(loss: jax.Array, accuracy: jax.Array, kind: str) -> jax.Array:
-    """Model quality in [0, 1]: ``accuracy``, or ``likelihood`` = exp(-cross-entropy), the
+    """Model quality in [0, 1] (``kind``, one of :data:`~paramarket_jax.economics.kinds.QUALITIES`):
+    ``accuracy``, or ``likelihood`` = exp(-cross-entropy), the
     geometric-mean probability the model gives the true label (smooth, and it rises
     exactly when the loss falls, so it agrees with the broker's loss-based scoring)."""
     return accuracy if kind == "accuracy" else jnp.exp(-loss)

@@ -13,8 +13,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-STRATEGIES = ("truthful", "shade", "markup", "adaptive")
-TRUTHFUL, SHADE, MARKUP, ADAPTIVE = range(4)
+from paramarket_jax.economics.kinds import STRATEGIES
+
+TRUTHFUL, SHADE, MARKUP, ADAPTIVE = range(len(STRATEGIES))  # codes: indices into STRATEGIES
 
 
 class StrategyParams(NamedTuple):

@@ -24,18 +24,11 @@ from paramarket_jax.errors import ParamarketError
 from paramarket_jax.experiment import Experiment, seed_data
 from paramarket_jax.market import sharding
 from paramarket_jax.market.round import init, simulate, simulate_chunk
-from paramarket_jax.market.types import MarketData, MarketParams, MarketSpec
-from paramarket_jax.population import AgentData
+from paramarket_jax.market.types import DATA_AXES, MarketData, MarketParams, MarketSpec
 
-# index arrays differ between seeds; feature arrays are shared by every seed
-DATA_AXES = MarketData(
-    agents=AgentData(
-        x_train=None, y_train=None, train_rows=0, train_start=0, train_size=0,
-        x_val=None, y_val=None, val_idx=0, x_test=None, y_test=None, test_idx=0,
-    ),
-    pool_rows=0,
-    pool_size=0,
-)  # fmt: skip
+# the seed axis of every run's data (``vmap`` in_axes): 0 for the leaves that differ between
+# seeds (:data:`~paramarket_jax.market.types.DATA_AXES`), None for the shared feature arrays
+SEED_AXES = jax.tree.map(lambda a: 0 if a.per_seed else None, DATA_AXES)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -47,7 +40,7 @@ def simulate_runs(spec: MarketSpec, rounds: int, param_axes, params, data, keys)
         rounds: rounds per run (static).
         param_axes: a MarketParams of 0 (batched leaf) or None (shared leaf), hashable.
         params: MarketParams, batched leaves with a leading axis B.
-        data: MarketData, index leaves with a leading axis B (see ``DATA_AXES``).
+        data: MarketData, index leaves with a leading axis B (see :data:`SEED_AXES`).
         keys: (B, ...) uint32 run keys as raw key data (``jax.random.key_data``).
 
     Returns:
@@ -57,7 +50,7 @@ def simulate_runs(spec: MarketSpec, rounds: int, param_axes, params, data, keys)
     def one(p, d, k):
         return simulate(spec, jax.random.wrap_key_data(k), p, d, rounds)[1]
 
-    records = jax.vmap(one, in_axes=(param_axes, DATA_AXES, 0))(params, data, keys)
+    records = jax.vmap(one, in_axes=(param_axes, SEED_AXES, 0))(params, data, keys)
     return sharding.replicate(spec, records)
 
 
@@ -90,7 +83,7 @@ def simulate_runs_chunk(spec: MarketSpec, length: int, param_axes, params, data,
         _, k_rounds = jax.random.split(jax.random.wrap_key_data(k))
         return simulate_chunk(spec, k_rounds, s, p, d, start, length)
 
-    states, records = jax.vmap(one, in_axes=(param_axes, DATA_AXES, 0, 0))(
+    states, records = jax.vmap(one, in_axes=(param_axes, SEED_AXES, 0, 0))(
         params, data, states, keys
     )
     return states, sharding.replicate(spec, records)
@@ -160,7 +153,7 @@ def _run_data(cells: Sequence[Experiment], runs) -> list[tuple[MarketData, jax.A
     out = []
     for c, s in runs:
         scenario = cells[c].scenario
-        key = (repr(scenario.data), scenario.agents.n, s)
+        key = (repr(scenario.data), scenario.agents.n, cells[c].noise, s)
         if key not in cache:
             cache[key] = seed_data(cells[c], s)
         out.append(cache[key])
@@ -175,7 +168,7 @@ def _stack_data(per_run: list[tuple[MarketData, jax.Array]]):
         return leaf_first if axis is None else np.stack([np.asarray(v) for v in leaves])
 
     batched = [d for d, _ in per_run]
-    stacked = jax.tree.map(pick, DATA_AXES, first, *batched, is_leaf=lambda x: x is None)
+    stacked = jax.tree.map(pick, SEED_AXES, first, *batched, is_leaf=lambda x: x is None)
     keys = np.stack([np.asarray(jax.random.key_data(k)) for _, k in per_run])
     return stacked, keys
 
@@ -209,10 +202,10 @@ class Batch(NamedTuple):
         cut = lambda axis, leaf: leaf if axis is None else leaf[sl]  # noqa: E731
         is_none = lambda x: x is None  # noqa: E731
         params = jax.tree.map(cut, self.param_axes, self.params, is_leaf=is_none)
-        data = jax.tree.map(cut, DATA_AXES, self.data, is_leaf=is_none)
+        data = jax.tree.map(cut, SEED_AXES, self.data, is_leaf=is_none)
         return (
             sharding.put(self.spec, params, self.param_axes),
-            sharding.put(self.spec, data, DATA_AXES),
+            sharding.put(self.spec, data, SEED_AXES),
             sharding.put(self.spec, self.keys[sl], 0),
         )
 
@@ -253,8 +246,12 @@ def prepare(
     spec, sc = first.spec, first.scenario
     rounds, seeds = sc.train.rounds, list(sc.seeds)
     for c in cells:
-        if c.spec != spec or c.scenario.train.rounds != rounds or list(c.scenario.seeds) != seeds:
-            raise ParamarketError("run_cells needs cells with one spec, rounds and seeds")
+        if (c.spec, c.noise, c.scenario.train.rounds, list(c.scenario.seeds)) != (
+            spec, first.noise, rounds, seeds
+        ):  # fmt: skip
+            raise ParamarketError(
+                "run_cells needs cells with one spec, label noise, rounds and seeds"
+            )
         if c.dataset is not first.dataset:
             raise ParamarketError("run_cells needs cells that share one dataset")
     runs = [(c, s) for c in range(len(cells)) for s in seeds]
@@ -279,7 +276,7 @@ def prepare(
 
     is_none = lambda x: x is None  # noqa: E731
     params = jax.tree.map(padded, param_axes, params, is_leaf=is_none)
-    data = jax.tree.map(padded, DATA_AXES, data, is_leaf=is_none)
+    data = jax.tree.map(padded, SEED_AXES, data, is_leaf=is_none)
     keys = padded(0, keys)
     return Batch(spec, rounds, seeds, param_axes, params, data, keys, total, chunk, n_calls)
 

@@ -41,6 +41,7 @@ import numpy as np
 from paramarket_jax import scenario as sc
 from paramarket_jax.engines.batch import Batch, Carry, init_runs, simulate_runs_chunk
 from paramarket_jax.errors import ParamarketError
+from paramarket_jax.results.folders import write_into
 
 RUN_FILE = "run.json"
 FOLDER = ".checkpoints"
@@ -323,8 +324,6 @@ def lock(out: pathlib.Path):
 
 def finish(out: pathlib.Path, files: dict[str, object]) -> None:
     """Write the complete run into OUT (``summary.json`` last), then drop the checkpoints."""
-    from paramarket_jax.results.folders import write_into
-
     write_into(out, files, last="summary.json")
     remove(out)
 

@@ -5,13 +5,18 @@ once, and copies the round's record to the host once; ``TraderAgent``s are thin 
 that record (Mesa's bulk-values-in-arrays habit), and the DataCollector reads from it.
 Per-agent Python behaviour between rounds belongs here and reaches the kernels only as
 changes to the state or the knobs: exits (bankruptcy) happen inside the pure round, entry
-is a Mesa-side rule (:meth:`MarketModel.admit`) that revives free slots with one call of
-``round.enter_jit``.
+is a Mesa-side rule (:meth:`MarketModel.admit`: ``AgentSet.select`` of the free slots,
+``shuffle`` with Mesa's RNG, ``select(at_most=...)``) that revives them with one call of
+``round.enter_jit``. The DataCollector keeps one table per agent type
+(``get_agenttype_vars_dataframe(TraderAgent)``, ``...(BrokerAgent)``).
 
 The model runs under :func:`mesa.batch_run`: ``MarketModel(scenario="paper_two_agent",
 seed=0, **{"train.rounds": 3})`` takes dotted scenario overrides as keyword arguments, and
 the DataCollector collects once at construction (step 0, before any round) and after every
-round, so Mesa's step ``s`` is the market after ``s`` rounds.
+round, so Mesa's step ``s`` is the market after ``s`` rounds. From Mesa 3.4.1 on,
+``batch_run`` gives a row per agent of each run (the traders' and the broker's columns);
+Mesa 3.3, the one Python 3.11 gets, leaves agent-type rows out (mesa#2804): one row per
+run, the model's.
 """
 
 from __future__ import annotations
@@ -129,28 +134,10 @@ class TraderAgent(mesa.Agent):
         record = self.model.record
         return record is not None and bool(record.diverged[MARKET, self.index])
 
-    def consider_entry(self) -> None:
-        """A free slot's would-be entrant takes a place while the round's quota lasts.
 
-        Called through ``shuffle_do`` by :meth:`MarketModel.admit` once the market looks
-        profitable; the shuffle (Mesa's RNG, seeded from the run's seed) decides who is
-        first when there are more free slots than places.
-        """
-        m = self.model
-        if not self.alive and len(m.entering) < m.entry_quota:
-            m.entering.append(self.index)
-
-
-AGENT_VIEWS = (
-    "accuracy",
-    "siloed_accuracy",
-    "trades",
-    "cash",
-    "utility",
-    "siloed_utility",
-    "alive",
-    "diverged",
-)
+# the DataCollector's columns for each agent type: attributes, read at every collection
+TRADER_VIEWS = ("accuracy", "siloed_accuracy", "trades", "cash", "utility", "siloed_utility")
+TRADER_REPORTERS = {"slot": "index"} | {v: v for v in (*TRADER_VIEWS, "alive", "diverged")}
 
 
 class BrokerAgent(mesa.Agent):
@@ -189,6 +176,10 @@ class BrokerAgent(mesa.Agent):
         self.price = mean(t.price)
 
 
+BROKER_VIEWS = ("take", "round_take", "pairs", "trades", "predicted_gain", "realized_gain")
+BROKER_REPORTERS = {v: v for v in (*BROKER_VIEWS, "price")}
+
+
 def gini(values) -> float:
     """Gini coefficient of amounts, in [0, 1 - 1/n]; debts (negative amounts) count as 0.
 
@@ -205,23 +196,6 @@ def gini(values) -> float:
     return float(2.0 * (ranks * x).sum() / (n * total) - (n + 1) / n)
 
 
-def _trader_view(name: str):
-    """Agent reporter: a trader's view; NaN for the broker."""
-
-    def report(agent):
-        return getattr(agent, name) if isinstance(agent, TraderAgent) else NAN
-
-    return report
-
-
-def _slot(agent) -> int:
-    return agent.index if isinstance(agent, TraderAgent) else -1
-
-
-def _kind(agent) -> str:
-    return "trader" if isinstance(agent, TraderAgent) else "broker"
-
-
 class MarketModel(mesa.Model):
     """One seed of a scenario: a Mesa model whose ``step()`` is one market round.
 
@@ -235,8 +209,8 @@ class MarketModel(mesa.Model):
     Attributes:
         record: the last round's record (host arrays), None before the first round.
         accounts: the market now (after the last round's exits and entries).
-        traders: AgentSet of the N ``TraderAgent`` slots (insertion order = slot index);
-        broker: the ``BrokerAgent``.
+        traders: the N ``TraderAgent`` slots, ``agents_by_type[TraderAgent]`` (insertion
+            order = slot index); broker: the ``BrokerAgent``.
         entered, exited: per round, how many agents entered after it / left in it;
         entrants: per round, the slots that entered after it.
     """
@@ -270,11 +244,8 @@ class MarketModel(mesa.Model):
         self.entered: list[int] = []
         self.exited: list[int] = []
         self.entrants: list[tuple[int, ...]] = []
-        self.entering: list[int] = []
-        self.entry_quota = 0
-        self.traders = AgentSet(
-            [TraderAgent(self, i) for i in range(self.spec.n)], random=self.random
-        )
+        for i in range(self.spec.n):
+            TraderAgent(self, i)  # registered with the model: agents_by_type[TraderAgent]
         self.broker = BrokerAgent(self)
         names = self.spec.twin_names
         siloed = names.index("siloed") if "siloed" in names else None
@@ -296,13 +267,14 @@ class MarketModel(mesa.Model):
                 "entered": lambda m: m.entered[-1] if m.entered else 0,
                 "exited": lambda m: m.exited[-1] if m.exited else 0,
             },
-            agent_reporters={
-                "kind": _kind,
-                "slot": _slot,
-                **{k: _trader_view(k) for k in AGENT_VIEWS},
-            },
+            agenttype_reporters={TraderAgent: TRADER_REPORTERS, BrokerAgent: BROKER_REPORTERS},
         )
         self.datacollector.collect(self)  # step 0: the market before any round
+
+    @property
+    def traders(self) -> AgentSet:
+        """The N ``TraderAgent`` slots in slot order (Mesa's ``agents_by_type``)."""
+        return self.agents_by_type[TraderAgent]
 
     # ---- reporters ----
 
@@ -382,9 +354,10 @@ class MarketModel(mesa.Model):
     def admit(self, profits: np.ndarray) -> tuple[int, ...]:
         """Entry after a round (``agents.entry``): when the market looks profitable (the
         mean profit of the agents that were in it this round exceeds
-        ``agents.entry_profit``), up to ``agents.entry_max`` free slots take entrants, who
-        decide in a shuffled order (:meth:`TraderAgent.consider_entry`). The entrants get
-        fresh models and the initial cash in one ``enter_jit`` call.
+        ``agents.entry_profit``), up to ``agents.entry_max`` free slots take entrants: the
+        free slots in an order shuffled by Mesa's RNG (seeded from the run's seed), the
+        first ``entry_max`` of them. The entrants get fresh models and the initial cash in
+        one ``enter_jit`` call.
 
         Returns:
             The slots that entered, ascending.
@@ -395,12 +368,7 @@ class MarketModel(mesa.Model):
         free = self.traders.select(lambda t: not t.alive)
         if len(free) == 0 or profits.size == 0 or not profits.mean() > a.entry_profit:
             return ()
-        self.entering, self.entry_quota = [], a.entry_max
-        free.shuffle_do("consider_entry")
-        entrants = tuple(sorted(self.entering))
-        self.entering, self.entry_quota = [], 0
-        if not entrants:
-            return ()
+        entrants = tuple(sorted(t.index for t in free.shuffle().select(at_most=a.entry_max)))
         slots = np.zeros(self.spec.n, bool)
         slots[list(entrants)] = True
         key = jax.random.fold_in(self.k_entry, self.round)

@@ -32,7 +32,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from paramarket_jax.errors import ParamarketError, unknown
-from paramarket_jax.market.types import MarketParams
+from paramarket_jax.market.types import (
+    DATA_AXES,
+    PARAM_AXES,
+    STATE_AXES,
+    MarketData,
+    MarketParams,
+    MarketState,
+    over_axes,
+)
 
 AXIS = "devices"
 SHARDS = ("auto", "agents", "runs")
@@ -88,66 +96,32 @@ def choose(shard: str, runs: int, devices: int) -> str:
 # padding the population with dead agents
 
 
-def _param_axes(params):
-    """A MarketParams-shaped tree of True where a leaf has a leading agent axis."""
-    per_agent = {"learning_rate", "seller_only", "initial_alive", "hostile"}
-    out = {}
-    for name, value in params._asdict().items():
-        if name == "knobs":
-            out[name] = value._replace(reserve=False, beta=False, posted=True, roles=True)
-        elif name == "economy":
-            out[name] = jax.tree.map(lambda _: False, value)._replace(value_per_quality=True)
-        elif name == "strategy":
-            out[name] = value._replace(
-                kind=True, shade=True, markup=True, grid=False, eta=False, explore=False
-            )
-        else:
-            out[name] = name in per_agent
-    return MarketParams(**out)
+def _grow(leaf, pad: int, axis: int = 0):
+    """``pad`` copies of agent 0 appended on the agent axis (False for a per-agent flag: a
+    padded agent is never alive, in no role, not hostile, sells nothing)."""
+    leaf = np.asarray(leaf)
+    first = np.take(leaf, [0], axis=axis)
+    fill = np.zeros_like(first) if leaf.dtype == bool else first
+    return np.concatenate([leaf, np.repeat(fill, pad, axis=axis)], axis=axis)
 
 
-def pad_params(params, pad: int):
-    """MarketParams for N + ``pad`` agents: the padded agents are dead (never alive), in no
-    role, and copy agent 0's other settings (never used)."""
+def pad_params(params: MarketParams, pad: int) -> MarketParams:
+    """MarketParams for N + ``pad`` agents: every per-agent knob (:data:`PARAM_AXES`) grows
+    by agent 0's value (never used: the padded agents are dead, in no role)."""
     if not pad:
         return params
-
-    def grow(is_agent, leaf):
-        leaf = np.asarray(leaf)
-        if not is_agent:
-            return leaf
-        return np.concatenate([leaf, np.repeat(leaf[:1], pad, axis=0)])
-
-    def dead(leaf):  # in no role, never alive
-        return np.concatenate([np.asarray(leaf), np.zeros(pad, bool)])
-
-    out = jax.tree.map(grow, _param_axes(params), params)
-    return out._replace(
-        seller_only=dead(params.seller_only),
-        initial_alive=dead(params.initial_alive),
-        hostile=dead(params.hostile),
-        knobs=out.knobs._replace(roles=dead(params.knobs.roles)),
+    return over_axes(
+        lambda a, leaf: leaf if a.agent is None else _grow(leaf, pad, a.agent), PARAM_AXES, params
     )
 
 
-def pad_data(data, pad: int):
+def pad_data(data: MarketData, pad: int) -> MarketData:
     """MarketData for N + ``pad`` agents: the padded agents read agent 0's rows (dead, so
     never trained or scored for anything that is recorded)."""
     if not pad:
         return data
-    agents = data.agents
-
-    def grow(leaf):
-        leaf = np.asarray(leaf)
-        return np.concatenate([leaf, np.repeat(leaf[:1], pad, axis=0)])
-
-    return data._replace(
-        agents=agents._replace(
-            train_start=grow(agents.train_start),
-            train_size=grow(agents.train_size),
-            val_idx=grow(agents.val_idx),
-            test_idx=grow(agents.test_idx),
-        )
+    return over_axes(
+        lambda a, leaf: leaf if a.agent is None else _grow(leaf, pad, a.agent), DATA_AXES, data
     )
 
 
@@ -174,35 +148,21 @@ def with_padding(spec, devices: int, shard: str):
 # shardings
 
 
-def constrain_state(spec, state):
-    """Pin every per-agent leaf of a MarketState to the agent-split layout (a no-op
-    unless ``spec`` splits its agents over several devices)."""
+def constrain_state(spec, state: MarketState) -> MarketState:
+    """Pin every per-agent leaf of a MarketState (:data:`STATE_AXES`) to the agent-split
+    layout (a no-op unless ``spec`` splits its agents over several devices)."""
     if spec.devices == 1 or spec.shard != "agents":
         return state
     m = mesh(spec.devices)
 
-    def pin(leaf, axis):
+    def pin(axes, leaf):
+        if axes.agent is None:
+            return leaf
         parts = [None] * leaf.ndim
-        parts[axis] = AXIS
+        parts[axes.agent] = AXIS
         return jax.lax.with_sharding_constraint(leaf, NamedSharding(m, P(*parts)))
 
-    def agent_first(tree):
-        return jax.tree.map(lambda v: pin(v, 0), tree)
-
-    def twin_then_agent(tree):
-        return jax.tree.map(lambda v: pin(v, 1), tree)
-
-    return state._replace(
-        twins=twin_then_agent(state.twins),
-        cash=pin(state.cash, 1),
-        strategy=agent_first(state.strategy),
-        trade_count=pin(state.trade_count, 0),
-        alive=pin(state.alive, 1),
-        endowment=pin(state.endowment, 1),
-        diverged=pin(state.diverged, 1),
-        initial_loss=pin(state.initial_loss, 1),
-        initial_params=None if state.initial_params is None else agent_first(state.initial_params),
-    )
+    return over_axes(pin, STATE_AXES, state)
 
 
 def replicate(spec, tree):

@@ -63,9 +63,6 @@ class MarketSpec:
         hostile: what hostile sellers (``MarketParams.hostile``) offer the broker instead
             of their model (:func:`offers`): ``random``, ``stale`` or ``poisoned``; ""
             when no agent is hostile (nothing is replaced, nothing extra computed).
-        noisy, noise: the agents whose training labels are noisy and the fraction of
-            their rows that are (used by ``experiment.seed_data``, which builds the data;
-            here so that cells with different label noise never share a batch).
         pad: dead agents appended to fill the devices (:mod:`paramarket_jax.sharding`): the
             real agents are the first ``n - pad``; the padded ones are never alive, and
             every random draw of the real agents is the same as without them.
@@ -104,8 +101,6 @@ class MarketSpec:
     alphas: int = 10
     strategy_grid: int = 10
     hostile: str = ""
-    noisy: tuple[int, ...] = ()
-    noise: float = 0.0
     pad: int = 0
     devices: int = 1
     shard: str = "agents"
@@ -336,3 +331,108 @@ class RoundRecord(NamedTuple):
     alive: jax.Array
     endowment: jax.Array
     diverged: jax.Array
+
+
+# ---------------------------------------------------------------------------------------
+# which leaves are per agent or per seed, declared once
+
+
+@dataclasses.dataclass(frozen=True)
+class Axes:
+    """What a leaf's leading axes are in one run's arrays (a declaration, not a pytree).
+
+    Attributes:
+        agent: position of the agent axis (None: the leaf has none, it is shared by every
+            agent); padding the population for devices pads it, sharding splits it.
+        per_seed: the leaf differs between seeds (``MarketData`` only): the batch path
+            stacks it on a seed axis; the other data leaves are the shared feature arrays.
+    """
+
+    agent: int | None = None
+    per_seed: bool = False
+
+
+SHARED = Axes()
+AGENT = Axes(agent=0)
+TWIN_AGENT = Axes(agent=1)  # (T, N, ...): twin axis first
+SEED = Axes(per_seed=True)
+SEED_AGENT = Axes(agent=0, per_seed=True)
+
+#: ``MarketParams``: the per-agent knobs (N,); everything else is one value for all.
+PARAM_AXES = MarketParams(
+    learning_rate=AGENT,
+    alphas=SHARED,
+    knobs=Knobs(reserve=SHARED, beta=SHARED, posted=AGENT, roles=AGENT),
+    economy=Economy(
+        value_per_quality=AGENT,
+        market_size=SHARED,
+        gamma=SHARED,
+        outside=SHARED,
+        horizon=SHARED,
+        step_cost=SHARED,
+        query_fee=SHARED,
+        trade_fee=SHARED,
+        fee_share=SHARED,
+    ),
+    strategy=StrategyParams(
+        kind=AGENT, shade=AGENT, markup=AGENT, grid=SHARED, eta=SHARED, explore=SHARED
+    ),
+    initial_cash=SHARED,
+    trade_start=SHARED,
+    trade_every=SHARED,
+    seller_only=AGENT,
+    initial_alive=AGENT,
+    bankruptcy=SHARED,
+    diverge_loss=SHARED,
+    hostile=AGENT,
+    min_gain=SHARED,
+    confidence=SHARED,
+)
+
+#: ``MarketData``: index arrays differ between seeds (a seed's partition), feature arrays
+#: are shared by every seed; the per-agent index arrays have a leading agent axis.
+DATA_AXES = MarketData(
+    agents=AgentData(
+        x_train=SHARED,
+        y_train=SHARED,
+        train_rows=SEED,
+        train_start=SEED_AGENT,
+        train_size=SEED_AGENT,
+        x_val=SHARED,
+        y_val=SHARED,
+        val_idx=SEED_AGENT,
+        x_test=SHARED,
+        y_test=SHARED,
+        test_idx=SEED_AGENT,
+    ),
+    pool_rows=SEED,
+    pool_size=SEED,
+)
+
+#: ``MarketState``: where each leaf's agent axis is (a label covers a whole subtree).
+STATE_AXES = MarketState(
+    twins=TWIN_AGENT,
+    central=SHARED,  # a population of one
+    cash=TWIN_AGENT,
+    strategy=AGENT,
+    trade_count=AGENT,
+    alive=TWIN_AGENT,
+    endowment=TWIN_AGENT,
+    diverged=TWIN_AGENT,
+    initial_loss=TWIN_AGENT,
+    initial_params=AGENT,
+)
+
+
+def over_axes(fn, axes, tree):
+    """``fn(axes, leaf)`` for every leaf of ``tree``, ``axes`` a declaration above (its
+    labels cover whole subtrees of ``tree``; None subtrees stay None). Raises ValueError
+    when ``tree`` does not have the declaration's structure (an undeclared leaf)."""
+
+    def subtree(label, sub):
+        return jax.tree.map(lambda leaf: fn(label, leaf), sub)
+
+    try:
+        return jax.tree.map(subtree, axes, tree, is_leaf=lambda x: isinstance(x, Axes))
+    except ValueError as err:
+        raise ValueError(f"a leaf without a declared axis: {err}") from None

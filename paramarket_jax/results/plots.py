@@ -4,6 +4,9 @@ Colours are fixed across every figure: the market blue, its siloed twins orange,
 green, centralized purple; trades from hostile sellers red (from honest ones the market
 blue). Lines are means over seeds; bands span the seeds (min to max); error bars are one
 standard deviation over seeds. Legends sit outside the data.
+
+Drawn with matplotlib's object API (``Figure``, rendered by the Agg canvas), never pyplot:
+importing this module leaves the process's backend as it was.
 """
 
 from __future__ import annotations
@@ -11,11 +14,9 @@ from __future__ import annotations
 import io
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
 MARKET, SILOED, FEDAVG, CENTRAL = "#1f6fb4", "#e8801c", "#2f9e44", "#8c5aa8"
 HOSTILE = "#c92a2a"
@@ -23,10 +24,16 @@ DPI = 110
 MAX_AGENT_LINES = 12
 
 
-def _png(fig) -> bytes:
+def _figure(*args, figsize, **kw):
+    """A figure and its axes (as ``pyplot.subplots``), outside pyplot: it renders with the
+    Agg canvas whatever backend the process selected, and is freed with its last reference."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kw)
+
+
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -70,7 +77,7 @@ def welfare_by_round(rounds: pd.DataFrame) -> pd.DataFrame:
 def welfare_per_round(rounds: pd.DataFrame, title: str = "") -> bytes:
     """Welfare per round, market against siloed (mean over seeds, band over seeds)."""
     w = welfare_by_round(rounds)
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = _figure(figsize=(6.4, 3.8))
     _band(ax, w["market"].unstack("seed"), MARKET, "market (utilities + broker take)")
     _band(ax, w["siloed"].unstack("seed"), SILOED, "siloed twins", "--")
     _finish(ax, "round", "welfare (money units, cumulative)", title or "welfare per round")
@@ -79,7 +86,7 @@ def welfare_per_round(rounds: pd.DataFrame, title: str = "") -> bytes:
 
 def accuracy_per_round(rounds: pd.DataFrame, title: str = "") -> bytes:
     """Mean test accuracy over agents per round: market, siloed and any baselines run."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = _figure(figsize=(6.4, 3.8))
     for col, color, label, style in (
         ("accuracy", MARKET, "market", "-"),
         ("siloed_accuracy", SILOED, "siloed", "--"),
@@ -96,8 +103,8 @@ def accuracy_per_round(rounds: pd.DataFrame, title: str = "") -> bytes:
 
 def accuracy_per_agent(rounds: pd.DataFrame, title: str = "") -> bytes:
     """Each agent's test accuracy per round, market (solid) against siloed (dashed)."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    tab = plt.get_cmap("tab10")
+    fig, ax = _figure(figsize=(6.4, 3.8))
+    tab = matplotlib.colormaps["tab10"]
     palette = [tab(i) for i in (2, 3, 4, 5, 6, 8, 9, 7)]  # never the market blue or siloed orange
     for agent, df in rounds.groupby("agent"):
         c = palette[int(agent) % len(palette)]
@@ -114,7 +121,7 @@ def utility_gain_per_agent(rounds: pd.DataFrame, title: str = "") -> bytes:
     gain = (last["utility"] - last["siloed_utility"]).groupby(last["agent"])
     mean, sd = gain.mean(), gain.std(ddof=0).fillna(0.0)
     n = len(mean)
-    fig, ax = plt.subplots(figsize=(min(max(5.0, 3.0 + 0.35 * n), 11.0), 3.6))
+    fig, ax = _figure(figsize=(min(max(5.0, 3.0 + 0.35 * n), 11.0), 3.6))
     colors = [MARKET if v >= 0 else SILOED for v in mean]
     ax.bar(
         mean.index,
@@ -138,7 +145,7 @@ def utility_gain_per_agent(rounds: pd.DataFrame, title: str = "") -> bytes:
 
 def prices_and_volume(rounds: pd.DataFrame, trades: pd.DataFrame, title: str = "") -> bytes:
     """Trades per round and the mean price paid per round (mean and band over seeds)."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.0), sharex=True)
+    fig, (top, bottom) = _figure(2, 1, figsize=(6.4, 5.0), sharex=True)
     index = pd.MultiIndex.from_product(
         [sorted(rounds["round"].unique()), sorted(rounds["seed"].unique())], names=["round", "seed"]
     )
@@ -174,7 +181,7 @@ def trade_matrix(trades: pd.DataFrame, n_agents: int, title: str = "") -> bytes:
         b, s = trades["buyer"].to_numpy(), trades["seller"].to_numpy()
         np.add.at(count, (b, s), 1.0 / seeds)
         np.add.at(money, (b, s), trades["price"].to_numpy() / seeds)
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.4))
+    fig, axes = _figure(1, 2, figsize=(10.5, 4.4))
     for ax, m, label, cmap in (
         (axes[0], count, "trades per run", "Blues"),
         (axes[1], money, "money paid per run", "Oranges"),
@@ -206,7 +213,7 @@ def trade_matrix(trades: pd.DataFrame, n_agents: int, title: str = "") -> bytes:
 def value_scatter(trades: pd.DataFrame, title: str = "", hue: pd.Series | None = None) -> bytes:
     """Each trade's value estimated on the buyer's validation rows against its realised value
     on test: points near the diagonal mean try-before-buy predicts well."""
-    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    fig, ax = _figure(figsize=(5.6, 4.6))
     if not len(trades):
         _empty(ax, "no trades")
     else:
@@ -222,7 +229,7 @@ def value_scatter(trades: pd.DataFrame, title: str = "", hue: pd.Series | None =
                     s=10,
                     alpha=0.5,
                     lw=0,
-                    color=plt.get_cmap("tab10")(i % 10),
+                    color=matplotlib.colormaps["tab10"](i % 10),
                     label=f"{hue.name}={value}",
                 )
         lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
@@ -264,7 +271,7 @@ def hostile_trades(trades: pd.DataFrame, seeds: int, hostile=(), title: str = ""
     (bottom)."""
     mark = seller_is_hostile(trades, hostile).to_numpy()
     groups = (("honest sellers", ~mark, MARKET, "o"), ("hostile sellers", mark, HOSTILE, "x"))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 7.2))
+    fig, (top, bottom) = _figure(2, 1, figsize=(6.4, 7.2))
     fig.subplots_adjust(hspace=0.4)
     if not len(trades):
         _empty(top, "no trades")
@@ -386,8 +393,8 @@ def _shade(k: int, values: list):
     """The k-th line colour for a knob's values: ordered shades (viridis without its pale
     yellow) for numbers, distinct hues for names."""
     if not _is_numeric(values):
-        return plt.get_cmap("tab10")(k % 10)
-    return plt.get_cmap("viridis")(0.85 * k / max(len(values) - 1, 1))
+        return matplotlib.colormaps["tab10"](k % 10)
+    return matplotlib.colormaps["viridis"](0.85 * k / max(len(values) - 1, 1))
 
 
 def _is_numeric(values) -> bool:
@@ -430,7 +437,7 @@ def sweep_panels(table: pd.DataFrame, knobs: list[str]) -> bytes:
     """
     t = sweep_metrics(table)
     cols = len(knobs)
-    fig, axes = plt.subplots(3, cols, figsize=(4.2 * cols + 1.8, 8.4), squeeze=False)
+    fig, axes = _figure(3, cols, figsize=(4.2 * cols + 1.8, 8.4), squeeze=False)
     for j, knob in enumerate(knobs):
         other = knobs[(j + 1) % cols] if cols > 1 else None
         pos, labels = _positions(t[knob])
@@ -501,7 +508,7 @@ def sweep_welfare_per_round(cell_rounds: dict, table: pd.DataFrame, knobs: list[
     panels = list(dict.fromkeys(table[second])) if second else [None]
     cols = min(len(panels), 3)
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(
+    fig, axes = _figure(
         rows, cols, figsize=(4.4 * cols + 2.0, 3.3 * rows), squeeze=False, sharey=True
     )
     lines = list(dict.fromkeys(table[first]))

@@ -22,7 +22,7 @@ import pandas as pd
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.results import plots
 from paramarket_jax.results.folders import write_into
-from paramarket_jax.sweep import knob_text
+from paramarket_jax.results.tables import knob_text
 
 RUN_FILES = ("scenario.toml", "rounds.parquet", "trades.parquet", "summary.json")
 

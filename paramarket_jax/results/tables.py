@@ -1,6 +1,8 @@
-"""Tidy result tables (Parquet), summary.json and the run folder, written atomically."""
+"""Tidy result tables from round records, the run summary, the bookkeeping invariants."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -20,11 +22,17 @@ TRADE_COLUMNS = [
 ]  # fmt: skip
 
 
+def knob_text(value):
+    """A swept value as a table shows it: scalars as they are, a list as its JSON text
+    (hashable, so a table groups by it)."""
+    return value if np.isscalar(value) or value is None else json.dumps(np.asarray(value).tolist())
+
+
 def rounds_table(records, seeds, twin_names=("market", "siloed")) -> pd.DataFrame:
     """One row per seed x round x agent, built from round records in bulk.
 
     Args:
-        records: a :class:`~paramarket_jax.market.round.RoundRecord` of host arrays, every leaf
+        records: a :class:`~paramarket_jax.market.types.RoundRecord` of host arrays, every leaf
             with leading axes (S seeds, R rounds).
         seeds: the S seed values.
         twin_names: what each index of the records' twin axis holds

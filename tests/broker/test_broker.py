@@ -8,8 +8,28 @@ import numpy as np
 import optax
 import pytest
 
-from paramarket_jax import broker
-from paramarket_jax.broker.align import SOLVERS, take
+from paramarket_jax.broker import align as align_mod  # align: a test parameter's name too
+from paramarket_jax.broker.align import (
+    BACKENDS,
+    SOLVERS,
+    align_pairs,
+    align_to,
+    align_to_reference,
+    compose,
+    hungarian,
+    take,
+)
+from paramarket_jax.broker.merge import merge, merge_alphas, merge_many, select_layers
+from paramarket_jax.broker.value import (
+    all_candidates,
+    all_pairs,
+    loss_and_accuracy,
+    merge_trades,
+    sample_candidates,
+    value_candidates,
+    value_pairs,
+    value_with_perms,
+)
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.models import (
     apply_permutation,
@@ -88,9 +108,9 @@ def test_alignment_recovers_planted_permutation(name):
     planted, seller = plant(jax.random.key(1), buyer)
     # The default (the platform's solver) everywhere; both forced solvers and the host loop
     # on the MLP (on unrelated models too: test_weight_matching_same_on_every_backend).
-    backends = broker.BACKENDS if name == "mlp" else ("auto",)
+    backends = BACKENDS if name == "mlp" else ("auto",)
     for backend in backends:
-        perms = broker.align(spec, buyer, seller, jax.random.key(2), backend=backend)
+        perms = align_mod.align(spec, buyer, seller, jax.random.key(2), backend=backend)
         for g, p in planted.items():
             np.testing.assert_array_equal(perms[g], np.argsort(p), err_msg=f"{backend} {g}")
     # The aligned seller is the buyer, and so is their merge at every alpha, on all layers
@@ -99,9 +119,9 @@ def test_alignment_recovers_planted_permutation(name):
 
     @jax.jit
     def merges(perms, buyer, seller):
-        back = broker.aligned(spec, perms, seller)
-        every = broker.merge_alphas(buyer, back, jnp.array([0.05, 0.5, 0.95]))
-        return back, every, broker.merge(buyer, back, 0.5, layers=[first])
+        back = align_mod.aligned(spec, perms, seller)
+        every = merge_alphas(buyer, back, jnp.array([0.05, 0.5, 0.95]))
+        return back, every, merge(buyer, back, 0.5, layers=[first])
 
     back, every, part = merges(perms, buyer, seller)
     assert leaves_equal(back, buyer)
@@ -114,9 +134,9 @@ def test_hungarian_solvers_agree():
     from scipy.optimize import linear_sum_assignment
 
     sims = jax.random.normal(jax.random.key(0), (2, 3, 12, 12))  # continuous: no ties
-    single = {s: jax.jit(lambda m, s=s: broker.hungarian(m, s)) for s in SOLVERS}
+    single = {s: jax.jit(lambda m, s=s: hungarian(m, s)) for s in SOLVERS}
     nested = {s: jax.jit(jax.vmap(jax.vmap(single[s]))) for s in SOLVERS}
-    leading = {s: jax.jit(lambda m, s=s: broker.hungarian(m, s)) for s in SOLVERS}
+    leading = {s: jax.jit(lambda m, s=s: hungarian(m, s)) for s in SOLVERS}
     want = np.array([[linear_sum_assignment(m, maximize=True)[1] for m in r] for r in sims])
     for s in SOLVERS:
         got = [nested[s](sims), leading[s](sims), single[s](sims[1, 2])]
@@ -127,11 +147,11 @@ def test_hungarian_solvers_agree():
     # ``where``: the callback skips the other matrices (identity), also when only ``where``
     # is batched; optax solves every one.
     live = jnp.array([True, False, True])
-    skip = jax.jit(jax.vmap(lambda m, w: broker.hungarian(m, "callback", w), (None, 0)))
+    skip = jax.jit(jax.vmap(lambda m, w: hungarian(m, "callback", w), (None, 0)))
     got = np.asarray(skip(sims[0, 0], live))
     np.testing.assert_array_equal(got[[0, 2]], want[0, [0, 0]])
     np.testing.assert_array_equal(got[1], np.arange(12))
-    optax_where = broker.hungarian(sims[0], "optax", live)
+    optax_where = hungarian(sims[0], "optax", live)
     np.testing.assert_array_equal(optax_where, want[0])
 
     # a non-finite similarity (a diverged model) gives a permutation, not a host error
@@ -147,7 +167,7 @@ def test_hungarian_solvers_agree():
     text = single["auto"].trace(sims[0, 0]).lower(lowering_platforms=("cuda",)).as_text()
     assert "callback" not in text and "while" in text
     with pytest.raises(ParamarketError, match="solver"):
-        broker.hungarian(sims[0, 0], "scipy")
+        hungarian(sims[0, 0], "scipy")
 
 
 def test_weight_matching_same_on_every_backend(mlp):
@@ -155,20 +175,18 @@ def test_weight_matching_same_on_every_backend(mlp):
     jitted descent, or scipy's host loop) reaches the same local optimum, per pair."""
     spec = mlp.spec
     pop = random_params(mlp, jax.random.key(3), 3)
-    buyers, sellers = broker.all_pairs(3)
+    buyers, sellers = all_pairs(3)
     key = jax.random.key(4)
-    found = {
-        b: broker.align_pairs(spec, pop, buyers, sellers, key, backend=b) for b in broker.BACKENDS
-    }
-    for b in broker.BACKENDS:
+    found = {b: align_pairs(spec, pop, buyers, sellers, key, backend=b) for b in BACKENDS}
+    for b in BACKENDS:
         assert leaves_equal(found[b], found["scipy"]), b
     moved = [not np.array_equal(p, np.arange(p.shape[-1])) for p in jax.tree.leaves(found["auto"])]
     assert any(moved)
     # one pair through align: the same perms as its row of align_pairs
-    one = broker.align(spec, take(pop, 1), take(pop, 0), key, backend="callback")
+    one = align_mod.align(spec, take(pop, 1), take(pop, 0), key, backend="callback")
     assert leaves_equal(one, {g: p[2] for g, p in found["optax"].items()})
     with pytest.raises(ParamarketError, match="backend"):
-        broker.align_pairs(spec, pop, buyers, sellers, key, backend="jax")
+        align_pairs(spec, pop, buyers, sellers, key, backend="jax")
 
 
 def test_align_pairs_skips_converged_pairs(mlp, monkeypatch):
@@ -188,10 +206,10 @@ def test_align_pairs_skips_converged_pairs(mlp, monkeypatch):
     monkeypatch.setattr(module, "_lsa_host", counted)
     spec = mlp.spec
     pop = random_params(mlp, jax.random.key(11), 6)
-    buyers, sellers = broker.all_pairs(6)
+    buyers, sellers = all_pairs(6)
     key = jax.random.key(12)
-    got = broker.align_pairs(spec, pop, buyers, sellers, key, backend="callback")
-    want = broker.align_pairs(spec, pop, buyers, sellers, key, backend="scipy")
+    got = align_pairs(spec, pop, buyers, sellers, key, backend="callback")
+    want = align_pairs(spec, pop, buyers, sellers, key, backend="scipy")
     assert leaves_equal(got, want)
     assert batches[0] == (30, 30) and (8, batches[-1][1]) in batches, batches
     assert all(live <= size for size, live in batches)
@@ -204,11 +222,11 @@ def test_align_pairs_is_one_jitted_call(mlp):
     @jax.jit
     def run(pop, buyers, sellers, key):
         traces.append(1)
-        perms = broker.align_pairs(spec, pop, buyers, sellers, key, max_sweeps=50, batch_size=2)
+        perms = align_pairs(spec, pop, buyers, sellers, key, max_sweeps=50, batch_size=2)
         b, s = (jax.tree.map(lambda x, i=i: x[i], pop) for i in (buyers, sellers))
         # align itself is vmappable too (a while_loop with fixed shapes)
-        vmapped = jax.vmap(lambda b, s: broker.align(spec, b, s, key, max_sweeps=50))(b, s)
-        return jax.vmap(lambda p, s: broker.aligned(spec, p, s))(perms, s), perms, vmapped
+        vmapped = jax.vmap(lambda b, s: align_mod.align(spec, b, s, key, max_sweeps=50))(b, s)
+        return jax.vmap(lambda p, s: align_mod.aligned(spec, p, s))(perms, s), perms, vmapped
 
     @jax.jit
     def planted_population(key, base):
@@ -234,17 +252,17 @@ def test_merge_identities(mlp):
     def merges(a, b):
         two = jax.tree.map(lambda x, y: jnp.stack([x, y]), b, a)
         return {
-            "self": broker.merge(a, a, 0.37),
-            "zero": broker.merge(a, b, 0.0),
-            "half": broker.merge(a, b, 0.5),
+            "self": merge(a, a, 0.37),
+            "zero": merge(a, b, 0.0),
+            "half": merge(a, b, 0.5),
             "half_ref": jax.tree.map(lambda x, y: 0.5 * x + 0.5 * y, a, b),
-            "many_1": broker.merge_many(a, jax.tree.map(lambda x: x[:1], two), jnp.array([7, 3.0])),
-            "merge_3": broker.merge(a, b, 0.3),
-            "many_2": broker.merge_many(a, two, jnp.array([2.0, 1.0, 1.0])),  # normalised
-            "merge_25": broker.merge(a, b, 0.25),
-            "many_buyer": broker.merge_many(a, two, jnp.array([1.0, 0.0, 0.0])),
+            "many_1": merge_many(a, jax.tree.map(lambda x: x[:1], two), jnp.array([7, 3.0])),
+            "merge_3": merge(a, b, 0.3),
+            "many_2": merge_many(a, two, jnp.array([2.0, 1.0, 1.0])),  # normalised
+            "merge_25": merge(a, b, 0.25),
+            "many_buyer": merge_many(a, two, jnp.array([1.0, 0.0, 0.0])),
             "layers": [
-                broker.merge(a, b, 0.5, layers=layers)
+                merge(a, b, 0.5, layers=layers)
                 for layers in (["params/Dense_1"], ["Dense_1"], ["*Dense_1/*"])
             ],
         }
@@ -267,27 +285,27 @@ def test_merge_identities(mlp):
         for path, x in flatten(part).items():
             unchanged = np.array_equal(np.asarray(x), np.asarray(own[path]))
             assert unchanged == ("Dense_1" not in path), path
-    assert broker.select_layers(a, ["*/kernel"]) == {f"params/Dense_{i}/kernel" for i in range(3)}
+    assert select_layers(a, ["*/kernel"]) == {f"params/Dense_{i}/kernel" for i in range(3)}
     with pytest.raises(ParamarketError, match="Dense_9"):
-        broker.merge(a, b, 0.5, layers=["Dense_9"])
+        merge(a, b, 0.5, layers=["Dense_9"])
 
 
 def test_candidates():
-    b, s = broker.all_pairs(4)
+    b, s = all_pairs(4)
     assert b.shape == s.shape == (12,) and not bool((b == s).any())
     assert len(set(zip(b.tolist(), s.tolist(), strict=True))) == 12
-    assert broker.all_candidates(4).shape == (4, 3)
-    cands = np.asarray(broker.sample_candidates(jax.random.key(0), 9, 4))
+    assert all_candidates(4).shape == (4, 3)
+    cands = np.asarray(sample_candidates(jax.random.key(0), 9, 4))
     assert cands.shape == (9, 4) and cands.dtype == np.int32
     for i, row in enumerate(cands):
         assert len(set(row)) == 4 and i not in row and row.min() >= 0 and row.max() < 9
-    np.testing.assert_array_equal(cands, broker.sample_candidates(jax.random.key(0), 9, 4))
-    assert not np.array_equal(cands, broker.sample_candidates(jax.random.key(1), 9, 4))
+    np.testing.assert_array_equal(cands, sample_candidates(jax.random.key(0), 9, 4))
+    assert not np.array_equal(cands, sample_candidates(jax.random.key(1), 9, 4))
     # every agent gets drawn as a seller somewhere (600 draws over 200 agents)
-    many = np.asarray(broker.sample_candidates(jax.random.key(2), 200, 3))
+    many = np.asarray(sample_candidates(jax.random.key(2), 200, 3))
     assert len(set(many.ravel())) > 190
     with pytest.raises(ParamarketError):
-        broker.sample_candidates(jax.random.key(0), 3, 3)
+        sample_candidates(jax.random.key(0), 3, 3)
 
 
 def reference_valuation(model, pop, x_val, y_val, val_idx, buyers, sellers, key, alphas, align):
@@ -296,10 +314,10 @@ def reference_valuation(model, pop, x_val, y_val, val_idx, buyers, sellers, key,
     for b, s in zip(buyers.tolist(), sellers.tolist(), strict=True):
         pb, ps = (jax.tree.map(lambda v, i=i: v[i], pop) for i in (b, s))
         if align:
-            ps = broker.aligned(model.spec, broker.align(model.spec, pb, ps, key), ps)
+            ps = align_mod.aligned(model.spec, align_mod.align(model.spec, pb, ps, key), ps)
         x, y = x_val[val_idx[b]], y_val[val_idx[b]]
-        before, _ = broker.loss_and_accuracy(model, pb, x, y)
-        scores = [broker.loss_and_accuracy(model, broker.merge(pb, ps, a), x, y) for a in alphas]
+        before, _ = loss_and_accuracy(model, pb, x, y)
+        scores = [loss_and_accuracy(model, merge(pb, ps, a), x, y) for a in alphas]
         k = int(np.argmin([float(loss) for loss, _ in scores]))
         if alphas[k] == 0.0:  # alpha = 0 is the buyer itself
             assert float(scores[k][0]) == pytest.approx(float(before), rel=1e-6)
@@ -313,14 +331,14 @@ def test_valuation_matches_reference_loop(mlp, population, compiles, align):
     pop, x_val, y_val, val_idx = population
     key = jax.random.key(7)
     alphas = (0.0, 0.3, 0.7)
-    buyers, sellers = broker.all_pairs(3)
+    buyers, sellers = all_pairs(3)
     options = dict(alphas=alphas, align=align, batch_size=2)  # 2 does not divide 3 or 6
 
     def value(pop):
         if align:  # buyer-chunked candidates, all of them: the order of all_pairs
-            cands = broker.all_candidates(3)
-            return broker.value_candidates(mlp, pop, x_val, y_val, val_idx, cands, key, **options)
-        return broker.value_pairs(mlp, pop, x_val, y_val, val_idx, buyers, sellers, key, **options)
+            cands = all_candidates(3)
+            return value_candidates(mlp, pop, x_val, y_val, val_idx, cands, key, **options)
+        return value_pairs(mlp, pop, x_val, y_val, val_idx, buyers, sellers, key, **options)
 
     got = value(pop)
     np.testing.assert_array_equal(got.buyer, buyers)
@@ -348,7 +366,7 @@ def test_jit_equals_no_jit(mlp, population):
     sellers, alphas, mask = jnp.array([1, 2, 0]), jnp.array([0.3, 0.6, 0.9]), jnp.array([1, 0, 1])
 
     def run():
-        return broker.merge_trades(
+        return merge_trades(
             mlp.spec,
             pop,
             sellers,
@@ -371,7 +389,7 @@ def test_merge_trades(mlp, population):
     key = jax.random.key(7)
     sellers, alphas = jnp.array([2, 0, 0]), jnp.array([0.5, 0.3, 0.9])
     mask = jnp.array([True, False, True])
-    new = broker.merge_trades(mlp.spec, pop, sellers, alphas, mask, key, layers=["Dense_1"])
+    new = merge_trades(mlp.spec, pop, sellers, alphas, mask, key, layers=["Dense_1"])
     for i in range(3):
         mine = jax.tree.map(lambda x, i=i: x[i], pop)
         got = jax.tree.map(lambda x, i=i: x[i], new)
@@ -379,9 +397,7 @@ def test_merge_trades(mlp, population):
             assert leaves_equal(got, mine)
             continue
         seller = jax.tree.map(lambda x, i=i: x[sellers[i]], pop)
-        want = broker.merge(
-            mine, broker.align_to(mlp.spec, mine, seller, key), alphas[i], layers=["Dense_1"]
-        )
+        want = merge(mine, align_to(mlp.spec, mine, seller, key), alphas[i], layers=["Dense_1"])
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), got, want)
         flat, own = flatten(got), flatten(mine)
         for path in flat:
@@ -402,7 +418,7 @@ def test_alignment_helps_merging_trained_digits_models():
         def step(carry, k):
             p, o = carry
             idx = jax.random.randint(k, (64,), 0, x.shape[0])
-            g = jax.grad(lambda p: broker.loss_and_accuracy(model, p, x[idx], y[idx])[0])(p)
+            g = jax.grad(lambda p: loss_and_accuracy(model, p, x[idx], y[idx])[0])(p)
             u, o = tx.update(g, o, p)
             return (optax.apply_updates(p, u), o), None
 
@@ -418,14 +434,12 @@ def test_alignment_helps_merging_trained_digits_models():
         out = []
         for b, s in ((0, 1), (1, 0)):
             buyer, seller = (jax.tree.map(lambda v, i=i: v[i], pop) for i in (b, s))
-            before = broker.loss_and_accuracy(model, buyer, x_val, y_val)[0]
-            matched = broker.align_to(model.spec, buyer, seller, key)
+            before = loss_and_accuracy(model, buyer, x_val, y_val)[0]
+            matched = align_to(model.spec, buyer, seller, key)
             out.append(
                 [before]
                 + [
-                    broker.loss_and_accuracy(model, broker.merge(buyer, other, 0.5), x_val, y_val)[
-                        0
-                    ]
+                    loss_and_accuracy(model, merge(buyer, other, 0.5), x_val, y_val)[0]
                     for other in (matched, seller)
                 ]
             )
@@ -450,18 +464,18 @@ def test_reference_alignment_composes_planted_permutations(mlp):
 
     pop, pb, pc = plant(jax.random.key(21), random_params(mlp, jax.random.key(20)))
     key = jax.random.key(22)
-    to_ref = broker.align_to_reference(spec, pop, 0, key)
+    to_ref = align_to_reference(spec, pop, 0, key)
     # C's unit Q[m] is B's unit m: Q = inverse(pc)[pb]
     want = {g: np.argsort(pc[g])[np.asarray(pb[g])].astype(np.int32) for g in spec.sizes}
     for g, p in to_ref.items():
         assert p.shape == (3, spec.sizes[g]) and p.dtype == jnp.int32
         np.testing.assert_array_equal(p[0], np.arange(spec.sizes[g]))  # the reference itself
         np.testing.assert_array_equal(p[1], np.argsort(pb[g]))
-    q = broker.compose(take(to_ref, 1), take(to_ref, 2))
+    q = compose(take(to_ref, 1), take(to_ref, 2))
     assert leaves_equal(q, want)
-    assert leaves_equal(broker.aligned(spec, q, take(pop, 2)), take(pop, 1))
+    assert leaves_equal(align_mod.aligned(spec, q, take(pop, 2)), take(pop, 1))
     # batched leading axes: every (buyer, seller) pair at once, the identity on the diagonal
-    every = broker.compose(
+    every = compose(
         *(jax.tree.map(lambda p, s=s: p[s], to_ref) for s in (np.s_[:, None], np.s_[None]))
     )
     assert leaves_equal(jax.tree.map(lambda p: p[1, 2], every), want)
@@ -471,7 +485,7 @@ def test_reference_alignment_composes_planted_permutations(mlp):
             p[np.arange(3), np.arange(3)], np.tile(np.arange(p.shape[-1]), (3, 1))
         )
     # any reference (here B, traced) gives the same pairs; align_pairs composes the same way
-    pairs = broker.align_pairs(spec, pop, jnp.array([1, 2]), jnp.array([2, 1]), key, reference=1)
+    pairs = align_pairs(spec, pop, jnp.array([1, 2]), jnp.array([2, 1]), key, reference=1)
     assert leaves_equal(take(pairs, 0), want)
     assert leaves_equal(take(pairs, 1), {g: np.argsort(w) for g, w in want.items()})
 
@@ -513,8 +527,8 @@ RESTART_ALPHAS = jnp.array([0.0, 0.3, 0.7])
 @functools.partial(jax.jit, static_argnames=("model", "align", "choose"))
 def restart_valuation(model, pop, x_val, y_val, val_idx, key, reference, *, align, choose):
     """value_with_perms, 2 restarts, on all candidates of a 3-agent population, in a jit."""
-    return broker.value_with_perms(
-        model, pop, x_val, y_val, val_idx, broker.all_candidates(3), key, RESTART_ALPHAS,
+    return value_with_perms(
+        model, pop, x_val, y_val, val_idx, all_candidates(3), key, RESTART_ALPHAS,
         align=align, layers=None, max_sweeps=20, batch_size=None, restarts=2,
         choose=choose, reference=reference,
     )  # fmt: skip
@@ -525,10 +539,10 @@ def rescored(model, pop, x_val, y_val, val_idx, buyers, sellers, alphas, perms):
     """Validation loss of each pair's merge, rebuilt from its perms (N, K, ...) and alpha."""
 
     def one(b, s, alpha, p):
-        seller = broker.aligned(model.spec, p, take(pop, s))
-        merged = broker.merge(take(pop, b), seller, alpha)
+        seller = align_mod.aligned(model.spec, p, take(pop, s))
+        merged = merge(take(pop, b), seller, alpha)
         rows = val_idx[b]
-        return broker.loss_and_accuracy(model, merged, x_val[rows], y_val[rows])[0]
+        return loss_and_accuracy(model, merged, x_val[rows], y_val[rows])[0]
 
     flat = jax.tree.map(lambda p: p.reshape(-1, *p.shape[2:]), perms)
     return jax.vmap(one)(buyers, sellers, alphas, flat)
@@ -557,11 +571,11 @@ def test_reference_valuation_under_a_seed_vmap(mlp, population):
             )
         again = rescored(mlp, pop, x_val, y_val, val_idx, *val[:3], perms)
         np.testing.assert_allclose(again, val.loss_after, rtol=1e-5)
-    cands = broker.all_candidates(3)
+    cands = all_candidates(3)
     for bad, match in (
         (dict(align="exact"), "alignment mode"),
         (dict(restarts=0), "restarts"),
         (dict(choose="best"), "restart choice"),
     ):
         with pytest.raises(ParamarketError, match=match):
-            broker.value_candidates(mlp, pop, x_val, y_val, val_idx, cands, keys[0], **bad)
+            value_candidates(mlp, pop, x_val, y_val, val_idx, cands, keys[0], **bad)

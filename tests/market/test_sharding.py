@@ -23,14 +23,13 @@ import pytest
 from paramarket_jax.cli.main import main
 from paramarket_jax.market import sharding
 
-HERE = pathlib.Path(__file__).parent
-SCRIPT = HERE / "sharded_run.py"
-sys.path.insert(0, str(HERE))
-from sharded_run import OVERRIDES  # noqa: E402
+TESTS = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = TESTS / "sharded_run.py"
+from sharded_run import OVERRIDES  # noqa: E402  (tests/ is on pytest's pythonpath)
 
 
 def env_with(**extra) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(HERE.parent))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(TESTS.parent))
     env.update(extra)
     return env
 

@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 from shrink import SHRINK
 
-from paramarket_jax import broker
 from paramarket_jax import scenario as sc
+from paramarket_jax.broker.align import aligned
+from paramarket_jax.broker.value import Valuation
 from paramarket_jax.experiment import build, seed_data
 from paramarket_jax.market import round as market_round
 from paramarket_jax.market import trade
@@ -57,7 +58,7 @@ class Round(NamedTuple):
     trained: Any
     trades: Trades
     cands: np.ndarray
-    val: broker.Valuation
+    val: Valuation
     perms: dict
 
 
@@ -129,7 +130,7 @@ def violations(spec, rnd: Round) -> list[str]:
             out.append(f"round {rnd.r}: agent {i} bought from {seller}, not a candidate")
             continue
         perm = {name: p[i, slot[0]] for name, p in rnd.perms.items()}
-        theirs = broker.aligned(model.spec, perm, _member(rnd.trained, MARKET, seller))
+        theirs = aligned(model.spec, perm, _member(rnd.trained, MARKET, seller))
         want = jax.tree.map(lambda o, s, a=alpha: (1 - a) * o + a * np.asarray(s), own, theirs)
         if not _close(got, want):
             out.append(

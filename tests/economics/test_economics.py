@@ -6,16 +6,9 @@ import numpy as np
 import pytest
 
 from paramarket_jax import scenario as sc
-from paramarket_jax.economics import (
-    STRATEGIES,
-    Economy,
-    StrategyParams,
-    init_state,
-    learn,
-    purchase_values,
-    reports,
-    revenue,
-)
+from paramarket_jax.economics.kinds import STRATEGIES
+from paramarket_jax.economics.revenue import Economy, purchase_values, revenue
+from paramarket_jax.economics.strategies import StrategyParams, init_state, learn, reports
 from paramarket_jax.mechanisms import MECHANISMS
 from paramarket_jax.runs import run_scenario
 
@@ -106,8 +99,24 @@ SHRINK = ["train.local_steps=2", "train.rounds=3", "trading.start=1", "data.spli
           "economics.step_cost=0.0005"]  # fmt: skip
 
 
+# McAfee's trade reduction drops the marginal pair (with 2 buyers and 1 seller it never
+# trades), and a buyer takes part only if every seller's merge is worth something to it
+# (its value is its lowest bid), which the coarse accuracy of a tiny model rarely gives:
+# its market gets 3 buyers, 3 sellers, the loss as quality and truthful reports (its
+# dominant strategy; shaded bids leave no buyer above every seller's ask)
+LARGER = {
+    "mcafee_double": [
+        "agents.n=6",
+        "data.split.weights=[4.0, 1.0, 1.0, 4.0, 1.0, 1.0]",
+        "economics.quality=likelihood",
+        'strategies.kind=["truthful"]',
+    ],
+}
+
+
 @pytest.mark.parametrize("mechanism", sorted(MECHANISMS))
 def test_every_mechanism_runs_a_market_that_conserves_money(mechanism):
+    larger = LARGER.get(mechanism, [])
     s = sc.load(
         "license_auction",
         [
@@ -116,6 +125,7 @@ def test_every_mechanism_runs_a_market_that_conserves_money(mechanism):
             'strategies.kind=["truthful", "shade", "adaptive"]',
             "mechanism.posted=0.01",
             "mechanism.reserve=0.001",
+            *larger,
         ],
     )
     res = run_scenario(s)
@@ -130,16 +140,17 @@ def test_every_mechanism_runs_a_market_that_conserves_money(mechanism):
                                atol=1e-5)  # fmt: skip
     # the siloed twins never trade: their cash moves by revenue minus costs only
     assert (rounds["siloed_cash"] > 0).all()
-    # every trade pays what its mechanism set; take_it alone is free
-    if len(trades):
-        if mechanism == "take_it":
-            assert (trades["price"] == 0).all()
-        else:
-            assert (trades["price"] > 0).all()
-        paid = rounds.groupby(["round", "agent"])["payment"].sum()
-        by_trade = trades.groupby(["round", "buyer"])["price"].sum()
-        for (r, b), price in by_trade.items():
-            assert paid[(r, b)] == pytest.approx(price, abs=1e-6)
+    # every trade pays what its mechanism set; take_it alone is free (trades happened, so
+    # the per-trade checks below check something)
+    assert len(trades) > 0, f"{mechanism}: no trade, the price checks would be vacuous"
+    if mechanism == "take_it":
+        assert (trades["price"] == 0).all()
+    else:
+        assert (trades["price"] > 0).all()
+    paid = rounds.groupby(["round", "agent"])["payment"].sum()
+    by_trade = trades.groupby(["round", "buyer"])["price"].sum()
+    for (r, b), price in by_trade.items():
+        assert paid[(r, b)] == pytest.approx(price, abs=1e-6)
     assert res.summary["welfare"] == pytest.approx(
         sum(res.summary["per_seed"][0]["utility"]) + res.summary["broker_take"], abs=1e-4
     )

@@ -19,8 +19,8 @@ import pytest
 from test_bad_input import call, check_one_line
 from test_divergence import BASE
 
-from paramarket_jax import broker
 from paramarket_jax import scenario as sc
+from paramarket_jax.broker.value import all_candidates, merge_settled, value_with_perms
 from paramarket_jax.engines import batch
 from paramarket_jax.experiment import build, seed_data
 from paramarket_jax.market import round as market_round
@@ -150,11 +150,11 @@ def test_offers_replace_only_hostile_sellers_and_are_what_buyers_merge():
     x = jax.random.normal(jax.random.key(3), (40, 8))
     y = jax.random.randint(jax.random.key(4), (40,), 0, 4)
     val_idx = jnp.tile(jnp.arange(40, dtype=jnp.int32), (3, 1))
-    cands = broker.all_candidates(3)
+    cands = all_candidates(3)
 
     @jax.jit
     def scores(offers):
-        return broker.value_with_perms(
+        return value_with_perms(
             model, honest, x, y, val_idx, cands, key, jnp.array([0.5, 1.0]), align="none",
             layers=None, max_sweeps=5, batch_size=None, offers=offers,
         )[0]  # fmt: skip
@@ -168,7 +168,7 @@ def test_offers_replace_only_hostile_sellers_and_are_what_buyers_merge():
         np.asarray(a.loss_after)[hostile_pair], np.asarray(b.loss_after)[hostile_pair]
     )
     merged = jax.device_get(jax.jit(
-        lambda honest, fake: broker.merge_settled(
+        lambda honest, fake: merge_settled(
             model.spec, honest, jnp.array([2, 0, 0]), jnp.ones(3),
             jnp.array([True, False, False]), {}, offers=fake,
         )
@@ -186,7 +186,7 @@ def test_noisy_labels_touch_only_the_noisy_agents_training_rows():
         sc.load("paper_two_agent", [*BASE, "agents.noisy=[1]", "agents.noise=0.4"]),
         clean_exp.dataset,
     )
-    assert exp.spec.noisy == (1,) and exp.spec.noise == 0.4
+    assert exp.noise.agents == (1,) and exp.noise.fraction == 0.4
     n_train = len(clean_exp.dataset.y_train)
     for seed in (0, 1):
         clean, _ = seed_data(clean_exp, seed)

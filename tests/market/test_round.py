@@ -6,8 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 from shrink import SHRINK as BASE_SHRINK
 
-from paramarket_jax import broker
 from paramarket_jax import scenario as sc
+from paramarket_jax.broker.value import (
+    all_candidates,
+    merge_settled,
+    merge_trades,
+    value_with_perms,
+)
 from paramarket_jax.experiment import build, seed_data
 from paramarket_jax.market import round as market_round
 from paramarket_jax.market import trade
@@ -88,10 +93,10 @@ def test_settlement_reuses_the_valuations_permutations():
     x = jax.random.normal(jax.random.key(1), (40, 8))
     y = jax.random.randint(jax.random.key(2), (40,), 0, 4)
     val_idx = jnp.tile(jnp.arange(40, dtype=jnp.int32), (n, 1))
-    cands = broker.all_candidates(n)
+    cands = all_candidates(n)
     alphas = jnp.array([0.3, 0.6])
     val, perms = jax.jit(
-        lambda p: broker.value_with_perms(
+        lambda p: value_with_perms(
             model, p, x, y, val_idx, cands, key, alphas,
             align=True, layers=None, max_sweeps=20, batch_size=None,
         )
@@ -101,8 +106,8 @@ def test_settlement_reuses_the_valuations_permutations():
     chosen = jax.tree.map(lambda p: p[jnp.arange(n), slot], perms)
     trade_alpha = jnp.array([0.3, 0.6, 0.3])
     mask = jnp.array([True, True, False])
-    reused = broker.merge_settled(model.spec, pop, sellers, trade_alpha, mask, chosen)
-    again = broker.merge_trades(model.spec, pop, sellers, trade_alpha, mask, key, max_sweeps=20)
+    reused = merge_settled(model.spec, pop, sellers, trade_alpha, mask, chosen)
+    again = merge_trades(model.spec, pop, sellers, trade_alpha, mask, key, max_sweeps=20)
     for u, v in zip(jax.tree.leaves(reused), jax.tree.leaves(again), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6)
     # buyer 2 did not trade: its weights are untouched

@@ -11,7 +11,7 @@ from shrink import SHRINK
 
 from paramarket_jax import scenario as sc
 from paramarket_jax.engines import batch
-from paramarket_jax.engines.mesa import MarketModel
+from paramarket_jax.engines.mesa import BrokerAgent, MarketModel, TraderAgent
 from paramarket_jax.experiment import build, seed_data
 from paramarket_jax.market import round as market_round
 from paramarket_jax.results.folders import write_run
@@ -74,7 +74,9 @@ def test_mesa_view_and_batch_path_give_the_same_tables(experiment, batch_result)
         assert agent.siloed_accuracy == float(market.record.test_acc[1, 1])
         # one row before round 0, then one per round; three traders and the broker
         assert market.datacollector.get_model_vars_dataframe().shape[0] == 1 + 5
-        assert len(market.datacollector.get_agent_vars_dataframe()) == (1 + 5) * (3 + 1)
+        dc = market.datacollector
+        assert len(dc.get_agenttype_vars_dataframe(TraderAgent)) == (1 + 5) * 3
+        assert len(dc.get_agenttype_vars_dataframe(BrokerAgent)) == 1 + 5
     mesa = result_of(experiment, jax.tree.map(lambda *x: np.stack(x), *records))
     assert_same_tables(mesa.rounds, batch_result.rounds)
     assert_same_tables(mesa.trades, batch_result.trades)

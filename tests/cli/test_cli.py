@@ -5,8 +5,10 @@ import json
 import pandas as pd
 import pytest
 from pages import check_report
+from test_scenario import heavy_modules
 
-from paramarket_jax.cli.main import main, parse_seeds
+from paramarket_jax.cli.main import main
+from paramarket_jax.cli.parser import parse_seeds
 
 SMALL = [
     "--set",
@@ -263,3 +265,32 @@ def test_a_bad_sweep_prints_its_error_and_nothing_else(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("paramarket: error:") and "\r" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, code, needle",
+    [
+        (["--help"], 0, "usage: paramarket"),
+        (["scenarios"], 0, "paper_two_agent"),
+        (["run", "--set", "no.such=1"], 2, "unknown scenario key 'no'"),
+        (["run", "--set", "agents.n=0"], 2, "'agents.n' must be an integer >= 2"),
+        (["sweep", "paper_two_agent", "--grid", "agents.nn=2,3", "--out", "x"], 2, "'agents.nn'"),
+    ],
+)
+def test_fast_commands_import_no_jax(argv, code, needle, tmp_path):
+    """``--help``, ``scenarios`` and a bad scenario key answer in a fresh interpreter without
+    importing JAX (or pandas, matplotlib, orbax): modules counted, not time."""
+    probe = f"""
+import contextlib, io, os
+from paramarket_jax.cli.main import main
+os.chdir({str(tmp_path)!r})
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+        code = main({argv!r})
+    except SystemExit as exit_:
+        code = exit_.code
+assert code == {code!r} and {needle!r} in out.getvalue() + err.getvalue(), (code, err.getvalue())
+"""
+    assert heavy_modules(probe) == []
+    assert not (tmp_path / "x").exists()

@@ -3,7 +3,10 @@ but for one tiny run with a hostile seller)."""
 
 import html
 import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -151,6 +154,36 @@ def test_figures_cope_with_no_trades_one_seed_and_many_agents():
     for png, caption in figures.values():
         decode_png(png)
         assert caption
+
+
+# imports the results floor under another backend and draws a figure; prints what else got
+# loaded (pyplot, JAX, any paramarket_jax module outside results/) and the backend
+DRAW_UNDER_SVG = """
+import sys
+import matplotlib
+import pandas as pd
+from paramarket_jax.results import plots, report
+from paramarket_jax.results.tables import TRADE_COLUMNS
+png = plots.trade_matrix(pd.DataFrame(columns=TRADE_COLUMNS), 2)
+assert png[1:4] == b"PNG" and report.RUN_FILES
+floor = ("paramarket_jax", "paramarket_jax.errors", "paramarket_jax.results")
+others = [m for m in sys.modules if m.split(".")[0] == "paramarket_jax" and not m.startswith(floor)]
+print(others, "matplotlib.pyplot" in sys.modules, "jax" in sys.modules, matplotlib.get_backend())
+"""
+
+
+def test_the_results_floor_leaves_the_backend_alone_and_imports_no_engine():
+    """Importing plots and report and drawing selects no backend for the process (no
+    ``matplotlib.use``, no pyplot), and loads neither JAX nor a floor above results."""
+    done = subprocess.run(
+        [sys.executable, "-c", DRAW_UNDER_SVG],
+        env={**os.environ, "MPLBACKEND": "svg"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "False", "False", "svg"]
 
 
 def make_sweep(root, grid, seeds=(0, 1), hostile=False):

@@ -1,0 +1,31 @@
+"""The broker's vocabulary: alignment modes, restart choices, the paper's merge weights.
+
+Light on purpose (no JAX, not even NumPy): the scenario layer validates against these
+names without importing a kernel.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from paramarket_jax.errors import unknown
+
+# ``none``: merge raw seller weights; ``pairwise``: weight matching of every (buyer,
+# candidate) pair; ``reference``: every agent matched once to a reference agent, pairs by
+# composition (N alignments instead of N * K).
+ALIGN_MODES = ("none", "pairwise", "reference")
+# How one of R alignment restarts is kept: best matching objective, or lowest validation
+# loss of the merges (scored at every alpha, so alignment is part of try-before-buy).
+CHOICES = ("objective", "validation")
+# The paper's alpha grid: 0.05, 0.15, ..., 0.95.
+PAPER_ALPHAS: tuple[float, ...] = tuple(round(0.05 + 0.1 * k, 2) for k in range(10))
+
+
+def align_mode(align) -> str:
+    """An alignment mode of :data:`ALIGN_MODES`; True is ``pairwise``, False ``none``."""
+    numpy = sys.modules.get("numpy")  # a NumPy bool exists only once NumPy is imported
+    if isinstance(align, bool) or (numpy is not None and isinstance(align, numpy.bool_)):
+        return "pairwise" if align else "none"
+    if isinstance(align, str) and align in ALIGN_MODES:
+        return align
+    raise unknown("alignment mode", str(align), ALIGN_MODES)
