@@ -4,6 +4,12 @@ The suite compiles with XLA's backend optimisation level 0 (appended to any XLA_
 caller set): its shapes are tiny, so compiling dominates its time and optimised code buys
 nothing. It changes how fast the compiled code runs, not what it computes (float rounding
 aside, which the equality tests tolerate); benchmarks never set it.
+
+Every worker (pytest-xdist runs one per core) and every ``paramarket`` subprocess a test
+starts share one persistent compilation cache, ``$PARAMARKET_CACHE_DIR`` if set, else the
+``tests`` folder of the user's cache (``~/.cache/paramarket/tests``: apart from the
+runs' cache, since these programs are compiled at another optimisation level), so a
+program compiled by one worker is read by the others and by the next run of the suite.
 """
 
 import contextlib
@@ -16,6 +22,12 @@ os.environ["XLA_FLAGS"] = " ".join(
 import jax
 import jax.monitoring
 import pytest
+
+from paramarket_jax.engines import cache
+
+if cache.ENV not in os.environ:
+    os.environ[cache.ENV] = str(cache.default_folder() / "tests")
+cache.enable()
 
 
 @contextlib.contextmanager

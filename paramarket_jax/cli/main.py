@@ -17,6 +17,7 @@ from tqdm import tqdm
 from paramarket_jax import scenario as sc
 from paramarket_jax.cli import processes
 from paramarket_jax.cli.parser import DEFAULT_SCENARIO, build_parser, parse_seeds
+from paramarket_jax.engines import cache
 from paramarket_jax.errors import ParamarketError
 
 
@@ -49,6 +50,15 @@ def cmd_scenarios(args) -> int:
     return 0
 
 
+def use_cache(args) -> None:
+    """Turn JAX's persistent compilation cache on (``--cache-dir``, or the default folder)
+    or off (``--no-cache``) for this command, before anything compiles."""
+    if args.no_cache:
+        cache.disable()
+    else:
+        cache.enable(args.cache_dir)
+
+
 def cmd_run(args) -> int:
     if args.resume is not None:
         return resume_run(args)
@@ -56,6 +66,7 @@ def cmd_run(args) -> int:
     if args.seeds is not None:
         overrides.append(f"seeds={parse_seeds(args.seeds)}")
     scenario = sc.load(args.scenario or DEFAULT_SCENARIO, overrides)
+    use_cache(args)
     # deferred: JAX, orbax and pandas, once the scenario is valid
     from paramarket_jax.engines import checkpoint
     from paramarket_jax.results.folders import check_out_dir, write_run
@@ -133,6 +144,7 @@ def resume_run(args) -> int:
         raise ParamarketError("--resume must name a run folder, got an empty path")
     out = pathlib.Path(args.resume)
     saved = checkpoint.load(out)
+    use_cache(args)
     info = saved.info
     args.checkpoint_out = out
     report = info["report"] and args.report
@@ -213,6 +225,7 @@ def cmd_sweep(args) -> int:
         overrides.append(f"seeds={parse_seeds(args.seeds)}")
     # the file, the overrides and the swept keys' names (the sweep checks every cell later)
     sc.check(args.scenario, overrides, [g.split("=", 1)[0].strip() for g in args.grid if "=" in g])
+    use_cache(args)
     # deferred: JAX and pandas, once the scenario's keys are valid
     from paramarket_jax.results.folders import check_out_dir
     from paramarket_jax.results.tables import knob_text
@@ -304,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         commands = {"run": cmd_run, "sweep": cmd_sweep, "scenarios": cmd_scenarios,
                     "plot": cmd_plot, "report": cmd_report}  # fmt: skip
-        return commands[args.command](args)
+        if args.command not in ("run", "sweep"):
+            return commands[args.command](args)
+        with cache.one_warning(lambda text: print(f"paramarket: warning: {text}", file=sys.stderr)):
+            return commands[args.command](args)
     except ParamarketError as err:
         print(f"paramarket: error: {err}", file=sys.stderr)
         return 2

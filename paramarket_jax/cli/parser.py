@@ -61,6 +61,25 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="most runs per compiled call of the batch engine (default: what fits memory)",
     )
     add_device_options(parser)
+    add_cache_options(parser)
+
+
+def add_cache_options(parser: argparse.ArgumentParser) -> None:
+    """JAX's persistent compilation cache (README "Fast to the first result")."""
+    group = parser.add_argument_group("compilation cache").add_mutually_exclusive_group()
+    group.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="keep compiled programs in DIR, so the next run of the same shapes compiles "
+        "nothing (default: $PARAMARKET_CACHE_DIR, else $XDG_CACHE_HOME/paramarket or "
+        "~/.cache/paramarket)",
+    )
+    group.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="compile every program afresh and write no cache (also: PARAMARKET_CACHE_DIR=off)",
+    )
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ and building the knobs (:mod:`paramarket_jax.experiment`) read them from here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -104,7 +105,7 @@ class MarketSpec:
     pad: int = 0
     devices: int = 1
     shard: str = "agents"
-    solver: str = "auto"
+    solver: str = "optax"
 
     @property
     def twin_names(self) -> tuple[str, ...]:
@@ -122,12 +123,26 @@ class MarketSpec:
         return len(self.twin_names)
 
     def make_model(self) -> Model:
-        return make_model(
-            self.model, self.input_shape, self.num_classes, **dict(self.model_options)
-        )
+        """The model (one per model setting: equal specs share its jitted functions)."""
+        return _model(self.model, self.input_shape, self.num_classes, self.model_options)
 
-    def make_trainer(self, model: Model | None = None) -> Trainer:
-        return make_trainer(model or self.make_model(), self.optimizer, self.batch_size)
+    def make_trainer(self) -> Trainer:
+        """The population's trainer (one per setting, so every piece of a round that
+        trains or evaluates calls the same jitted functions and traces them once)."""
+        return _trainer(
+            self.model, self.input_shape, self.num_classes, self.model_options,
+            self.optimizer, self.batch_size,
+        )  # fmt: skip
+
+
+@functools.cache
+def _model(name: str, input_shape, num_classes: int, options) -> Model:
+    return make_model(name, input_shape, num_classes, **dict(options))
+
+
+@functools.cache
+def _trainer(name, input_shape, num_classes, options, optimizer, batch_size) -> Trainer:
+    return make_trainer(_model(name, input_shape, num_classes, options), optimizer, batch_size)
 
 
 class MarketParams(NamedTuple):

@@ -1,0 +1,111 @@
+"""JAX's persistent compilation cache, shared by every run, sweep, Mesa view and test.
+
+A market compiles one large program (the scanned round) and a handful of small ones; on a
+CPU that compilation is most of a short run. With the cache on, the compiled executables
+are written to a folder and the next process that compiles the same program (the same
+spec, shapes and JAX version: a run that differs only in traced knobs such as seeds,
+prices, learning rates or ``d``) reads it instead of compiling.
+
+The folder is, in order: the ``folder`` given to :func:`enable` (``--cache-dir``), the
+environment variable ``PARAMARKET_CACHE_DIR``, ``$XDG_CACHE_HOME/paramarket``, or
+``~/.cache/paramarket``. ``PARAMARKET_CACHE_DIR=off`` (or ``--no-cache``) turns it off.
+JAX keys every entry by the program, its compile options, the devices and the JAX and
+jaxlib versions, so a cache written by another version is never read; an entry that
+cannot be read (a corrupt or truncated file) is compiled again with a warning, never a
+crash (:func:`enable` sets ``jax_raise_persistent_cache_errors`` off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import warnings
+from collections.abc import Callable
+
+from paramarket_jax.errors import ParamarketError
+
+ENV = "PARAMARKET_CACHE_DIR"
+OFF = ("off", "none", "0", "false", "no")
+# every program is worth caching: the small ones add up to about a second a run
+MIN_COMPILE_SECONDS = 0.0
+# what JAX warns, once per entry, when it cannot read one (and compiles the program again)
+BAD_ENTRY = "Error reading persistent compilation cache entry"
+
+
+def default_folder() -> pathlib.Path | None:
+    """The cache folder when none is given: ``$PARAMARKET_CACHE_DIR`` (None when it says
+    ``off``), else ``$XDG_CACHE_HOME/paramarket``, else ``~/.cache/paramarket``."""
+    value = os.environ.get(ENV)
+    if value is not None:
+        return None if value.strip().lower() in OFF else pathlib.Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "paramarket"
+
+
+def enable(folder: str | os.PathLike | None = None) -> pathlib.Path | None:
+    """Turn the persistent compilation cache on in ``folder`` (default
+    :func:`default_folder`); returns the folder, or None when the cache is off.
+
+    A folder that cannot be created or written is a ParamarketError naming it (the
+    command line turns it into one line and exit code 2).
+    """
+    path = pathlib.Path(folder).expanduser() if folder is not None else default_folder()
+    if path is None:
+        disable()
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ParamarketError(
+            f"cannot use {path} as the compilation cache ({err.strerror or err}); pass "
+            f"--cache-dir DIR, set {ENV}, or turn it off with --no-cache"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ParamarketError(
+            f"cannot write to the compilation cache {path}; pass --cache-dir DIR, set "
+            f"{ENV}, or turn it off with --no-cache"
+        )
+    import jax  # deferred: JAX (the command line imports this module before it needs JAX)
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_raise_persistent_cache_errors", False)
+    return path
+
+
+def disable() -> None:
+    """Turn the persistent compilation cache off (programs compile in every process)."""
+    import jax  # deferred: JAX
+
+    jax.config.update("jax_compilation_cache_dir", None)
+
+
+def folder() -> pathlib.Path | None:
+    """The folder the cache is using now, or None when it is off."""
+    import jax  # deferred: JAX
+
+    value = jax.config.jax_compilation_cache_dir
+    return pathlib.Path(value) if value else None
+
+
+@contextlib.contextmanager
+def one_warning(note: Callable[[str], None]):
+    """Inside the block, JAX's warnings about cache entries it could not read (one per
+    entry, each compiled again) become one line, ``note(text)``, at the end; every other
+    warning passes through as it would."""
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            yield
+        finally:
+            bad = [w for w in caught if BAD_ENTRY in str(w.message)]
+            for w in caught:
+                if BAD_ENTRY not in str(w.message):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            if bad:
+                note(
+                    f"{len(bad)} compilation cache entr{'y' if len(bad) == 1 else 'ies'} in "
+                    f"{folder()} could not be read (corrupt, or written by another version) and "
+                    "were compiled again; the cache folder can be deleted safely"
+                )
