@@ -13,7 +13,6 @@ from paramarket_jax.engines import batch
 from paramarket_jax.errors import ParamarketError, unknown
 from paramarket_jax.experiment import Experiment, build
 from paramarket_jax.results import tables
-from paramarket_jax.results.report import run_outputs
 from paramarket_jax.scenario import Scenario, dumps
 
 ENGINES = ("auto", "batch", "mesa")
@@ -62,6 +61,8 @@ class RunResult:
             "summary.json": self.summary,
         }
         if report:
+            from paramarket_jax.results.report import run_outputs  # deferred: matplotlib
+
             outputs = run_outputs(text, self.rounds, self.trades, self.summary, self.scenario.name)
             files.update(outputs)  # PNG bytes and the page's text
         return files

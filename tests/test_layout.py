@@ -23,7 +23,8 @@ DEFERRING = {
     "without JAX, orbax, pandas or matplotlib; each command imports what computes",
     f"{PACKAGE}.scenario": "the registries (datasets, partitioners, models, optimizers, "
     "mechanisms) import their kernels and so JAX; only a valid scenario's names need them",
-    f"{PACKAGE}.runs": "Mesa: only the Mesa engine needs it; the batch path never imports it",
+    f"{PACKAGE}.runs": "Mesa (only the Mesa engine needs it; the batch path never imports "
+    "it) and matplotlib (only a run that writes its report draws)",
 }
 MARKET_MUST_NOT_IMPORT = ("engines", "results", "scenario", "experiment", "runs", "sweep", "cli")
 RESULTS_MUST_NOT_IMPORT = ("engines", "market")

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy.optimize import linear_sum_assignment
 
 from paramarket_jax.errors import ParamarketError, unknown
 from paramarket_jax.models.spec import (
@@ -128,6 +127,14 @@ def _hungarian_callback(sim: jax.Array, where: jax.Array) -> jax.Array:
     return jax.pure_callback(_lsa_host, out, sim, where, vmap_method="expand_dims")
 
 
+def _scipy_lsa():
+    """scipy's ``linear_sum_assignment``, imported when a host solve first needs it (SciPy
+    costs most of a second to import, and the market's own program solves inside XLA)."""
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment
+
+
 def _lsa_host(sim, where) -> np.ndarray:
     """Host side of the callback: scipy's solver on each (n, n) matrix of a (..., n, n) batch.
 
@@ -147,7 +154,7 @@ def _lsa_host(sim, where) -> np.ndarray:
         if not np.isfinite(m).all():
             big = np.finfo(np.float32).max
             m = np.nan_to_num(m.astype(np.float64), nan=-big, posinf=big, neginf=-big)
-        perms[i] = linear_sum_assignment(m, maximize=True)[1]
+        perms[i] = _scipy_lsa()(m, maximize=True)[1]
     return perms.reshape(*batch, n)
 
 
@@ -530,7 +537,7 @@ def _align_scipy(spec, buyer_params, seller_params, key, max_sweeps):
         for t in order:
             g = groups[int(t)]
             sim = np.asarray(_similarity_jit(frozen, g, a, b, perms))
-            new = linear_sum_assignment(sim, maximize=True)[1].astype(np.int32)
+            new = _scipy_lsa()(sim, maximize=True)[1].astype(np.int32)
             old = np.asarray(perms[g])
             rows = np.arange(sim.shape[0])
             old_score, new_score = sim[rows, old].sum(), sim[rows, new].sum()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import gzip
+import importlib.util
 import inspect
 import os
 import random
@@ -230,6 +232,28 @@ def _keeping_global_rngs(fn: Callable, *args):
 # ---- loaders ----
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Scikit-learn's bundled digits as (1797, 8, 8) float64 images and (1797,) int labels.
+
+    Read from the CSV file scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``)
+    the way ``sklearn.datasets.load_digits`` reads it, without importing scikit-learn
+    (which imports SciPy: most of a second of every run); if that file is not where it
+    is expected, through ``sklearn.datasets.load_digits`` itself.
+    """
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    path = None
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits as sklearn_digits
+
+        bunch = sklearn_digits()
+        return bunch.images, bunch.target
+    with gzip.open(path, mode="rt", encoding="utf-8") as fh:
+        data = np.loadtxt(fh, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
+
+
 def load_digits(
     key: jax.Array,
     *,
@@ -245,11 +269,9 @@ def load_digits(
         val_fraction: share of the remaining examples moved to validation.
         max_train: cap on the number of training examples.
     """
-    from sklearn.datasets import load_digits as sklearn_digits
-
     _check_digits(test_fraction=test_fraction, val_fraction=val_fraction, max_train=max_train)
-    bunch = sklearn_digits()
-    x, y = bunch.images[..., None] / 16.0, bunch.target
+    images, target = digits_arrays()
+    x, y = images[..., None] / 16.0, target
     k_test, k_val = jax.random.split(key)
     order = host_rng(k_test).permutation(len(y))
     n_test = max(1, round(test_fraction * len(y)))

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from paramarket_jax.engines import programs
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.experiment import Experiment, seed_data
 from paramarket_jax.market import sharding
@@ -31,9 +32,11 @@ from paramarket_jax.market.types import DATA_AXES, MarketData, MarketParams, Mar
 SEED_AXES = jax.tree.map(lambda a: 0 if a.per_seed else None, DATA_AXES)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def simulate_runs(spec: MarketSpec, rounds: int, param_axes, params, data, keys):
-    """B runs at once: ``vmap`` of :func:`~paramarket_jax.market.round.simulate` (records only).
+    """B runs at once: ``vmap`` of :func:`~paramarket_jax.market.round.simulate` (records
+    only), compiled once per spec, rounds and batch shape; with the compilation cache on,
+    the traced program is saved too (:mod:`paramarket_jax.engines.programs`), so the next
+    process neither traces nor compiles it.
 
     Args:
         spec: the shared static spec.
@@ -46,7 +49,12 @@ def simulate_runs(spec: MarketSpec, rounds: int, param_axes, params, data, keys)
     Returns:
         RoundRecord with leaves (B, rounds, ...).
     """
+    return programs.call("simulate_runs", _simulate_runs, (spec, rounds, param_axes), params,
+                         data, keys)  # fmt: skip
 
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _simulate_runs(spec: MarketSpec, rounds: int, param_axes, params, data, keys):
     def one(p, d, k):
         return simulate(spec, jax.random.wrap_key_data(k), p, d, rounds)[1]
 

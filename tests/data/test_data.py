@@ -364,3 +364,17 @@ def test_dirichlet_gives_up_with_an_error():
 def test_bad_partition_options(digits, name, n_agents, options, needle):
     with pytest.raises(ParamarketError, match=needle):
         partition(name, key(), digits, n_agents, **options)
+
+
+def test_digits_read_without_scikit_learn_equal_its_loader():
+    """The bundled CSV read directly (no scikit-learn import on the run path) gives what
+    ``sklearn.datasets.load_digits`` gives."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from paramarket_jax.data.datasets import digits_arrays
+
+    images, target = digits_arrays()
+    bunch = sklearn_digits()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(target, bunch.target)
+    assert images.dtype == bunch.images.dtype and target.dtype == bunch.target.dtype

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from shrink import SHRINK
@@ -58,14 +59,17 @@ def test_a_second_run_compiles_nothing_and_a_corrupt_entry_is_compiled_again(tmp
     folder = tmp_path / "cache"
     first, _ = run(tmp_path / "a", "--cache-dir", str(folder))
     assert first["compiles"] > 0 and first["hits"] == 0
-    entries = sorted(p for p in folder.iterdir() if p.is_file())
+    entries = sorted(p for p in folder.rglob("*") if p.is_file())
     assert any("simulate_runs" in p.name for p in entries)  # the market's own program
+    # and its traced program (engines/programs): the next process does not trace it again
+    assert any(p.parent.name == "programs" for p in entries)
     second, err = run(tmp_path / "b", "--cache-dir", str(folder))
     assert second["compiles"] == second["hits"] == first["compiles"]  # nothing compiled
     assert "warning" not in err
     for u, v in zip(tables(tmp_path / "a"), tables(tmp_path / "b"), strict=True):
         pd.testing.assert_frame_equal(u, v)
-    # every entry overwritten with garbage: compiled again, one warning line, same tables
+    # every entry (executables and traced programs) overwritten with garbage: traced and
+    # compiled again, one warning line, the same tables
     for p in entries:
         p.write_bytes(b"not a compiled program" * 3)
     third, err = run(tmp_path / "c", "--cache-dir", str(folder))
@@ -113,3 +117,15 @@ def test_a_bad_cache_folder_is_one_line(tmp_path, capsys, extra, says):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_saved_program_is_keyed_by_the_source_and_the_shapes(monkeypatch):
+    from paramarket_jax.engines import programs
+
+    args = (np.zeros((2, 3), np.float32),)
+    key = programs._key("f", ("spec",), args)
+    assert key == programs._key("f", ("spec",), (np.ones((2, 3), np.float32),))  # values
+    assert key != programs._key("f", ("spec",), (np.zeros((2, 4), np.float32),))
+    assert key != programs._key("f", ("other spec",), args)
+    monkeypatch.setattr(programs, "source_hash", lambda: "edited")
+    assert key != programs._key("f", ("spec",), args)  # a changed line of code

@@ -1,0 +1,140 @@
+"""Traced programs kept beside the compilation cache, so a warm run does not trace again.
+
+JAX's persistent cache (:mod:`paramarket_jax.engines.cache`) saves compiling, but every
+process still traces and lowers the market's program before it can look the executable
+up: about 4 s of a warm run on two CPU cores. :func:`call` saves the lowered program
+itself with :mod:`jax.export` in ``<cache folder>/programs/``, keyed by the program's name,
+its static arguments, the shapes and dtypes of its inputs, the JAX version and a hash of
+this package's source (a changed line of code never runs a stale program), and the next
+process deserialises it instead of tracing; its executable then comes from the
+compilation cache. Results are the same, bit for bit (the exported module is the jitted
+one).
+
+Off (a plain call) when the cache is off, under ``jax.distributed`` or a sharded spec (the
+exported program would need its shardings), inside a trace, or without the
+``flatbuffers`` package :mod:`jax.export` serialises with. An unreadable file is traced
+again with the cache's one warning (:func:`paramarket_jax.engines.cache.one_warning`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import pathlib
+import tempfile
+import warnings
+
+import jax
+import jaxlib
+
+from paramarket_jax.economics.revenue import Economy
+from paramarket_jax.economics.strategies import StrategyParams
+from paramarket_jax.engines import cache
+from paramarket_jax.market import types
+from paramarket_jax.mechanisms.base import Knobs
+from paramarket_jax.population import AgentData
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1]
+FOLDER = "programs"
+# the pytree types of the programs' inputs and outputs, by a stable name
+SERIALIZED = {
+    "MarketParams": types.MarketParams,
+    "MarketData": types.MarketData,
+    "RoundRecord": types.RoundRecord,
+    "Trades": types.Trades,
+    "Flows": types.Flows,
+    "AgentData": AgentData,
+    "Knobs": Knobs,
+    "Economy": Economy,
+    "StrategyParams": StrategyParams,
+}
+
+
+@functools.cache
+def source_hash() -> str:
+    """A hash of every Python file of this package (what a traced program depends on)."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def _exporter():
+    """jax.export with this package's pytree types registered, or None without
+    flatbuffers (jax.export's serialisation needs it)."""
+    try:
+        import flatbuffers  # noqa: F401
+    except ImportError:
+        return None
+    from jax import export
+
+    for name, cls in SERIALIZED.items():
+        export.register_namedtuple_serialization(cls, serialized_name=f"paramarket_jax.{name}")
+    return export
+
+
+def _key(name: str, static: tuple, args: tuple) -> str:
+    avals = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), args)
+    text = repr((name, static, str(jax.tree.structure(args)), jax.tree.leaves(avals)))
+    versions = (jax.__version__, jaxlib.__version__, jax.default_backend(), source_hash())
+    return hashlib.sha256((text + repr(versions)).encode()).hexdigest()[:32]
+
+
+def _usable(static: tuple, args: tuple) -> bool:
+    if cache.folder() is None or jax.process_count() > 1:
+        return False
+    if any(getattr(s, "devices", 1) != 1 for s in static):
+        return False
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+
+
+def call(name: str, fun, static: tuple, *args):
+    """``fun(*static, *args)`` (``fun`` jitted with ``static`` as its static arguments),
+    through a saved exported program when one fits, else traced, exported and saved."""
+    export = _exporter()
+    if export is None or not _usable(static, args):
+        return fun(*static, *args)
+    folder = cache.folder()
+    key = _key(name, static, args)
+    loaded = _LOADED.get((folder, key))
+    if loaded is None:
+        loaded = _LOADED[(folder, key)] = jax.jit(_program(export, folder, name, key, fun,
+                                                           static, args).call)  # fmt: skip
+    return loaded(*args)
+
+
+# programs already deserialised or exported in this process, jitted (a second call with the
+# same shapes compiles nothing, as a jitted function's second call does not)
+_LOADED: dict = {}
+
+
+def _program(export, folder: pathlib.Path, name: str, key: str, fun, static: tuple, args):
+    """The saved program of ``key``, or ``fun`` traced and exported (and saved)."""
+    path = folder / FOLDER / f"{name}-{key}.jaxexport"
+    if path.is_file():
+        try:
+            return export.deserialize(bytearray(path.read_bytes()))
+        except Exception as err:  # a corrupt or truncated file: trace it again
+            warnings.warn(f"{cache.BAD_ENTRY} for {path.name!r}: {err}", stacklevel=3)
+    program = export.export(jax.jit(lambda *a: fun(*static, *a)))(*args)
+    _write(path, program.serialize())
+    return program
+
+
+def _write(path: pathlib.Path, data: bytes) -> None:
+    """Write atomically (a temporary file in the same folder, then a rename); a folder
+    that cannot be written only means the next run traces again."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
