@@ -103,6 +103,7 @@ def spec_of(scenario: Scenario, dataset: Dataset) -> MarketSpec:
         pick=s.broker.pick,
         max_sweeps=s.broker.max_sweeps,
         chunk=s.broker.batch_size,
+        solver=s.broker.solver,
         alphas=len(s.broker.alphas),
         strategy_grid=len(s.strategies.grid),
         # without hostile agents the kind is moot: such scenarios share one compilation

@@ -207,6 +207,7 @@ class BrokerConfig:
     batch_size: int = 0
     min_gain: float = 0.0
     confidence: float = 0.0
+    solver: str = "optax"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +318,7 @@ RULES: dict[str, tuple] = {
     "broker.restarts": _int(1),
     "broker.choose": ("one of objective, validation", lambda v: v in ("objective", "validation")),
     "broker.pick": ("one of random, top", lambda v: v in ("random", "top")),
+    "broker.solver": ("one of callback, optax", lambda v: v in ("callback", "optax")),
     "broker.alphas": ALPHAS,
     "broker.max_alpha": _real("a number in (0, 1]", lambda v: 0 < v <= 1),
     "broker.layers": STRS,

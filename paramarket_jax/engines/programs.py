@@ -11,7 +11,8 @@ compilation cache. Results are the same, bit for bit (the exported module is the
 one).
 
 Off (a plain call) when the cache is off, under ``jax.distributed`` or a sharded spec (the
-exported program would need its shardings), inside a trace, or without the
+exported program would need its shardings), with the host solver (``broker.solver =
+"callback"``: a host callback cannot be exported), inside a trace, or without the
 ``flatbuffers`` package :mod:`jax.export` serialises with. An unreadable file is traced
 again with the cache's one warning (:func:`paramarket_jax.engines.cache.one_warning`).
 """
@@ -89,6 +90,8 @@ def _usable(static: tuple, args: tuple) -> bool:
         return False
     if any(getattr(s, "devices", 1) != 1 for s in static):
         return False
+    if any(getattr(s, "solver", "optax") != "optax" for s in static):
+        return False  # a host callback (broker.solver = "callback") cannot be exported
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
 
 

@@ -70,9 +70,11 @@ class MarketSpec:
         devices: devices the market runs on (1: no sharding); shard: how it is split over
             them, ``agents`` (the population) or ``runs`` (the batch path's run axis).
         solver: the weight matching's assignment solver
-            (:func:`~paramarket_jax.broker.align.hungarian`): ``auto`` (scipy through a
-            host callback on CPU, optax elsewhere) on one device; ``optax`` on several,
-            where a host callback would pull the split work onto one device.
+            (:func:`~paramarket_jax.broker.align.hungarian`, ``broker.solver``):
+            ``optax`` (inside the program, so the compilation cache can keep it; always on
+            several devices, where a host callback would pull the split work onto one) or
+            ``callback`` (scipy on the host: faster rounds on a CPU, compiled again by
+            every process, since JAX never caches a program holding a host callback).
     """
 
     n: int

@@ -289,3 +289,14 @@ def test_the_market_invariants_hold_every_round_and_the_check_can_fail(batch_res
     assert invariant_violations(rounds, trades.iloc[1:]) == [
         "purchase counts in the rounds table differ from the trades table"
     ]
+
+
+def test_the_host_solver_gives_the_same_market(experiment, batch_result):
+    """``broker.solver = "callback"`` (scipy on the host) and the default ``optax`` (inside
+    the program) find the same permutations, so the same market, table for table."""
+    host = knobs(experiment, "broker.solver=callback")
+    assert host.spec.solver == "callback" and experiment.spec.solver == "optax"
+    result = result_of(host, batch.run_cells([host]).records[0])
+    assert len(batch_result.trades) > 0  # trades happened: the alignments were used
+    pd.testing.assert_frame_equal(result.rounds, batch_result.rounds)
+    pd.testing.assert_frame_equal(result.trades, batch_result.trades)
