@@ -54,6 +54,11 @@ def enable(folder: str | os.PathLike | None = None) -> pathlib.Path | None:
     if path is None:
         disable()
         return None
+    if path.exists() and not path.is_dir():
+        raise ParamarketError(
+            f"cannot use {path} as the compilation cache: it is a file, not a folder; pass "
+            f"--cache-dir DIR, set {ENV}, or turn it off with --no-cache"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -104,8 +109,33 @@ def one_warning(note: Callable[[str], None]):
                 if BAD_ENTRY not in str(w.message):
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             if bad:
+                removed = remove_unreadable()
                 note(
                     f"{len(bad)} compilation cache entr{'y' if len(bad) == 1 else 'ies'} in "
-                    f"{folder()} could not be read (corrupt, or written by another version) and "
-                    "were compiled again; the cache folder can be deleted safely"
+                    f"{folder()} could not be read (corrupt, or cut short by a killed run) and "
+                    f"{'was' if len(bad) == 1 else 'were'} compiled again; removed "
+                    f"{removed} unreadable file(s), which the next run writes anew"
                 )
+
+
+def remove_unreadable() -> int:
+    """Delete the cache's executables that do not decompress (JAX writes an entry in place,
+    so a run killed while writing leaves it cut short, and JAX never replaces an existing
+    entry): the next run compiles and writes them again. Returns how many went. (A saved
+    program that does not load is replaced when it is saved again,
+    :mod:`paramarket_jax.engines.programs`.)"""
+    from jax._src import compilation_cache  # deferred: JAX
+
+    path, removed = folder(), 0
+    if path is None:
+        return 0
+    for entry in path.glob("*-cache"):
+        try:
+            compilation_cache.decompress_executable(entry.read_bytes())
+        except OSError:
+            continue
+        except Exception:  # not a compressed executable: unreadable for JAX too
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                removed += 1
+    return removed
