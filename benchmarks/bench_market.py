@@ -181,8 +181,7 @@ def round_parts(exp, reps: int) -> dict[str, float]:
     """Median seconds of one trading round and of its parts, each jitted alone."""
     spec, params = exp.spec, exp.params
     data, state, key = _first_round(exp)
-    model = spec.make_model()
-    trainer = spec.make_trainer(model)
+    trainer = spec.make_trainer()
     r0 = jnp.asarray(0, jnp.int32)
 
     def whole(state, key):
@@ -252,7 +251,7 @@ def naive_mesa(n: int, reps: int) -> None:
     spec, params = exp.spec, exp.params
     data, state, key = _first_round(exp)
     model = spec.make_model()
-    trainer = spec.make_trainer(model)
+    trainer = spec.make_trainer()
     agents = data.agents
     alphas = params.alphas
     train_one = jax.jit(trainer.train_one, static_argnums=9)
