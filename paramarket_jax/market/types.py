@@ -62,9 +62,10 @@ class MarketSpec:
             weight-matching sweeps; chunk: buyers per valuation chunk (0: all at once).
         alphas: number of merge weights tried; strategy_grid: size of the adaptive grid.
         hostile: what hostile sellers (``MarketParams.hostile``) offer the broker instead
-            of their model (:func:`offers`): ``random``, ``stale`` or ``poisoned``; ""
-            when no agent is hostile (nothing is replaced, nothing extra computed).
-        pad: dead agents appended to fill the devices (:mod:`paramarket_jax.sharding`): the
+            of their model (:func:`~paramarket_jax.market.trade.hostile_offers`):
+            ``random``, ``stale`` or ``poisoned``; "" when no agent is hostile (nothing is
+            replaced, nothing extra computed).
+        pad: dead agents appended to fill the devices (:mod:`~paramarket_jax.market.sharding`): the
             real agents are the first ``n - pad``; the padded ones are never alive, and
             every random draw of the real agents is the same as without them.
         devices: devices the market runs on (1: no sharding); shard: how it is split over
@@ -161,10 +162,11 @@ class MarketParams(NamedTuple):
         seller_only: (N,) bool agents that only sell (when any is set, buyers buy only
             from them).
         initial_alive: (N,) bool agents in the market at round 0 (the others are free
-            slots that entrants take, see :func:`enter`).
+            slots that entrants take, see :func:`~paramarket_jax.market.round.enter`).
         bankruptcy: () bool an agent whose cash falls below zero leaves the market.
         diverge_loss: () an agent whose training loss after a round's local training
-            exceeds this times its initial loss has diverged (see :func:`diverging`).
+            exceeds this times its initial loss has diverged (see
+            :func:`~paramarket_jax.market.round.diverging`).
         hostile: (N,) bool agents that offer the broker something other than their model
             when they sell (``MarketSpec.hostile`` says what); their own model, training
             and buying stay honest.
@@ -223,8 +225,9 @@ class MarketState(NamedTuple):
         endowment: (T, N) cash put into each slot so far (the initial cash, plus what
             each entrant brought): utility is ``cash - endowment``.
         diverged: (T, N) bool agents whose local training diverged (see
-            :func:`diverging`): frozen at their last finite model, they never train or
-            trade again, but stay in the market (evaluated, earning with that model).
+            :func:`~paramarket_jax.market.round.diverging`): frozen at their last finite
+            model, they never train or trade again, but stay in the market (evaluated,
+            earning with that model).
         initial_loss: (T, N) the loss of each agent's freshly initialised model, on its
             first minibatch before its first update (NaN until the agent first trains; an
             entrant's is measured when it first trains).
