@@ -32,21 +32,12 @@ from benchmarks.common import emit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHILD = r"""
-import json, sys, time
-import jax.monitoring
-counts = {"compiles": 0, "compile_s": 0.0, "hits": 0}
-def on_duration(event, duration, **kw):
-    if event == "/jax/core/compile/backend_compile_duration":
-        counts["compiles"] += 1
-        counts["compile_s"] += duration
-def on_event(event, **kw):
-    if event == "/jax/compilation_cache/cache_hits":
-        counts["hits"] += 1
-jax.monitoring.register_event_duration_secs_listener(on_duration)
-jax.monitoring.register_event_listener(on_event)
+import json, sys
 from paramarket_jax.cli.main import main
-rc = main(sys.argv[1:])
-print("BENCH " + json.dumps(dict(counts, rc=rc)), flush=True)
+from paramarket_jax.engines.cache import counted
+with counted() as counts:
+    rc = main(sys.argv[1:])
+print("COUNTS " + json.dumps(counts), flush=True)
 sys.exit(rc)
 """
 
@@ -66,10 +57,10 @@ def run_once(scenario: str, out: pathlib.Path, extra: list[str], env: dict) -> d
         [sys.executable, "-c", CHILD, *argv], env=env, capture_output=True, text=True
     )
     seconds = time.perf_counter() - start
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("COUNTS ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{scenario} {extra}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
-    return dict(json.loads(line[6:]), seconds=seconds)
+    return dict(json.loads(line[7:]), seconds=seconds)
 
 
 def main() -> None:

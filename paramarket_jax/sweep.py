@@ -35,7 +35,7 @@ from paramarket_jax import scenario as sc
 from paramarket_jax.engines import batch, checkpoint
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.experiment import Experiment, build, dataset_key, load_shared_dataset
-from paramarket_jax.results.folders import write_run
+from paramarket_jax.results.folders import write_into, write_run
 from paramarket_jax.results.report import sweep_outputs, write_files
 from paramarket_jax.runs import (
     CHECKPOINT_ENGINE,
@@ -164,12 +164,6 @@ def _replace_run(folder: pathlib.Path, files: dict) -> None:
         os.replace(old, folder)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _atomic_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _write_table(root: pathlib.Path, planned) -> pd.DataFrame:
@@ -438,7 +432,7 @@ def run_sweep(
             overrides=list(overrides),
             command=command,
         )
-        _atomic_text(root / "sweep.json", json.dumps(meta, indent=2) + "\n")
+        write_into(root, {"sweep.json": meta}, last="sweep.json")
     if bar is not None:
         bar = bar(sum(s.train.rounds * len(s.seeds) for _, s in todo))
     tick = (lambda k: None) if bar is None else bar.update

@@ -49,8 +49,12 @@ def simulate_runs(spec: MarketSpec, rounds: int, param_axes, params, data, keys)
     Returns:
         RoundRecord with leaves (B, rounds, ...).
     """
-    return programs.call("simulate_runs", _simulate_runs, (spec, rounds, param_axes), params,
-                         data, keys)  # fmt: skip
+    # a host callback (broker.solver = "callback") or a sharded program is not exported
+    exportable = spec.devices == 1 and spec.solver == "optax"
+    static = (spec, rounds, param_axes)
+    return programs.call(
+        "simulate_runs", _simulate_runs, static, params, data, keys, exportable=exportable
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

@@ -124,14 +124,18 @@ def remove_unreadable() -> int:
     entry): the next run compiles and writes them again. Returns how many went. (A saved
     program that does not load is replaced when it is saved again,
     :mod:`paramarket_jax.engines.programs`.)"""
-    from jax._src import compilation_cache  # deferred: JAX
+    try:  # deferred: JAX (a private module: a JAX without it removes nothing)
+        from jax._src import compilation_cache
 
+        decompress = compilation_cache.decompress_executable
+    except (ImportError, AttributeError):
+        return 0
     path, removed = folder(), 0
     if path is None:
         return 0
     for entry in path.glob("*-cache"):
         try:
-            compilation_cache.decompress_executable(entry.read_bytes())
+            decompress(entry.read_bytes())
         except OSError:
             continue
         except Exception:  # not a compressed executable: unreadable for JAX too
@@ -139,3 +143,30 @@ def remove_unreadable() -> int:
                 entry.unlink()
                 removed += 1
     return removed
+
+
+@contextlib.contextmanager
+def counted():
+    """Count, inside the block, XLA compilations (``compiles``: every backend compile,
+    cache hits included) and how many the persistent cache answered (``hits``):
+    ``with counted() as c: ...`` then ``c["compiles"] - c["hits"]`` were compiled."""
+    import jax.monitoring  # deferred: JAX
+
+    counts = {"compiles": 0, "compile_s": 0.0, "hits": 0}
+
+    def on_duration(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts["compiles"] += 1
+            counts["compile_s"] += duration
+
+    def on_event(event, **kw):
+        if event == "/jax/compilation_cache/cache_hits":
+            counts["hits"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)

@@ -30,7 +30,6 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 import tomllib
 from collections.abc import Callable
 from typing import NamedTuple
@@ -230,38 +229,23 @@ class Checkpoints:
 # the run folder
 
 
-def _write_json(path: pathlib.Path, content: dict) -> None:
-    """Write JSON atomically (a temporary file in the same folder, then a rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(content, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def start(out: pathlib.Path, scenario: sc.Scenario, *, engine: str, every: int,
           max_batch: int | None, report: bool, command: str) -> None:  # fmt: skip
     """Create the run folder (it must not exist or be empty: checked by the caller) with
     ``run.json``, before any compute."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(
-        out / RUN_FILE,
-        {
-            "format": FORMAT,
-            "about": "an incomplete paramarket run with checkpoints; go on with: "
-            "paramarket run --resume <this folder>",
-            "command": command,
-            "engine": engine,
-            "checkpoint_every": every,
-            "batch": max_batch,
-            "report": report,
-            "scenario": sc.dumps(scenario),
-        },
-    )
+    info = {
+        "format": FORMAT,
+        "about": "an incomplete paramarket run with checkpoints; go on with: "
+        "paramarket run --resume <this folder>",
+        "command": command,
+        "engine": engine,
+        "checkpoint_every": every,
+        "batch": max_batch,
+        "report": report,
+        "scenario": sc.dumps(scenario),
+    }
+    write_into(out, {RUN_FILE: info}, last=RUN_FILE)  # atomic: whole or absent
 
 
 class Saved(NamedTuple):

@@ -22,9 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import os
 import pathlib
-import tempfile
 import warnings
 
 import jax
@@ -36,6 +34,7 @@ from paramarket_jax.engines import cache
 from paramarket_jax.market import types
 from paramarket_jax.mechanisms.base import Knobs
 from paramarket_jax.population import AgentData
+from paramarket_jax.results.folders import write_into
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 FOLDER = "programs"
@@ -85,21 +84,20 @@ def _key(name: str, static: tuple, args: tuple) -> str:
     return hashlib.sha256((text + repr(versions)).encode()).hexdigest()[:32]
 
 
-def _usable(static: tuple, args: tuple) -> bool:
+def _usable(args: tuple) -> bool:
     if cache.folder() is None or jax.process_count() > 1:
         return False
-    if any(getattr(s, "devices", 1) != 1 for s in static):
-        return False
-    if any(getattr(s, "solver", "optax") != "optax" for s in static):
-        return False  # a host callback (broker.solver = "callback") cannot be exported
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
 
 
-def call(name: str, fun, static: tuple, *args):
+def call(name: str, fun, static: tuple, *args, exportable: bool = True):
     """``fun(*static, *args)`` (``fun`` jitted with ``static`` as its static arguments),
-    through a saved exported program when one fits, else traced, exported and saved."""
+    through a saved exported program when one fits, else traced, exported and saved.
+
+    ``exportable``: the caller's word that the program can be exported (False for one that
+    holds a host callback or runs sharded over several devices): then a plain call."""
     export = _exporter()
-    if export is None or not _usable(static, args):
+    if not exportable or export is None or not _usable(args):
         return fun(*static, *args)
     folder = cache.folder()
     key = _key(name, static, args)
@@ -124,20 +122,8 @@ def _program(export, folder: pathlib.Path, name: str, key: str, fun, static: tup
         except Exception as err:  # a corrupt or truncated file: trace it again
             warnings.warn(f"{cache.BAD_ENTRY} for {path.name!r}: {err}", stacklevel=3)
     program = export.export(jax.jit(lambda *a: fun(*static, *a)))(*args)
-    _write(path, program.serialize())
-    return program
-
-
-def _write(path: pathlib.Path, data: bytes) -> None:
-    """Write atomically (a temporary file in the same folder, then a rename); a folder
-    that cannot be written only means the next run traces again."""
+    # atomic (whole or absent); a folder that cannot be written only means tracing again
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        write_into(path.parent, {path.name: bytes(program.serialize())}, last=path.name)
+    return program

@@ -5,28 +5,11 @@ import json
 import pandas as pd
 import pytest
 from pages import check_report
+from shrink import SMALL
 from test_scenario import heavy_modules
 
 from paramarket_jax.cli.main import main
 from paramarket_jax.cli.parser import parse_seeds
-
-SMALL = [
-    "--set",
-    "train.rounds=2",
-    "--set",
-    "train.local_steps=2",
-    "--set",
-    "trading.start=1",
-    "--set",
-    "data.split.eval_size=16",
-    "--set",
-    "model.widths=[8, 8]",
-    "--set",
-    "broker.max_sweeps=3",
-    "--set",
-    "baselines.centralized=false",
-    "--quiet",
-]
 
 
 def test_run_writes_the_run_folder(tmp_path, capsys):

@@ -19,19 +19,11 @@ from paramarket_jax.engines import cache
 # a fresh process: counts XLA compilations and how many the persistent cache answered
 CHILD = r"""
 import json, sys
-import jax.monitoring
-counts = {"compiles": 0, "hits": 0}
-def on_duration(event, duration, **kw):
-    if event == "/jax/core/compile/backend_compile_duration":
-        counts["compiles"] += 1
-def on_event(event, **kw):
-    if event == "/jax/compilation_cache/cache_hits":
-        counts["hits"] += 1
-jax.monitoring.register_event_duration_secs_listener(on_duration)
-jax.monitoring.register_event_listener(on_event)
 from paramarket_jax.cli.main import main
-rc = main(sys.argv[1:])
-print("COUNTS " + json.dumps(counts))
+from paramarket_jax.engines.cache import counted
+with counted() as counts:
+    rc = main(sys.argv[1:])
+print("COUNTS " + json.dumps(counts), flush=True)
 sys.exit(rc)
 """
 ARGS = ["run", "paper_two_agent", "--no-report", "--quiet", "--seeds", "0",

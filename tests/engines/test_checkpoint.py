@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
-from test_cli import SMALL
+from shrink import SMALL
 
 from paramarket_jax import scenario as sc
 from paramarket_jax.cli.main import main

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_bad_input import call, check_one_line
+from oneline import call, check_one_line
 from test_divergence import BASE
 
 from paramarket_jax import scenario as sc
