@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from paramarket_jax import scenario as sc
-from paramarket_jax.engines.batch import Batch, Carry, init_runs, simulate_runs_chunk
+from paramarket_jax.engines.batch import Batch, Carry, init_runs, simulate_runs_chunk_jit
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.results.folders import write_into
 
@@ -101,7 +101,7 @@ def _templates(b: Batch, every: int):
     states = jax.eval_shape(init_runs, b.spec, b.param_axes, params, keys)
     length = min(every, b.rounds)
     _, records = jax.eval_shape(
-        simulate_runs_chunk, b.spec, length, b.param_axes, params, data, states, keys,
+        simulate_runs_chunk_jit, b.spec, length, b.param_axes, params, data, states, keys,
         np.int32(0),
     )  # fmt: skip
     return states, records

@@ -28,28 +28,15 @@ import warnings
 import jax
 import jaxlib
 
-from paramarket_jax.economics.revenue import Economy
-from paramarket_jax.economics.strategies import StrategyParams
 from paramarket_jax.engines import cache
 from paramarket_jax.market import types
-from paramarket_jax.mechanisms.base import Knobs
-from paramarket_jax.population import AgentData
 from paramarket_jax.results.folders import write_into
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 FOLDER = "programs"
-# the pytree types of the programs' inputs and outputs, by a stable name
-SERIALIZED = {
-    "MarketParams": types.MarketParams,
-    "MarketData": types.MarketData,
-    "RoundRecord": types.RoundRecord,
-    "Trades": types.Trades,
-    "Flows": types.Flows,
-    "AgentData": AgentData,
-    "Knobs": Knobs,
-    "Economy": Economy,
-    "StrategyParams": StrategyParams,
-}
+# the pytree types of the programs' outputs that need not appear in their inputs (a
+# program's other NamedTuple types, optax's states among them, are read off its inputs)
+SERIALIZED = (types.RoundRecord, types.Trades, types.Flows)
 
 
 @functools.cache
@@ -64,17 +51,37 @@ def source_hash() -> str:
 
 @functools.cache
 def _exporter():
-    """jax.export with this package's pytree types registered, or None without
-    flatbuffers (jax.export's serialisation needs it)."""
+    """jax.export, or None without flatbuffers (jax.export's serialisation needs it)."""
     try:
         import flatbuffers  # noqa: F401
     except ImportError:
         return None
     from jax import export
 
-    for name, cls in SERIALIZED.items():
-        export.register_namedtuple_serialization(cls, serialized_name=f"paramarket_jax.{name}")
     return export
+
+
+# NamedTuple types registered with jax.export in this process (once each)
+_REGISTERED: set = set()
+
+
+def _register(export, args) -> None:
+    """Register every NamedTuple type of ``args``' pytree (and :data:`SERIALIZED`) with
+    jax.export under its import path, so exported programs (de)serialise them."""
+    found = set(SERIALIZED)
+
+    def walk(treedef):
+        node = treedef.node_data()
+        if node is not None and issubclass(node[0], tuple) and hasattr(node[0], "_fields"):
+            found.add(node[0])
+        for child in treedef.children():
+            walk(child)
+
+    walk(jax.tree.structure(args))
+    for cls in found - _REGISTERED:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        export.register_namedtuple_serialization(cls, serialized_name=name)
+        _REGISTERED.add(cls)
 
 
 def _key(name: str, static: tuple, args: tuple) -> str:
@@ -99,6 +106,7 @@ def call(name: str, fun, static: tuple, *args, exportable: bool = True):
     export = _exporter()
     if not exportable or export is None or not _usable(args):
         return fun(*static, *args)
+    _register(export, args)
     folder = cache.folder()
     key = _key(name, static, args)
     loaded = _LOADED.get((folder, key))
@@ -122,8 +130,12 @@ def _program(export, folder: pathlib.Path, name: str, key: str, fun, static: tup
         except Exception as err:  # a corrupt or truncated file: trace it again
             warnings.warn(f"{cache.BAD_ENTRY} for {path.name!r}: {err}", stacklevel=3)
     program = export.export(jax.jit(lambda *a: fun(*static, *a)))(*args)
+    try:  # a pytree type jax.export cannot serialise only means tracing again next time
+        data = bytes(program.serialize())
+    except (ValueError, TypeError):
+        return program
     # atomic (whole or absent); a folder that cannot be written only means tracing again
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_into(path.parent, {path.name: bytes(program.serialize())}, last=path.name)
+        write_into(path.parent, {path.name: data}, last=path.name)
     return program

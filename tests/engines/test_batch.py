@@ -162,8 +162,9 @@ def test_no_recompilation_after_the_first_round(experiment, compiles):
     assert events == [], events
 
 
-def test_a_second_cell_of_numeric_knobs_compiles_nothing(experiment, compiles):
-    """Learning rate, prices, powers, fees, schedule, d and seeds are all traced."""
+def test_a_second_cell_of_numeric_knobs_compiles_nothing(experiment, batch_result, compiles):
+    """Learning rate, prices, powers, fees, schedule, d and seeds are all traced (after the
+    first cell, ``batch_result``, compiled the programs in this process)."""
     second = knobs(
         experiment,
         "train.learning_rate=0.03",
