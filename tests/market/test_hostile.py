@@ -111,24 +111,31 @@ def test_offers_replace_only_hostile_sellers_and_are_what_buyers_merge():
     """``trade.hostile_offers``: a hostile agent's offer is not its model (random: a fresh draw;
     stale: its initial weights; poisoned: its model plus noise); the others offer their
     own. The valuation scores what is offered, and a settled trade merges it. (Every kind
-    in one compiled call; the checks read host copies, so indexing compiles nothing.)"""
+    in one compiled call, its inputs made by another, so the offers are compared with the
+    very arrays they were picked from; the checks read host copies, so indexing compiles
+    nothing.)"""
     exp = build(sc.load("paper_two_agent", [*BASE, "agents.hostile=[2]"]))
     kinds = ("random", "stale", "poisoned")
+    specs = {kind: dataclasses.replace(exp.spec, hostile=kind) for kind in kinds}
 
     @jax.jit
-    def offered_by_kind(params, key):
-        out = {}
-        for kind in kinds:  # "random" first: the scenario's own kind gives the pool
-            s = dataclasses.replace(exp.spec, hostile=kind)
-            st = market_round.init(s, jax.random.key(0), params)
-            if kind == "random":
-                pop = jax.tree.map(lambda v: v[0] + 0.1, st.twins.params)  # "trained"
-            out[kind] = (trade.hostile_offers(s, key, st, params, pop), st.twins.params)
-        return pop, out
+    def states_by_kind(params):
+        states = {k: market_round.init(s, jax.random.key(0), params) for k, s in specs.items()}
+        pop = jax.tree.map(lambda v: v[0] + 0.1, states["random"].twins.params)  # "trained"
+        return states, pop
+
+    @jax.jit
+    def offered_by_kind(params, key, states, pop):
+        return {
+            k: (trade.hostile_offers(s, key, states[k], params, pop), states[k].twins.params)
+            for k, s in specs.items()
+        }
 
     assert exp.spec.hostile == "random"
     key = jax.random.key(1)
-    pop, by_kind = jax.device_get(offered_by_kind(exp.params, key))
+    states, pop = states_by_kind(exp.params)
+    by_kind = jax.device_get(offered_by_kind(exp.params, key, states, pop))
+    pop = jax.device_get(pop)
     for kind in kinds:
         offered, initial = by_kind[kind]
         for u, v, init in zip(
