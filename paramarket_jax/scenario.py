@@ -500,7 +500,30 @@ def _shown(value, most: int = 200) -> str:
     return text if len(text) <= most else text[:most] + "..."
 
 
+# Lists whose length a run's memory and time grow with, beyond what the batch engine's
+# memory budget splits: longer ones are refused (README "Reliability").
+MAX_ENTRIES = {
+    # every alpha is merged and evaluated at once, for every candidate pair of every buyer
+    "broker.alphas": 1024,
+    # an adaptive agent keeps a weight per grid point and role, in every run
+    "strategies.grid": 1024,
+    # one run each; every seed's records are held on the host until the tables are written
+    "seeds": 10_000,
+}
+_ENTRIES_WHY = {
+    "broker.alphas": "each is tried on every candidate pair at once",
+    "strategies.grid": "each is a weight of every adaptive agent",
+    "seeds": "one run each: sweep a list of seed lists for more",
+}
+
+
 def _check(key: str, value) -> None:
+    most = MAX_ENTRIES.get(key)
+    if most is not None and isinstance(value, list) and len(value) > most:
+        raise ParamarketError(
+            f"scenario key {key!r} takes at most {most} entries ({_ENTRIES_WHY[key]}), got "
+            f"{len(value)}"
+        )
     desc, ok = RULES[key]
     if not ok(value):
         raise ParamarketError(

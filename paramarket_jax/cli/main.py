@@ -7,9 +7,12 @@ scenario is checked: ``--help``, ``scenarios`` and a bad scenario key answer wit
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 import pathlib
 import shlex
+import signal
 import sys
 
 from tqdm import tqdm
@@ -17,6 +20,7 @@ from tqdm import tqdm
 from paramarket_jax import scenario as sc
 from paramarket_jax.cli import processes
 from paramarket_jax.cli.parser import DEFAULT_SCENARIO, build_parser, parse_seeds
+from paramarket_jax.cli.processes import Terminated
 from paramarket_jax.engines import cache
 from paramarket_jax.errors import ParamarketError
 
@@ -87,14 +91,18 @@ def cmd_run(args) -> int:
                 "--checkpoint-every works in one process only (each host would need the "
                 "others' checkpoints); run the processes without it"
             )
+        if devices != 1:
+            raise ParamarketError(checkpoint.ONE_DEVICE)
         existed = out.exists()
-        checkpoint.start(out, scenario, engine=engine, every=args.checkpoint_every,
-                         max_batch=args.batch, report=args.report,
-                         command=shlex.join(["paramarket", *args.argv]))  # fmt: skip
+        saved = checkpoint.start(out, scenario, engine=engine, every=args.checkpoint_every,
+                                 max_batch=args.batch, report=args.report, devices=devices,
+                                 shard=args.shard,
+                                 command=shlex.join(["paramarket", *args.argv]))  # fmt: skip
         args.checkpoint_out = out
         try:
-            result = run_checkpointed(args, out, scenario, args.checkpoint_every, args.batch,
-                                      args.report, resume=False)  # fmt: skip
+            result = run_checkpointed(args, out, saved, args.report, resume=False)
+        except checkpoint.Kept:  # a file in the way of the finished run's: resumable
+            raise
         except ParamarketError:  # bad input found late (a data file) or every agent diverged
             checkpoint.discard(out, keep_folder=existed)
             raise
@@ -121,8 +129,11 @@ def cmd_run(args) -> int:
 
 
 def resume_run(args) -> int:
-    """``run --resume DIR``: the scenario and options from DIR/run.json, then on from the
-    newest usable checkpoint in DIR/.checkpoints (round 0 without one)."""
+    """``run --resume DIR``: the scenario and options from DIR/run.json (checked key by
+    key: :func:`paramarket_jax.engines.checkpoint.load`), then on from the newest usable
+    checkpoint of that run in DIR/.checkpoints (round 0 without one); a run.json that no
+    checkpoint is of, a file of another in the way or a folder that cannot be written
+    is one line before any compute (:func:`~paramarket_jax.engines.checkpoint.check_resume`)."""
     from paramarket_jax.engines import checkpoint  # deferred: JAX and orbax
 
     others = {
@@ -133,6 +144,8 @@ def resume_run(args) -> int:
         "--batch": args.batch,
         "--checkpoint-every": args.checkpoint_every,
         "--out": args.out,
+        "--devices": args.devices is not None,
+        "--shard": args.shard != "auto",
     }
     given = [name for name, value in others.items() if value]
     if given:
@@ -144,39 +157,57 @@ def resume_run(args) -> int:
         raise ParamarketError("--resume must name a run folder, got an empty path")
     out = pathlib.Path(args.resume)
     saved = checkpoint.load(out)
-    use_cache(args)
     info = saved.info
+    if jax_processes() > 1:
+        raise ParamarketError(
+            "--resume works in one process only, as --checkpoint-every does; run it without "
+            "--coordinator, --num-processes and --process-id"
+        )
+    if info["devices"] != 1:  # as a new run with --checkpoint-every (checkpoint.ONE_DEVICE)
+        raise ParamarketError(
+            f"--resume {out}: run.json 'devices' must be 1 (a run with checkpoints runs on "
+            f"one device), got {info['devices']}"
+        )
+    use_cache(args)
     args.checkpoint_out = out
     report = info["report"] and args.report
-    result = run_checkpointed(args, out, saved.scenario, info["checkpoint_every"], info["batch"],
-                              report, resume=True)  # fmt: skip
+    result = run_checkpointed(args, out, saved, report, resume=True)
     print_summary(saved.scenario, result.summary)
     print(f"wrote {out}/" + (f" (open {out}/report.html)" if report else ""))
     return 0
 
 
-def run_checkpointed(args, out, scenario, every: int, max_batch, report: bool, *, resume: bool):
-    """Run (or go on with) a checkpointed run in ``out`` and write its files there."""
+def run_checkpointed(args, out, saved, report: bool, *, resume: bool):
+    """Run (or go on with) the checkpointed run ``saved`` (its ``run.json``:
+    :class:`paramarket_jax.engines.checkpoint.Saved`) in ``out`` and write its files there.
+    A resume is checked first (:func:`paramarket_jax.engines.checkpoint.check_resume`),
+    with the folder locked and before any compute."""
     # deferred: JAX and orbax
     from paramarket_jax.engines import checkpoint
     from paramarket_jax.runs import run_scenario
 
+    info, scenario = saved
     total = scenario.train.rounds * len(scenario.seeds)
     with checkpoint.lock(out):
-        with tqdm(total=total, desc="rounds", disable=args.quiet, file=sys.stderr) as bar:
-            note = lambda text: bar.write(text, file=sys.stderr)  # noqa: E731
-            with checkpoint.Checkpoints(out, every, resume=resume, note=note) as saves:
-                result = run_scenario(
-                    scenario,
-                    engine="batch",
-                    max_batch=max_batch,
-                    progress=bar.update,
-                    checkpoints=saves,
-                    check=getattr(args, "check", False),
-                    devices=device_count(args),
-                    shard=args.shard,
-                )
-        checkpoint.finish(out, result.files(report=report))
+        if resume:
+            checkpoint.check_resume(out, saved)
+        every, identity = info["checkpoint_every"], saved.identity()
+        with (
+            checkpoint.Checkpoints(out, every, resume=resume, identity=identity) as saves,
+            tqdm(total=total, desc="rounds", disable=args.quiet, file=sys.stderr) as bar,
+        ):
+            saves.note = lambda text: bar.write(text, file=sys.stderr)
+            result = run_scenario(
+                scenario,
+                engine="batch",
+                max_batch=info["batch"],
+                progress=bar.update,
+                checkpoints=saves,
+                check=getattr(args, "check", False),
+                devices=info["devices"],
+                shard=info["shard"],
+            )
+        checkpoint.finish(out, result.files(report=report), info["scenario"])
     return result
 
 
@@ -229,9 +260,12 @@ def cmd_sweep(args) -> int:
     # deferred: JAX and pandas, once the scenario's keys are valid
     from paramarket_jax.results.folders import check_out_dir
     from paramarket_jax.results.tables import knob_text
-    from paramarket_jax.sweep import parse_grid, run_sweep
+    from paramarket_jax.sweep import check_grid, parse_grid, run_sweep
 
     grid = [parse_grid(g) for g in args.grid]
+    if args.seeds is not None and any(key == "seeds" for key, _ in grid):
+        raise ParamarketError("--seeds and --grid seeds=... both set the seeds; drop one")
+    check_grid(grid, overrides)  # a key twice, or swept and --set: before any compute
     writer = jax_process() == 0  # in a multi-process run only process 0 writes
     if writer:
         check_out_dir(args.out, resume=True)  # a usable folder, before any compute
@@ -280,7 +314,10 @@ def cmd_sweep(args) -> int:
     # a swept list value (model.widths=[8],[6]) is shown as its JSON text: hashable
     shown = table.assign(**{k: table[k].map(knob_text) for k in keys})
     print(shown.groupby(keys)[cols].mean().round(4).to_string())
-    print(f"wrote {args.out}/sweep.parquet" + (" and report.html" if args.report else ""))
+    if table.attrs.get("unchanged"):
+        print(f"nothing to run: every cell of {args.out}/ is complete; nothing was rewritten")
+    else:
+        print(f"wrote {args.out}/sweep.parquet" + (" and report.html" if args.report else ""))
     return 0
 
 
@@ -299,13 +336,83 @@ def cmd_report(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+INTERRUPTED = 128 + signal.SIGINT  # exit code after Ctrl-C (130)
+TERMINATED = 128 + signal.SIGTERM  # exit code after SIGTERM (143)
+
+
+@contextlib.contextmanager
+def signals_raise(whole: bool):
+    """Inside the block SIGTERM raises :class:`Terminated` in the main thread (as Ctrl-C
+    raises KeyboardInterrupt); the previous handler is back after it. With ``whole`` (the
+    call is the whole process, which ends after it), the first SIGINT or SIGTERM also makes
+    the process ignore the next ones, up to its end, so that a second Ctrl-C cannot cut
+    the cleanup of the first short (a checkpoint half saved, a temporary left). A no-op
+    outside the main thread, where no handler can be set."""
+
+    def ignore_more() -> None:
+        if whole:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+
+    def on_sigterm(signum, frame):
+        ignore_more()
+        raise Terminated
+
+    def on_sigint(signum, frame):
+        ignore_more()
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        if whole:
+            signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        if not whole:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def exit_now(code: int) -> None:
+    """End the process at once with ``code``, its output flushed, skipping the interpreter's
+    shutdown. After an interrupt, XLA may still be running the compiled call that was
+    interrupted (its threads calling back into Python); tearing the interpreter down under
+    them crashes (exit 139) after waiting for it, so a process whose command has cleaned
+    up after an interrupt is ended here instead."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None, *, process: bool | None = None) -> int:
+    """Run one ``paramarket`` command; its exit code: 0, 2 (bad input, one line), 130
+    (Ctrl-C) or 143 (SIGTERM), each after one line saying what was kept.
+
+    Args:
+        argv: the arguments (default: the process's own, ``sys.argv[1:]``).
+        process: this call is the whole process (default: when ``argv`` is None, as the
+            ``paramarket`` script calls it): after an interrupt and its cleanup the process
+            ends at once (:func:`exit_now`) instead of returning.
+    """
+    whole = argv is None if process is None else process
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    with signals_raise(whole):
+        code = _command(args, argv)
+    if whole and code in (INTERRUPTED, TERMINATED):
+        exit_now(code)
+    return code
+
+
+def _command(args, argv: list[str]) -> int:
     try:
         if args.command in ("run", "sweep") and processes.is_multi(args):
-            processes.check_processes(args.coordinator, args.num_processes, args.process_id)
+            processes.resolve(args)  # before anything starts
             if not processes.is_worker():
                 return processes.supervise(argv, args)
             processes.initialize(
@@ -324,9 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     except ParamarketError as err:
         print(f"paramarket: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"paramarket: interrupted; {interrupted(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"paramarket: {what}; {interrupted(args)}", file=sys.stderr)
+        return TERMINATED if isinstance(err, Terminated) else INTERRUPTED
     except Exception as err:  # out of memory (host or accelerator): one line, no traceback
         if not isinstance(err, MemoryError) and "RESOURCE_EXHAUSTED" not in str(err):
             raise

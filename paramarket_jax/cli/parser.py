@@ -10,18 +10,28 @@ import argparse
 import sys
 
 from paramarket_jax.errors import ParamarketError
+from paramarket_jax.scenario import MAX_ENTRIES
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` or ``"0-4"`` -> a list of seeds."""
+    """``"0,1,2"`` or ``"0-4"`` -> a list of seeds (a range of at most the scenario's
+    limit, checked before the list is made)."""
     try:
         if "-" in text and "," not in text:
             lo, hi = (int(v) for v in text.split("-", 1))
-            seeds = list(range(lo, hi + 1))
+            seeds = None
         else:
             seeds = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ParamarketError(f"--seeds {text!r} must look like 0,1,2 or 0-4") from None
+    if seeds is None:
+        most = MAX_ENTRIES["seeds"]
+        if hi - lo >= most:  # 0-99999999 would take gigabytes before any check
+            raise ParamarketError(
+                f"--seeds {text!r} names {hi - lo + 1} seeds; a run takes at most {most} "
+                "(scenario key 'seeds')"
+            )
+        seeds = list(range(lo, hi + 1))
     if not seeds:
         raise ParamarketError(f"--seeds {text!r} names no seed")
     return seeds
@@ -206,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=V1,V2",
-        help="a swept key and its values, e.g. mechanism.beta=0,0.5,1 "
-        "(repeatable; the grid is their product)",
+        help="a swept key and its values, e.g. mechanism.beta=0,0.5,1 (TOML values, bare "
+        "words are strings; each key once and each value once; repeatable: the grid is "
+        "their product)",
     )
     sweep.add_argument(
         "--set",

@@ -11,6 +11,7 @@ results only at the end, atomically, so nothing half-written is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -24,6 +25,9 @@ _MORE = 8  # plain lines after a runtime error line that still belong to its mes
 # the runtime's log lines (glog: severity, date, time), its stack trace, gloo's chatter
 # (whose threads interleave their lines: a lone number is the end of one of them)
 _NOISE = re.compile(rb"^([IWEF]\d{4} \d\d:\d\d:\d\d|\s+@\s|\*\*\* |\[Gloo\]|RPC: |\s*\d*\s*$)")
+_LOG_LINE = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # a new log line of the runtime
+# a log line that starts right after a progress bar, on its line (the bar has no newline)
+_LOG_AFTER_BAR = re.compile(rb"\r[^\n]*?([IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ )")
 
 
 def is_multi(args) -> bool:
@@ -75,10 +79,22 @@ class _Relay:
         lines = (self.pending + chunk).split(b"\n")
         self.pending = lines.pop()
         for line in lines:
+            if not line and self.open_line and not self.fatal:  # the end of a bar's line
+                self._write(b"\n")
+                continue
+            after_bar = _LOG_AFTER_BAR.match(line)
+            if after_bar and not self.fatal:  # the bar (ended), then the log line
+                self._write(line[: after_bar.start(1)] + b"\n")
+                line = line[after_bar.start(1) :]
             noise = bool(_NOISE.match(line))
-            if noise:  # an error log line's message may go on over a few plain lines
+            if line.startswith(b"paramarket: "):  # our own line: never the runtime's
+                self.more = 0
+            elif noise and _LOG_LINE.match(line):  # an error log line's message may go on
+                # over a few plain lines (a lone number among them, a list of processes)
                 self.more = _MORE if line[:1] in b"EF" else 0
                 self.fatal = self.fatal or line.startswith(b"F")
+            elif noise and self.more:
+                self.more -= 1
             elif self.more:
                 self.more -= 1
                 noise = True
@@ -100,13 +116,22 @@ class _Relay:
         self.sink.flush()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that a
+    terminated command cleans up exactly as an interrupted one (temporaries removed,
+    checkpoints being saved finished or dropped) before it ends."""
+
+
 def supervise(argv: list[str], args) -> int:
     """Run ``paramarket ARGV`` as a child worker; relay its output; turn a runtime abort into
     one line and exit code 2."""
     import threading
 
     env = dict(os.environ, **{WORKER: "1"})
-    code = "import sys; from paramarket_jax.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    code = (
+        "import sys; from paramarket_jax.cli.main import main; "
+        "sys.exit(main(sys.argv[1:], process=True))"
+    )
     child = subprocess.Popen([sys.executable, "-c", code, *argv], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     relays = [_Relay(child.stdout, sys.stdout.buffer), _Relay(child.stderr, sys.stderr.buffer)]
@@ -114,15 +139,24 @@ def supervise(argv: list[str], args) -> int:
     for t in threads:
         t.start()
     while True:
-        try:  # a Ctrl-C reaches the child too: wait for its own message and exit code
+        try:  # the child is interrupted too: wait for its own message and exit code
             rc = child.wait()
             for t in threads:
                 t.join()
             break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:  # passed on (a Ctrl-C reached the child as well:
+            # after its first signal, the child ignores any other)
+            sig = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+            with contextlib.suppress(OSError):
+                child.send_signal(sig)
             continue
-    if rc in (0, 2, 130):
+    if rc in (0, 2, 128 + signal.SIGINT, 128 + signal.SIGTERM):
         return rc
+    if rc in (-signal.SIGINT, -signal.SIGTERM):  # ended before it could clean up: it was
+        # still starting (nothing written yet)
+        what = "interrupted" if rc == -signal.SIGINT else "terminated"
+        print(f"paramarket: {what}; nothing was written", file=sys.stderr)
+        return 128 - rc
     if rc < 0 or rc == 128 + signal.SIGABRT:
         who = "" if args.process_id is None else f"process {args.process_id}: "
         log = bytes(relays[1].log + relays[0].log)
@@ -134,24 +168,76 @@ def supervise(argv: list[str], args) -> int:
     return rc
 
 
+# JAX's variables for a multi-process run, read when none of the options is given
+ENV_COORDINATOR, ENV_PROCESSES, ENV_ID = (
+    "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+)  # fmt: skip
+
+
+def _env_int(name: str, low: int) -> int | None:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = low - 1
+    if value < low:
+        what = "a positive integer" if low else "an integer >= 0"
+        raise ParamarketError(
+            f"{name} must be {what} ({ENV_COORDINATOR} is set: a multi-process run), got {text!r}"
+        )
+    return value
+
+
+def resolve(args) -> None:
+    """Check the multi-process options of ``args`` (ParamarketError, in one line, before
+    anything starts); with none of them given, take them from JAX's variables
+    (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``), checked as
+    strictly and named in the message. A variable left out is left to JAX's detection of
+    a cluster launcher (SLURM, Open MPI, ...), which :func:`initialize` turns into one line
+    when it finds none."""
+    given = (args.coordinator, args.num_processes, args.process_id)
+    args.processes_from = "options"
+    if all(v is None for v in given) and os.environ.get(ENV_COORDINATOR):
+        args.processes_from = "environment"
+        args.coordinator = os.environ[ENV_COORDINATOR].strip()
+        args.num_processes = _env_int(ENV_PROCESSES, 1)
+        args.process_id = _env_int(ENV_ID, 0)
+    check_processes(args.coordinator, args.num_processes, args.process_id,
+                    env=args.processes_from == "environment")  # fmt: skip
+
+
 def check_processes(coordinator: str | None, num_processes: int | None,
-                    process_id: int | None) -> None:  # fmt: skip
-    """ParamarketError unless the multi-process options are all given and sane, or none."""
+                    process_id: int | None, *, env: bool = False) -> None:  # fmt: skip
+    """ParamarketError unless the multi-process options are all given and sane, or none
+    (``env``: they come from JAX's variables, any but the address may be missing)."""
+    names = (ENV_COORDINATOR, ENV_PROCESSES, ENV_ID) if env else (
+        "--coordinator", "--num-processes", "--process-id"
+    )  # fmt: skip
     given = [coordinator, num_processes, process_id]
     if all(v is None for v in given):
         return
-    if any(v is None for v in given):
+    if any(v is None for v in given) and not env:
         raise ParamarketError(
             "a multi-process run needs all of --coordinator HOST:PORT, --num-processes P "
             "and --process-id I (or none of them, and JAX_COORDINATOR_ADDRESS, "
             "JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment)"
         )
     host, _, port = coordinator.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ParamarketError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
-    if not 0 <= process_id < num_processes:
+    if (
+        not host
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+        or any(c.isspace() or not c.isprintable() for c in coordinator)
+    ):
         raise ParamarketError(
-            f"--process-id must be between 0 and {num_processes - 1} (--num-processes "
+            f"{names[0]} must be HOST:PORT (port 1 to 65535), got {coordinator[:100]!r}"
+        )
+    both = num_processes is not None and process_id is not None
+    if both and not 0 <= process_id < num_processes:
+        raise ParamarketError(
+            f"{names[2]} must be between 0 and {num_processes - 1} ({names[1]} "
             f"{num_processes}), got {process_id}"
         )
 
@@ -160,20 +246,47 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
                *, timeout: int = 300, heartbeat: int = 60) -> None:  # fmt: skip
     """Join a multi-process run (``jax.distributed.initialize``), before any other JAX work.
 
-    With ``coordinator`` (``HOST:PORT`` of process 0), ``num_processes`` and ``process_id``
-    given, those are used; with none of them, JAX reads its own environment variables
-    (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) or detects
-    the cluster (SLURM, ...). ``timeout``: seconds to wait for every process to join;
-    ``heartbeat``: seconds of silence after which a process counts as lost.
+    ``coordinator`` (``HOST:PORT`` of process 0), ``num_processes`` and ``process_id``
+    (checked by :func:`resolve`, which reads them from JAX's variables when no option is
+    given); one that is None is left to JAX's detection of a cluster launcher (SLURM, ...),
+    and a ParamarketError names what is missing when it finds none. ``timeout``: seconds
+    to wait for every process to join; ``heartbeat``: seconds of silence after which a
+    process counts as lost.
     """
-    check_processes(coordinator, num_processes, process_id)
     import jax  # deferred: JAX (the command line answers --help and usage errors without it)
 
-    jax.distributed.initialize(
-        coordinator,
-        num_processes,
-        process_id,
-        initialization_timeout=timeout,
-        heartbeat_timeout_seconds=heartbeat,
-        shutdown_timeout_seconds=heartbeat,
-    )
+    # JAX's preemption service takes SIGTERM for itself (a process would then go on, and
+    # hang its peers); without it, SIGTERM ends the process as Ctrl-C does (exit 143)
+    jax.config.update("jax_enable_preemption_service", False)
+    try:
+        jax.distributed.initialize(
+            coordinator,
+            num_processes,
+            process_id,
+            initialization_timeout=timeout,
+            heartbeat_timeout_seconds=heartbeat,
+            shutdown_timeout_seconds=heartbeat,
+        )
+    except (ValueError, TypeError) as err:  # what no option or variable gave, and no
+        # cluster launcher JAX knows told it
+        missing = [name for name, v in ((ENV_PROCESSES, num_processes), (ENV_ID, process_id))
+                   if v is None]  # fmt: skip
+        if not missing:
+            raise ParamarketError(f"cannot join the multi-process run: {err}") from None
+        raise ParamarketError(
+            f"{ENV_COORDINATOR} is set (a multi-process run), but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not, and no cluster launcher that JAX "
+            "knows (SLURM, Open MPI, ...) gives the value; set the variables, give "
+            "--coordinator, --num-processes and --process-id, or unset "
+            f"{ENV_COORDINATOR} for a one-process run"
+        ) from None
+    except jax.errors.JaxRuntimeError as err:  # the runtime refused to start (not a lost peer)
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "RPC server" in text:
+            port = str(coordinator).rpartition(":")[2]
+            raise ParamarketError(
+                f"process 0 cannot serve as the coordinator on port {port} ({text}): the "
+                "port is in use or not allowed here; choose another port in --coordinator "
+                f"(or {ENV_COORDINATOR}) for every process"
+            ) from None
+        raise ParamarketError(f"cannot join the multi-process run: {text}") from None

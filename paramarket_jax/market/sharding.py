@@ -188,6 +188,8 @@ def put(spec, tree, batched: Any = None):
         batched = jax.tree.map(lambda _: None, tree)
 
     def one(axis, leaf):
+        if leaf is None:  # an absent part of a state (no centralized model, ...)
+            return None
         leaf = np.asarray(leaf)
         s = whole if axis is None else split
         if jax.process_count() == 1:

@@ -52,6 +52,9 @@ class Model:
 
 MAX_UNITS = 1 << 16  # most units (widths, channels) of one layer
 MAX_PARAMS = 1 << 30  # most parameters of one model (4 GiB of float32 per agent and copy)
+# most layers a list option names (model.widths, model.channels): compiling takes longer with
+# each (32 layers of 4 units: a minute more than 4; 300: over ten minutes)
+MAX_LAYERS = 64
 
 
 def _shown(value):
@@ -79,7 +82,13 @@ def int_option(model: str, option: str, value, low: int = 1, high: int = MAX_UNI
 
 
 def ints_option(model: str, option: str, value, low: int = 1, high: int = MAX_UNITS) -> tuple:
-    """The option ``value``: a non-empty list of integers in [low, high], as a tuple."""
+    """The option ``value``: a non-empty list of at most ``MAX_LAYERS`` integers in
+    [low, high] (one per layer), as a tuple."""
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) > MAX_LAYERS:
+        raise ParamarketError(
+            f"scenario key 'model.{option}' takes at most {MAX_LAYERS} layers for model "
+            f"{model!r} (compiling takes longer with each), got {len(value)}"
+        )
     ok = (
         isinstance(value, Sequence)
         and not isinstance(value, str)

@@ -93,7 +93,7 @@ def accuracy_per_round(rounds: pd.DataFrame, title: str = "") -> bytes:
         ("fedavg_accuracy", FEDAVG, "FedAvg", "-."),
         ("central_accuracy", CENTRAL, "centralized", ":"),
     ):
-        if rounds[col].isna().all():
+        if col not in rounds or rounds[col].isna().all():  # a baseline not run
             continue
         table = rounds.groupby(["round", "seed"])[col].mean().unstack("seed")
         _band(ax, table, color, label, style)
@@ -494,6 +494,10 @@ def sweep_panels(table: pd.DataFrame, knobs: list[str]) -> bytes:
 def sweep_welfare_per_round(cell_rounds: dict, table: pd.DataFrame, knobs: list[str]) -> bytes:
     """Welfare gain over siloed per round: one panel per value of the second knob, one line
     per value of the first (further knobs averaged per seed), band over seeds."""
+    if not cell_rounds:  # no cell folder holds its tables (moved away, or deleted)
+        fig, ax = _figure(figsize=(6.4, 3.3))
+        _empty(ax, "no cell folder holds its rounds table")
+        return _png(fig)
     frames = []
     cells = table.drop_duplicates("cell").set_index("cell")
     for cell, rounds in cell_rounds.items():

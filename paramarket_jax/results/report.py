@@ -14,6 +14,8 @@ import html
 import json
 import os
 import pathlib
+import re
+import tempfile
 import tomllib
 
 import numpy as np
@@ -41,6 +43,8 @@ pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
 
 
 def _read(path: pathlib.Path, kind: str):
+    """A file of a run or sweep folder; a one-line error naming it if it is missing or
+    cannot be read (not Parquet, truncated, not UTF-8, not JSON, a folder)."""
     try:
         if kind == "parquet":
             return pd.read_parquet(path)
@@ -49,8 +53,27 @@ def _read(path: pathlib.Path, kind: str):
         return path.read_text()
     except FileNotFoundError:
         raise ParamarketError(f"{path} is missing") from None
-    except (OSError, ValueError) as err:
-        raise ParamarketError(f"{path} cannot be read: {err}".splitlines()[0]) from None
+    except UnicodeDecodeError as err:
+        raise ParamarketError(f"{path} cannot be read: not UTF-8 text ({err.reason} at "
+                              f"byte {err.start})") from None  # fmt: skip
+    except IsADirectoryError:
+        raise ParamarketError(f"{path} cannot be read: it is a folder, not a file") from None
+    except json.JSONDecodeError as err:
+        raise ParamarketError(
+            f"{path} cannot be read: not JSON ({err.msg}, line {err.lineno})"
+        ) from None
+    except OSError as err:
+        raise ParamarketError(f"{path} cannot be read ({err.strerror or err})") from None
+    except Exception as err:  # pyarrow's errors for a file that is not (all) Parquet
+        if kind != "parquet":
+            raise
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = re.sub(r"^Could not open Parquet input source '.*?': ", "", reason)
+        reason = reason.split(". ")[0].rstrip(".")  # its first sentence
+        raise ParamarketError(
+            f"{path} cannot be read: not a Parquet file, or a truncated or damaged one "
+            f"({reason[:200]})"
+        ) from None
 
 
 def folder_kind(folder: str | os.PathLike) -> str:
@@ -69,44 +92,231 @@ def folder_kind(folder: str | os.PathLike) -> str:
     )
 
 
+# What the figures and pages read, column -> kind: "index" (whole numbers >= 0), "number",
+# "flag" (true/false) or "name" (a cell's folder name). A table without one of them, or
+# with other values in it, is a one-line error naming the file and the column.
+ROUNDS_READ = dict.fromkeys(("seed", "round", "agent"), "index") | dict.fromkeys(
+    ("accuracy", "siloed_accuracy", "utility", "siloed_utility", "payment", "receipt", "fees"),
+    "number",
+)
+ROUNDS_OPTIONAL = dict.fromkeys(("fedavg_accuracy", "central_accuracy"), "number")
+TRADES_READ = dict.fromkeys(("seed", "round", "buyer", "seller"), "index") | dict.fromkeys(
+    ("price", "value", "realized_value", "realized_gain"), "number"
+)
+TRADES_OPTIONAL = {"hostile": "flag"}
+SWEEP_READ = {"cell": "name", "seed": "index", "mutual_gain": "flag"} | dict.fromkeys(
+    ("market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare", "trades"), "number"
+)
+_KINDS = {
+    "index": "whole numbers >= 0",
+    "number": "numbers",
+    "flag": "true or false",
+    "name": "cell folder names (no /, not . or ..)",
+}
+
+
+def _bad_values(column: pd.Series, kind: str) -> pd.Series:
+    """The values of ``column`` that are not of ``kind`` (all of them, for a column of the
+    wrong type)."""
+    if kind == "name":
+        ok = column.map(
+            lambda v: type(v) is str and v not in ("", ".", "..") and "/" not in v and "\0" not in v
+        )
+        return column[~ok.astype(bool)]
+    if kind == "flag":
+        if pd.api.types.is_bool_dtype(column):
+            return column[column.isna()]
+        if pd.api.types.is_numeric_dtype(column):
+            return column[~column.isin([0, 1])]
+        return column
+    if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        return column
+    if kind == "number":
+        return column.iloc[:0]
+    values = column.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(values) | (values < 0) | (values != np.floor(values))
+    return column[bad]
+
+
+def check_table(table: pd.DataFrame, path, what: str, read: dict, optional=None) -> None:
+    """ParamarketError naming ``path`` and the column unless ``table`` has every column of
+    ``read`` (and of ``optional``, where present) holding values of its kind."""
+    optional = optional or {}
+    missing = [c for c in read if c not in table.columns]
+    if missing:
+        raise ParamarketError(
+            f"{path} is not a {what} of paramarket: it has no column {missing[0]!r} (edited "
+            f"or damaged?)"
+        )
+    for column, kind in {**read, **{c: k for c, k in optional.items() if c in table}}.items():
+        bad = _bad_values(table[column], kind)
+        if len(bad):
+            raise ParamarketError(
+                f"{path}: column {column!r} must hold {_KINDS[kind]}, got "
+                f"{_shown(bad.iloc[0])} (edited or damaged?)"
+            )
+
+
+def _shown(value, most: int = 60) -> str:
+    text = repr(value.item() if hasattr(value, "item") else value)
+    return text if len(text) <= most else text[:most] + "..."
+
+
+def load_tables(folder: pathlib.Path) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """A run folder's (or sweep cell's) rounds and trades tables and scenario text, checked
+    for what the figures read: agents numbered 0 to N-1, trades between them."""
+    rounds_path, trades_path = folder / "rounds.parquet", folder / "trades.parquet"
+    rounds = _read(rounds_path, "parquet")
+    missing = {"seed", "round", "agent", "utility", "siloed_utility"} - set(rounds.columns)
+    if missing or not len(rounds):
+        raise ParamarketError(
+            f"{rounds_path} is not a rounds table of paramarket "
+            + (f"(no column {sorted(missing)[0]!r})" if missing else "(no rows)")
+        )
+    check_table(rounds, rounds_path, "rounds table", ROUNDS_READ, ROUNDS_OPTIONAL)
+    agents = np.unique(rounds["agent"].to_numpy(np.int64))
+    n = len(agents)
+    if agents[-1] != n - 1:
+        raise ParamarketError(
+            f"{rounds_path}: column 'agent' must number the agents 0 to N-1, got "
+            f"{', '.join(map(str, agents[:4]))}{', ...' if n > 4 else ''} (edited or damaged?)"
+        )
+    trades = _read(trades_path, "parquet")
+    check_table(trades, trades_path, "trades table", TRADES_READ, TRADES_OPTIONAL)
+    for side in ("buyer", "seller"):
+        outside = trades.loc[trades[side] >= n, side]
+        if len(outside):
+            raise ParamarketError(
+                f"{trades_path}: column {side!r} names agent {int(outside.iloc[0])}, but "
+                f"{rounds_path} has agents 0 to {n - 1} (edited or damaged?)"
+            )
+    return rounds, trades, _read(folder / "scenario.toml", "text")
+
+
+def _is_number(v) -> bool:
+    return type(v) in (int, float)  # NaN and inf read back as floats: shown as "–"
+
+
+def _is_int(v) -> bool:
+    return type(v) is int
+
+
+SUMMARY_NUMBERS = ("market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare",
+                   "broker_take", "mutual_gain_fraction", "accuracy_gain_all_fraction")  # fmt: skip
+PER_SEED_READ = ("welfare", "siloed_welfare", "broker_take", "trades", "mutual_gain",
+                 "accuracy_gain_all")  # fmt: skip
+
+
+def summary_problem(summary) -> str | None:
+    """What in a run's ``summary.json`` (as JSON reads it) the report cannot show; None
+    when it is a summary of paramarket."""
+    if not isinstance(summary, dict):
+        return f"it holds a JSON {type(summary).__name__}, not an object"
+    for key in SUMMARY_NUMBERS:
+        if not _is_number(summary.get(key)):
+            return f"{key!r} must be a number, got {_shown(summary.get(key))}"
+    for key in ("rounds", "trade_count"):
+        if not _is_int(summary.get(key)):
+            return f"{key!r} must be an integer, got {_shown(summary.get(key))}"
+    seeds = summary.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(x) for x in seeds):
+        return f"'seeds' must be a non-empty list of integers, got {_shown(seeds)}"
+    agents = summary.get("agents")
+    if not isinstance(agents, list) or not all(
+        isinstance(a, dict) and _is_int(a.get("agent")) for a in agents
+    ):
+        return f"'agents' must be a list of objects with an 'agent' number, got {_shown(agents)}"
+    per_seed = summary.get("per_seed")
+    if not isinstance(per_seed, dict) or not per_seed:
+        return f"'per_seed' must be an object of seeds, got {_shown(per_seed)}"
+    for seed, values in per_seed.items():
+        if not seed.isdigit() or not isinstance(values, dict):
+            return f"'per_seed' must map seeds to objects, got {_shown(seed)}: {_shown(values)}"
+        for key in PER_SEED_READ:
+            if not _is_number(values.get(key)) and type(values.get(key)) is not bool:
+                return f"'per_seed' seed {seed}: {key!r} must be a number, got " + _shown(
+                    values.get(key)
+                )
+    return None
+
+
 def load_run(folder: str | os.PathLike) -> dict:
-    """A run folder's tables, summary and scenario text."""
+    """A run folder's tables, summary and scenario text, checked for what the report reads
+    (a one-line error naming the file and the problem)."""
     path = pathlib.Path(folder)
-    out = {
-        "rounds": _read(path / "rounds.parquet", "parquet"),
-        "trades": _read(path / "trades.parquet", "parquet"),
-        "summary": _read(path / "summary.json", "json"),
-        "scenario": _read(path / "scenario.toml", "text"),
-    }
-    missing = {"seed", "round", "agent", "utility", "siloed_utility"} - set(out["rounds"].columns)
-    if missing or not len(out["rounds"]):
-        raise ParamarketError(f"{path / 'rounds.parquet'} is not a rounds table of paramarket")
-    return out
+    rounds, trades, scenario = load_tables(path)
+    summary = _read(path / "summary.json", "json")
+    problem = summary_problem(summary)
+    if problem is not None:
+        raise ParamarketError(
+            f"{path / 'summary.json'} is not a run summary of paramarket: {problem} (edited "
+            "or damaged?)"
+        )
+    return {"rounds": rounds, "trades": trades, "summary": summary, "scenario": scenario}
+
+
+def meta_problem(meta) -> str | None:
+    """What in a ``sweep.json`` (as JSON reads it) the report cannot use; None if nothing."""
+    if not isinstance(meta, dict):
+        return f"it holds a JSON {type(meta).__name__}, not an object"
+    grid = meta.get("grid", [])
+    if not isinstance(grid, list) or not all(
+        isinstance(g, list) and len(g) == 2 and type(g[0]) is str and isinstance(g[1], list)
+        for g in grid
+    ):
+        return f"'grid' must be a list of [key, [values]] pairs, got {_shown(grid)}"
+    overrides = meta.get("overrides", [])
+    if not isinstance(overrides, list) or not all(type(o) is str for o in overrides):
+        return f"'overrides' must be a list of strings, got {_shown(overrides)}"
+    for key in ("command", "scenario"):
+        if meta.get(key) is not None and type(meta[key]) is not str:
+            return f"{key!r} must be a string, got {_shown(meta[key])}"
+    return None
 
 
 def load_sweep(folder: str | os.PathLike) -> dict:
-    """A sweep folder's table, its swept knobs, and every complete cell's tables."""
+    """A sweep folder's table, its swept knobs, and every complete cell's tables, checked
+    for what the report reads (a one-line error naming the file and the problem)."""
     path = pathlib.Path(folder)
-    if not (path / "sweep.parquet").is_file():
+    table_path, meta_path = path / "sweep.parquet", path / "sweep.json"
+    if not table_path.is_file():
+        if table_path.exists():
+            raise ParamarketError(f"{table_path} is a folder, not a file")
         raise ParamarketError(f"{path}: the sweep has no finished cell yet")
-    table = _read(path / "sweep.parquet", "parquet")
-    if not len(table):
-        raise ParamarketError(f"{path}: the sweep has no finished cell yet")
-    meta = _read(path / "sweep.json", "json") if (path / "sweep.json").exists() else {}
+    table = _read(table_path, "parquet")
+    meta = _read(meta_path, "json") if os.path.lexists(meta_path) else {}
+    problem = meta_problem(meta)
+    if problem is not None:
+        raise ParamarketError(
+            f"{meta_path} is not a sweep description of paramarket: {problem} (edited or damaged?)"
+        )
     columns = list(table.columns)
     if "cell" not in columns or "seed" not in columns:
-        raise ParamarketError(f"{path / 'sweep.parquet'} is not a sweep table of paramarket")
+        raise ParamarketError(f"{table_path} is not a sweep table of paramarket")
+    if not len(table):
+        raise ParamarketError(f"{path}: the sweep has no finished cell yet")
+    check_table(table, table_path, "sweep table", SWEEP_READ)
     knobs = [k for k, _ in meta.get("grid", [])] or columns[
         columns.index("cell") + 1 : columns.index("seed")
     ]
+    if not knobs:
+        raise ParamarketError(
+            f"{table_path} names no swept knob (no columns between 'cell' and 'seed', and "
+            f"no grid in {meta_path.name}): not a sweep table of paramarket"
+        )
+    lost = [k for k in knobs if k not in columns]
+    if lost:
+        raise ParamarketError(
+            f"{meta_path} sweeps {lost[0]!r}, but {table_path} has no column for it (edited "
+            "or damaged?)"
+        )
     for knob in knobs:
         table[knob] = table[knob].map(knob_text)
     cell_rounds, cell_trades, cell_scenarios = {}, {}, {}
     for cell in dict.fromkeys(table["cell"]):
         if (path / cell / "rounds.parquet").is_file():
-            cell_rounds[cell] = _read(path / cell / "rounds.parquet", "parquet")
-            cell_trades[cell] = _read(path / cell / "trades.parquet", "parquet")
-            cell_scenarios[cell] = _read(path / cell / "scenario.toml", "text")
+            rounds, trades, scenario = load_tables(path / cell)
+            cell_rounds[cell], cell_trades[cell], cell_scenarios[cell] = rounds, trades, scenario
     scenario = next(iter(cell_scenarios.values()), "")
     return dict(
         table=table,
@@ -408,19 +618,42 @@ def run_outputs(scenario_text: str, rounds, trades, summary: dict, name: str) ->
     return out
 
 
+# what drawing a figure or page from checked tables may still raise on values nobody
+# foresaw (an edited table): one line, naming the folder, instead of a traceback
+_DRAWING_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, ArithmeticError)
+
+
+def _drawn(folder, draw, *args) -> dict:
+    try:
+        return draw(*args)
+    except ParamarketError:
+        raise
+    except _DRAWING_ERRORS as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ParamarketError(
+            f"{folder}: its tables do not fit together, so the figures cannot be drawn "
+            f"({type(err).__name__}: {reason}); were they edited?"
+        ) from None
+
+
 def sweep_outputs(folder: str | os.PathLike) -> dict:
     """Figures (name -> PNG bytes) and ``report.html`` for a sweep folder."""
     data = load_sweep(folder)
-    figures = plots.sweep_figures(
-        data["table"], data["knobs"], data["cell_rounds"], data["cell_trades"]
-    )
-    out = {k: png for k, (png, _) in figures.items()}
-    out["report.html"] = sweep_html(data, figures, pathlib.Path(folder).resolve().name)
-    return out
+
+    def draw():
+        figures = plots.sweep_figures(
+            data["table"], data["knobs"], data["cell_rounds"], data["cell_trades"]
+        )
+        out = {k: png for k, (png, _) in figures.items()}
+        out["report.html"] = sweep_html(data, figures, pathlib.Path(folder).resolve().name)
+        return out
+
+    return _drawn(folder, draw)
 
 
 def folder_outputs(folder: str | os.PathLike) -> dict:
-    """Figures and report of a run or sweep folder, read from its tables only."""
+    """Figures and report of a run or sweep folder, read from its tables only (checked:
+    a one-line error names a damaged or edited file)."""
     if folder_kind(folder) == "sweep":
         return sweep_outputs(folder)
     run = load_run(folder)
@@ -428,24 +661,69 @@ def folder_outputs(folder: str | os.PathLike) -> dict:
         name = str(tomllib.loads(run["scenario"])["name"])
     except (tomllib.TOMLDecodeError, KeyError):
         name = pathlib.Path(folder).resolve().name
-    return run_outputs(run["scenario"], run["rounds"], run["trades"], run["summary"], name)
+    return _drawn(folder, run_outputs, run["scenario"], run["rounds"], run["trades"],
+                  run["summary"], name)  # fmt: skip
+
+
+def check_can_write(folder: str | os.PathLike, names=()) -> None:
+    """ParamarketError unless the report and figures can go into ``folder``: a file can be
+    made in it and a temporary folder beside it (probed, and removed at once), and none of
+    ``names`` there is a folder. Checked before drawing, so nothing is written."""
+    path = pathlib.Path(folder).resolve()
+    for name in names:
+        if (path / name).is_dir() and not (path / name).is_symlink():
+            raise ParamarketError(
+                f"{path / name} is a folder where paramarket writes a file; nothing was "
+                "written: move it away"
+            )
+    prefix = f".{path.name}.{os.getpid()}."  # as results.folders names its temporaries
+    for where, probe in ((path, _probe_file), (path.parent, _probe_folder)):
+        try:
+            probe(prefix, where)
+        except OSError as err:
+            beside = "" if where == path else f" (its files are made beside it, in {where})"
+            raise ParamarketError(
+                f"cannot write into {path}{beside}: {err.strerror or err} (read-only?); "
+                "nothing was written: make it writable, or copy the folder somewhere writable"
+            ) from None
+
+
+def _probe_file(prefix: str, where: pathlib.Path) -> None:
+    fd, probe = tempfile.mkstemp(prefix=prefix, dir=where)
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _probe_folder(prefix: str, where: pathlib.Path) -> None:
+    os.rmdir(tempfile.mkdtemp(prefix=prefix, dir=where))
 
 
 def write_files(folder: str | os.PathLike, files: dict) -> list[pathlib.Path]:
     """Write figures and pages beside the tables, each whole or absent
-    (:func:`paramarket_jax.results.folders.write_into`)."""
-    write_into(folder, files, last="report.html")
+    (:func:`paramarket_jax.results.folders.write_into`); a one-line error when the folder
+    takes no file."""
+    check_can_write(folder, files)
+    try:
+        write_into(folder, files, last="report.html")
+    except OSError as err:  # the disk full, say: each file there is the old one or the new
+        raise ParamarketError(
+            f"cannot write into {folder} ({err.strerror or err}); no file there is half written"
+        ) from None
     return [pathlib.Path(folder) / name for name in files]
 
 
 def write_report(folder: str | os.PathLike) -> pathlib.Path:
     """``paramarket report DIR``: write DIR/report.html."""
+    folder_kind(folder)  # a run or sweep folder, else one line
+    check_can_write(folder, ["report.html"])
     files = folder_outputs(folder)
     return write_files(folder, {"report.html": files["report.html"]})[0]
 
 
 def write_plots(folder: str | os.PathLike) -> list[pathlib.Path]:
     """``paramarket plot DIR``: write every figure of DIR as a PNG file in DIR."""
+    folder_kind(folder)  # a run or sweep folder, else one line
+    check_can_write(folder)
     files = folder_outputs(folder)
     files.pop("report.html")
     return write_files(folder, files)

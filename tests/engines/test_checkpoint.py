@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
+from same_run import assert_same_run
 from shrink import SMALL
 
 from paramarket_jax import scenario as sc
@@ -200,14 +201,6 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     assert main(["run", "--out", str(out), *ARGS]) == 0
     return out
-
-
-def assert_same_run(out, ref):
-    for name in ("rounds.parquet", "trades.parquet"):
-        a, b = pd.read_parquet(out / name), pd.read_parquet(ref / name)
-        pd.testing.assert_frame_equal(a, b, check_exact=True, check_dtype=True)
-    for name in ("summary.json", "scenario.toml"):
-        assert (out / name).read_text() == (ref / name).read_text(), name
 
 
 def test_chunked_rounds_equal_the_scanned_run(experiment, compiles, killed):
