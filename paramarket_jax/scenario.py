@@ -471,6 +471,17 @@ def keyword_options(fn: Callable) -> list[str]:
     return [p.name for p in params if p.default is not p.empty]
 
 
+def dotted(table: Mapping, prefix: str = "") -> dict:
+    """A nested table as one level of dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 

@@ -392,15 +392,7 @@ def stale_keys(folder: pathlib.Path, scenario: sc.Scenario) -> list[str]:
     except (OSError, tomllib.TOMLDecodeError, ParamarketError):
         return ["scenario.toml (missing or unreadable)"]
     want = sc.to_dict(scenario)
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
-        return out
-
-    a, b = flat(done), flat(want)
+    a, b = sc.dotted(done), sc.dotted(want)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 

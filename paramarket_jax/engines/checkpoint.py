@@ -168,16 +168,6 @@ def digest(ident: dict | None) -> str | None:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def _dotted(table, prefix: str = "") -> dict:
-    out = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def differences(saved, mine: dict) -> list[str]:
     """The keys (engine options, dotted scenario keys) in which a step's identity
     ``saved`` differs from ``mine``."""
@@ -186,8 +176,8 @@ def differences(saved, mine: dict) -> list[str]:
     keys = [key for key in OPTIONS if saved.get(key) != mine.get(key)]
     if saved.get("scenario") != mine["scenario"]:
         try:
-            a = _dotted(tomllib.loads(saved.get("scenario")))
-            b = _dotted(tomllib.loads(mine["scenario"]))
+            a = sc.dotted(tomllib.loads(saved.get("scenario")))
+            b = sc.dotted(tomllib.loads(mine["scenario"]))
             keys += sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)) or ["scenario"]
         except (TypeError, AttributeError, tomllib.TOMLDecodeError):
             keys.append("scenario")

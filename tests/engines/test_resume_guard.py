@@ -139,14 +139,16 @@ def resume(out, capsys) -> str:
     return capsys.readouterr().err
 
 
-def refused(out, capsys, needle, folder=None):
-    """``--resume out`` is exit 2, one line naming ``needle``, and nothing under
-    ``folder`` (default: out's parent) changed."""
+def refused(out, capsys, needle, folder=None) -> tuple[str, bool]:
+    """``--resume out``: exit 2 and one line naming ``needle`` (checked here), returned
+    with whether everything under ``folder`` (default: out's parent) is unchanged, byte
+    for byte (for the test to assert)."""
     folder = out.parent if folder is None else folder
     before = snapshot(folder)
     code = call(["run", "--resume", str(out), "--quiet"])
-    check_one_line(code, capsys.readouterr(), needle, folder, keep=set(listing(folder)))
-    assert snapshot(folder) == before
+    captured = capsys.readouterr()
+    check_one_line(code, captured, needle, folder, keep=set(listing(folder)))
+    return captured.err.strip(), snapshot(folder) == before
 
 
 def step_meta(out, step) -> dict:
@@ -209,7 +211,8 @@ def test_an_edited_run_json_is_refused_before_any_compute(
     line naming what differs, nothing changed (no step is removed, nothing is run)."""
     out = copy(pristine, tmp_path / "run")
     edit_run_json(out, **changes)
-    refused(out, capsys, needle, tmp_path)
+    line, unchanged = refused(out, capsys, needle, tmp_path)
+    assert needle in line and unchanged
 
 
 def test_edits_that_are_no_other_run_resume(pristine, reference, tmp_path, capsys):
@@ -244,8 +247,9 @@ def test_steps_that_are_all_another_runs_are_refused(pristine, other, tmp_path, 
     out = copy(pristine, tmp_path / "run")
     shutil.rmtree(out / ".checkpoints")
     shutil.copytree(other / ".checkpoints", out / ".checkpoints")
-    refused(out, capsys, "another run's checkpoint, differing from run.json in "
-            "economics.step_cost", tmp_path)  # fmt: skip
+    needle = "another run's checkpoint, differing from run.json in economics.step_cost"
+    line, unchanged = refused(out, capsys, needle, tmp_path)
+    assert needle in line and unchanged
 
 
 # ---- run.json checked as strictly as a scenario ----
@@ -291,7 +295,8 @@ def test_run_json_is_checked_as_strictly_as_a_scenario(
     out.mkdir()
     shutil.copy(pristine / "run.json", out / "run.json")
     edit_run_json(out, **changes)
-    refused(out, capsys, needle, tmp_path)
+    line, unchanged = refused(out, capsys, needle, tmp_path)
+    assert needle in line and unchanged
 
 
 @pytest.mark.parametrize(
@@ -305,7 +310,8 @@ def test_a_run_json_that_is_no_object_is_refused(text, needle, tmp_path, capsys,
     out.mkdir()
     path = out / "run.json"
     path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
-    refused(out, capsys, needle, tmp_path)
+    line, unchanged = refused(out, capsys, needle, tmp_path)
+    assert needle in line and unchanged
 
 
 # ---- only what paramarket wrote is removed or replaced ----
@@ -407,7 +413,8 @@ def test_what_paramarket_did_not_write_stops_a_resume_untouched(
 ):
     out = copy(pristine, tmp_path / "run")
     make(out)
-    refused(out, capsys, needle, tmp_path)
+    line, unchanged = refused(out, capsys, needle, tmp_path)
+    assert needle in line and unchanged
 
 
 def test_the_leftovers_of_a_killed_finish_are_replaced(pristine, reference, tmp_path, capsys):
@@ -589,8 +596,9 @@ def test_a_folder_that_cannot_be_written_is_refused_before_any_compute(
     else:
         os.chmod(folder, 0o555)
     try:
-        refused(out, capsys, f"cannot write in {folder.resolve() if where == 'parent' else folder}",
-                tmp_path)  # fmt: skip
+        needle = f"cannot write in {folder.resolve() if where == 'parent' else folder}"
+        line, unchanged = refused(out, capsys, needle, tmp_path)
+        assert needle in line and unchanged
     finally:
         os.chmod(folder, 0o755)
 
