@@ -104,6 +104,9 @@ def spec_of(scenario: Scenario, dataset: Dataset) -> MarketSpec:
         max_sweeps=s.broker.max_sweeps,
         chunk=s.broker.batch_size,
         solver=s.broker.solver,
+        heads=s.broker.heads,
+        vocab=dataset.vocab,
+        targets="all" if np.ndim(dataset.y_train) == 2 else "last",
         alphas=len(s.broker.alphas),
         strategy_grid=len(s.strategies.grid),
         # without hostile agents the kind is moot: such scenarios share one compilation
@@ -233,6 +236,9 @@ def seed_data(exp: Experiment, seed: int) -> tuple[MarketData, jax.Array]:
         dataset = dataset._replace(
             x_train=np.concatenate([dataset.x_train, dataset.x_train]),
             y_train=np.concatenate([np.asarray(dataset.y_train, np.int32), wrong]),
+            groups=None
+            if dataset.groups is None
+            else (np.concatenate([dataset.groups[0]] * 2), *dataset.groups[1:]),
         )
     agents = agent_data(dataset, part, capacity)
     # the centralized baseline pools every row as its owners hold it (noisy labels too)

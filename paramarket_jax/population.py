@@ -177,13 +177,11 @@ def make_trainer(model: Model, optimizer: str = "adam", batch_size: int = 32) ->
     tx = make_optimizer(optimizer)
 
     def loss_fn(params, x, y):
-        logits = model.apply(params, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return model.losses(params, x, y)[0].mean()
 
     def metrics_fn(params, x, y):
-        logits = model.apply(params, x)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+        loss, correct = model.losses(params, x, y)
+        return loss.mean(), correct.mean()
 
     def train_one(params, opt_state, lr, key, start, size, rows, x, y, steps):
         def step(carry, k):

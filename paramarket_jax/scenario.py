@@ -208,6 +208,7 @@ class BrokerConfig:
     min_gain: float = 0.0
     confidence: float = 0.0
     solver: str = "optax"
+    heads: str = "grouped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +320,7 @@ RULES: dict[str, tuple] = {
     "broker.choose": ("one of objective, validation", lambda v: v in ("objective", "validation")),
     "broker.pick": ("one of random, top", lambda v: v in ("random", "top")),
     "broker.solver": ("one of callback, optax", lambda v: v in ("callback", "optax")),
+    "broker.heads": ("one of grouped, flat", lambda v: v in ("grouped", "flat")),
     "broker.alphas": ALPHAS,
     "broker.max_alpha": _real("a number in (0, 1]", lambda v: 0 < v <= 1),
     "broker.layers": STRS,
@@ -664,13 +666,13 @@ def _check_registered(scenario: Scenario) -> None:
     factories' annotations."""
     # deferred: JAX (the registries import their kernels)
     from paramarket_jax.data import check_partition_options
-    from paramarket_jax.data.datasets import check_dataset_options, dataset_num_classes
+    from paramarket_jax.data.datasets import check_dataset_options, dataset_num_strata
     from paramarket_jax.mechanisms import make_mechanism
     from paramarket_jax.models import check_options
 
     d, m = scenario.data, scenario.model
     check_dataset_options(d.dataset, **dict(d.options), **({"path": d.path} if d.path else {}))
-    k = dataset_num_classes(d.dataset, **dict(d.options))
+    k = dataset_num_strata(d.dataset, **dict(d.options))
     check_partition_options(d.split.name, scenario.agents.n, k, **dict(d.split.options))
     check_options(m.name, **dict(m.options))
     make_mechanism(scenario.mechanism.name, **dict(scenario.mechanism.options))

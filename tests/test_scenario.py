@@ -18,6 +18,8 @@ BUNDLED = [
     "paper_mnist1d",
     "paper_no_alignment",
     "paper_two_agent",
+    "transformer_arithmetic",
+    "vit_digits",
 ]
 
 
@@ -76,11 +78,11 @@ def test_changing_the_partitioner_drops_the_default_options():
         ("train.learning_rate=-1", "'train.learning_rate' must be a number > 0"),
         ("train.learning_rate=nan", "'train.learning_rate' must be a number > 0"),
         ("train.optimizer=lbfgs", "one of adam, adamw, momentum, rmsprop, sgd"),
-        ("data.dataset=imagenet", "'data.dataset' must be one of cifar10, digits"),
-        ("data.split.name=random", "one of class_split, dirichlet, iid, shards"),
+        ("data.dataset=imagenet", "'data.dataset' must be one of arithmetic, cifar10, digits"),
+        ("data.split.name=random", "one of class_split, dirichlet, groups, iid, shards"),
         ("data.split.alpha=0.5", "unknown scenario key 'data.split.alpha' for name 'class_split'"),
         ("data.split.eval_mix=uniform", "one of shard, global"),
-        ("model.name=resnet", "one of cnn, mlp, wrn"),
+        ("model.name=resnet", "one of cnn, gpt, mlp, vit, wrn"),
         ("model.depth=3", "unknown scenario key 'model.depth' for name 'mlp'"),
         ("broker.alphas=[0.5, 1.5]", "numbers in [0, 1]"),
         ("broker.alphas=[]", "non-empty list"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import partial
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +15,12 @@ from paramarket_jax.errors import ParamarketError, unknown
 from paramarket_jax.models.spec import (
     PermutationSpec,
     apply_permutation,
+    blocked,
     flatten,
     identity_perms,
     permute_param,
     random_perms,
+    unit_rows,
 )
 
 # ``auto``: jitted, the assignment solver chosen per platform when lowered (scipy through a
@@ -29,18 +32,28 @@ SOLVERS = ("auto", "optax", "callback")  # the jitted backends: solvers of hunga
 # round-off between equally good assignments cannot keep the descent going.
 RTOL = 1e-6
 
-Frozen = tuple[tuple[tuple[str, tuple[str | None, ...]], ...], tuple[tuple[str, int], ...]]
+Frozen = tuple[
+    tuple[tuple[str, tuple[str | None, ...]], ...],
+    tuple[tuple[str, int], ...],
+    tuple[tuple[str, tuple[str, int]], ...],
+    bool,
+]
 
 
 def freeze(spec: PermutationSpec) -> Frozen:
     """A hashable copy of ``spec`` (for ``jax.jit`` static arguments and caches)."""
     axes = tuple(sorted((path, tuple(names)) for path, names in spec.axes.items()))
-    return axes, tuple(sorted(spec.sizes.items()))
+    blocks = tuple(sorted((g, tuple(b)) for g, b in spec.blocks.items()))
+    return axes, tuple(sorted(spec.sizes.items())), blocks, bool(spec.grouped)
 
 
 def thaw(frozen: Frozen) -> PermutationSpec:
     """Inverse of :func:`freeze`."""
-    return PermutationSpec(axes=dict(frozen[0]), sizes=dict(frozen[1]))
+    axes, sizes, blocks, grouped = frozen
+    spec = PermutationSpec(axes=dict(axes), sizes=dict(sizes))
+    if blocks:
+        spec = spec._replace(blocks=MappingProxyType(dict(blocks)), grouped=grouped)
+    return spec
 
 
 def similarity(
@@ -68,11 +81,51 @@ def similarity(
     n = spec.sizes[group]
     sim = jnp.zeros((n, n), jnp.float32)
     for path, axis in spec.perm_to_axes[group]:
-        wa = jnp.moveaxis(buyer_flat[path], axis, 0).reshape(n, -1)
+        wa = unit_rows(spec, group, buyer_flat[path], axis)
         wb = permute_param(spec, perms, path, seller_flat[path], except_axis=axis)
-        wb = jnp.moveaxis(wb, axis, 0).reshape(n, -1)
+        wb = unit_rows(spec, group, wb, axis)
         sim = sim + jnp.dot(wa, wb.T, precision=jax.lax.Precision.HIGHEST)
     return sim
+
+
+def descent_units(spec: PermutationSpec) -> list[tuple[str, ...]]:
+    """What one coordinate step re-solves: every ordinary group alone (sorted), then every
+    head set's blocked groups together (:attr:`PermutationSpec.blocks`; sorted by set).
+    Without blocked groups these are the groups, in the order weight matching always
+    used; so they are when the spec is not ``grouped`` (``broker.heads = "flat"``)."""
+    if not spec.grouped:
+        return [(g,) for g in sorted(spec.sizes)]
+    plain = [(g,) for g in sorted(spec.sizes) if g not in spec.blocks]
+    return plain + [groups for _, groups in sorted(spec.head_sets.items())]
+
+
+def solve_heads(sims, shapes, solver: str = "auto", where=None) -> list[jax.Array]:
+    """The best blocked permutations of one head set, in two levels (exact).
+
+    For every (buyer head i, seller head j) pair and every group of the set, the best
+    assignment of j's units to i's (one batched :func:`hungarian` of heads^2 matrices per
+    group); then one assignment over heads scored by the sum of those inner optima. Given
+    the head assignment the inner problems are independent, so this maximises the set's
+    similarity over every blocked permutation.
+
+    Args:
+        sims: one (heads * d, heads * d) similarity per group of the set (:func:`similarity`).
+        shapes: (heads, d) per group.
+        solver: as for :func:`hungarian`.
+        where: as for :func:`hungarian` (scalar: whether to solve at all).
+
+    Returns:
+        one flattened blocked perm (heads * d,) per group.
+    """
+    inner, cost = [], 0.0
+    for sim, (h, d) in zip(sims, shapes, strict=True):
+        blocks = sim.reshape(h, d, h, d).transpose(0, 2, 1, 3)  # [buyer head, seller head]
+        p = hungarian(blocks, solver, where=where)  # (h, h, d)
+        inner.append(p)
+        cost = cost + jnp.take_along_axis(blocks, p[..., None], -1)[..., 0].sum(-1)
+    head = hungarian(cost, solver, where=where)
+    rows = jnp.arange(shapes[0][0])
+    return [blocked(head, p[rows, head]) for p in inner]
 
 
 def hungarian(sim: jax.Array, solver: str = "auto", where: jax.Array | None = None) -> jax.Array:
@@ -188,6 +241,59 @@ def _step(spec, members, solver, branch, chosen_branch, local, a, b, perms, live
     return out, improved
 
 
+def _head_step(spec, sets, solver, branch, chosen_branch, local, a, b, perms, live):
+    """:func:`_step` for a head set: re-solve the blocked groups of ``sets[local]`` together
+    (:func:`solve_heads`) if that improves their summed score. All ``sets`` have one shape
+    (heads and d_head of each group), so they share the compiled solvers."""
+
+    def sims(groups):
+        return [similarity(spec, g, a, b, perms) for g in groups]
+
+    if len(sets) == 1:
+        sim = sims(sets[0])
+    else:
+        sim = jax.lax.switch(local, [partial(sims, t) for t in sets])
+    old = [jnp.stack([perms[t[m]] for t in sets])[local] for m in range(len(sets[0]))]
+    live = live & (chosen_branch == branch)
+    new = solve_heads(sim, [spec.heads(g) for g in sets[0]], solver, where=live)
+
+    def score(ps):
+        return sum(s[jnp.arange(s.shape[0]), p].sum() for s, p in zip(sim, ps, strict=True))
+
+    old_score, new_score = score(old), score(new)
+    tol = RTOL * jnp.maximum(jnp.abs(old_score), jnp.abs(new_score))
+    improved = live & (new_score > old_score + tol)
+    out = dict(perms)
+    for i, groups in enumerate(sets):
+        for m, g in enumerate(groups):
+            out[g] = jnp.where((local == i) & improved, new[m], perms[g])
+    return out, improved
+
+
+def _branches(spec: PermutationSpec, solver: str):
+    """The descent's step branches and, per unit of :func:`descent_units`, its branch and
+    its index inside the branch: ordinary groups of one size share a branch (and one
+    compiled solver), as do head sets of one shape."""
+    units = descent_units(spec)
+    keys = []
+    for unit in units:
+        if len(unit) > 1 or (unit[0] in spec.blocks and spec.grouped):
+            keys.append((1, tuple(spec.heads(g) for g in unit)))
+        else:
+            keys.append((0, spec.sizes[unit[0]]))
+    kinds = sorted(set(keys))
+    members = [[u for u, k in zip(units, keys, strict=True) if k == kind] for kind in kinds]
+    branches = [
+        partial(_head_step, spec, m, solver, i)
+        if kind[0]
+        else partial(_step, spec, [u[0] for u in m], solver, i)
+        for i, (kind, m) in enumerate(zip(kinds, members, strict=True))
+    ]
+    branch_of = [kinds.index(k) for k in keys]
+    local_of = [members[b].index(u) for b, u in zip(branch_of, units, strict=True)]
+    return units, branches, jnp.array(branch_of, jnp.int32), jnp.array(local_of, jnp.int32)
+
+
 def _align_batch(
     frozen: Frozen,
     buyer_flat,
@@ -228,12 +334,9 @@ def _align_batch(
         return perms0
     if init is not None:
         perms0 = {g: jnp.asarray(init[g], jnp.int32) for g in groups}
-    # Groups of equal size share a branch (and one compiled Hungarian solver).
-    sizes = sorted({spec.sizes[g] for g in groups})
-    members = [[g for g in groups if spec.sizes[g] == n] for n in sizes]
-    branch_of = jnp.array([sizes.index(spec.sizes[g]) for g in groups], jnp.int32)
-    local_of = jnp.array([members[sizes.index(spec.sizes[g])].index(g) for g in groups], jnp.int32)
-    branches = [partial(_step, spec, m, solver, k) for k, m in enumerate(members)]
+    # Groups of equal size share a branch (and one compiled Hungarian solver); so do head
+    # sets of one shape. A head set is one unit of the descent (one step solves it).
+    units, branches, branch_of, local_of = _branches(spec, solver)
 
     def sweep(order, a, b, perms, live):
         # A loop, not an unrolled sweep: every group's branch is compiled once, not G times.
@@ -243,7 +346,7 @@ def _align_batch(
             perms, improved = jax.lax.switch(g, branches, g, i, a, b, perms, live)
             return perms, changed | improved
 
-        return jax.lax.fori_loop(0, len(groups), step, (perms, jnp.zeros((), bool)))
+        return jax.lax.fori_loop(0, len(units), step, (perms, jnp.zeros((), bool)))
 
     per_pair = restart_of is not None  # one group order per pair, not one for all
     batched_sweep = jax.vmap(sweep, in_axes=(0 if per_pair else None, 0, 0, 0, 0))
@@ -274,7 +377,7 @@ def _align_batch(
         count, active, perms = carry
 
         def draw(k):
-            return jax.random.permutation(jax.random.fold_in(k, count), len(groups))
+            return jax.random.permutation(jax.random.fold_in(k, count), len(units))
 
         order = jax.vmap(draw)(key)[restart_of] if per_pair else draw(key)
         n_live = active.sum()
@@ -525,28 +628,54 @@ _align_one_jit = jax.jit(_align_one, static_argnums=(0, 5, 6))
 
 
 def _align_scipy(spec, buyer_params, seller_params, key, max_sweeps):
-    """Host loop of :func:`align` with scipy's ``linear_sum_assignment`` (not jittable)."""
+    """Host loop of :func:`align` with scipy's ``linear_sum_assignment`` (not jittable); a
+    head set is solved in two levels on the host (:func:`_solve_heads_host`)."""
     frozen = freeze(spec)
-    groups = sorted(spec.sizes)
+    units = descent_units(spec)
     a = flatten(buyer_params)
     b = flatten(seller_params)
     perms = identity_perms(spec)
     for count in range(int(max_sweeps)):
-        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, count), len(groups)))
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, count), len(units)))
         changed = False
         for t in order:
-            g = groups[int(t)]
-            sim = np.asarray(_similarity_jit(frozen, g, a, b, perms))
-            new = _scipy_lsa()(sim, maximize=True)[1].astype(np.int32)
-            old = np.asarray(perms[g])
-            rows = np.arange(sim.shape[0])
-            old_score, new_score = sim[rows, old].sum(), sim[rows, new].sum()
+            unit = units[int(t)]
+            sims = [np.asarray(_similarity_jit(frozen, g, a, b, perms)) for g in unit]
+            if spec.grouped and unit[0] in spec.blocks:
+                new = _solve_heads_host(sims, [spec.heads(g) for g in unit])
+            else:
+                new = [_scipy_lsa()(sims[0], maximize=True)[1].astype(np.int32)]
+            old = [np.asarray(perms[g]) for g in unit]
+
+            def score(ps, sims=sims):
+                return sum(m[np.arange(m.shape[0]), p].sum() for m, p in zip(sims, ps, strict=True))
+
+            old_score, new_score = score(old), score(new)
             if new_score > old_score + RTOL * max(abs(old_score), abs(new_score)):
-                perms = {**perms, g: jnp.asarray(new)}
+                perms = {**perms, **{g: jnp.asarray(p) for g, p in zip(unit, new, strict=True)}}
                 changed = True
         if not changed:
             break
     return perms
+
+
+def _solve_heads_host(sims, shapes) -> list[np.ndarray]:
+    """:func:`solve_heads` on the host: a scipy solve per (buyer head, seller head) pair and
+    group, then one over heads."""
+    inner, cost = [], 0.0
+    for sim, (h, d) in zip(sims, shapes, strict=True):
+        blocks = sim.reshape(h, d, h, d).transpose(0, 2, 1, 3)
+        p = np.empty((h, h, d), np.int64)
+        for i in range(h):
+            for j in range(h):
+                p[i, j] = _scipy_lsa()(blocks[i, j], maximize=True)[1]
+        inner.append(p)
+        cost = cost + np.take_along_axis(blocks, p[..., None], -1)[..., 0].sum(-1)
+    head = _scipy_lsa()(cost, maximize=True)[1]
+    rows = np.arange(shapes[0][0])
+    return [
+        (head[:, None] * p.shape[-1] + p[rows, head]).reshape(-1).astype(np.int32) for p in inner
+    ]
 
 
 _similarity_jit = jax.jit(

@@ -12,7 +12,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from paramarket_jax.broker.align import (
     _align_restarts,
@@ -136,9 +135,8 @@ def loss_and_accuracy(model: Model, params, x: jax.Array, y: jax.Array):
     Returns:
         (loss, accuracy), float32 scalars.
     """
-    logits = model.apply(params, x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, (logits.argmax(-1) == y).mean(dtype=jnp.float32)
+    loss, correct = model.losses(params, x, y)
+    return loss.mean(), correct.mean()
 
 
 def row_counts(rows: jax.Array) -> jax.Array:
@@ -178,9 +176,7 @@ def gain_se(diffs: jax.Array, counts: jax.Array, before: jax.Array) -> jax.Array
 
 def _rows(model, params, x, y):
     """Per-row loss and correctness (m,) of one model."""
-    logits = model.apply(params, x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return loss, (logits.argmax(-1) == y).astype(jnp.float32)
+    return model.losses(params, x, y)
 
 
 def _kept_stats(model, layers, buyer, kept, alpha, x, y, counts, before):

@@ -9,6 +9,7 @@ from paramarket_jax.data.partition import (
     partition,
     wrong_labels,
 )
+from paramarket_jax.data.sequences import markov_entropy_rates
 
 __all__ = [
     "DATASETS",
@@ -19,6 +20,7 @@ __all__ = [
     "check_dataset_options",
     "check_partition_options",
     "load_dataset",
+    "markov_entropy_rates",
     "partition",
     "wrong_labels",
 ]

@@ -5,122 +5,27 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
-import inspect
 import os
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from paramarket_jax.data import files
+from paramarket_jax.data import files, sequences
+from paramarket_jax.data.base import (
+    Dataset,
+    _check_common,
+    _unknown_options,
+    check_int,
+    host_rng,
+    is_int,
+    is_real,
+    require,
+    with_option_check,
+)
 from paramarket_jax.errors import ParamarketError, unknown
-
-
-class Dataset(NamedTuple):
-    """A classification dataset split three ways.
-
-    Attributes:
-        name: registry name.
-        x_train: (n_train, *input_shape) float32, standardised with train statistics.
-        y_train: (n_train,) int32 in [0, num_classes).
-        x_val: (n_val, *input_shape) float32, carved from the original train split.
-        y_val: (n_val,) int32.
-        x_test: (n_test, *input_shape) float32, the dataset's own test split where it has one.
-        y_test: (n_test,) int32.
-        num_classes: number of classes K.
-    """
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one example: (h, w, c) for images, (d,) for flat data."""
-        return tuple(self.x_train.shape[1:])
-
-
-# ---- option checking, shared with partition.py ----
-
-
-def is_int(value) -> bool:
-    """True for Python or NumPy integers, False for bools."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def is_real(value) -> bool:
-    """True for finite Python or NumPy ints and floats, False for bools."""
-    return (
-        isinstance(value, int | float | np.integer | np.floating)
-        and not isinstance(value, bool)
-        and bool(np.isfinite(value))
-    )
-
-
-def require(ok: bool, where: str, option: str, allowed: str, value) -> None:
-    """Raise ParamarketError `where: option 'x' must be <allowed>, got <value>` unless ok."""
-    if not ok:
-        shown = repr(value)
-        shown = shown if len(shown) <= 200 else shown[:200] + "..."
-        raise ParamarketError(f"{where}: option {option!r} must be {allowed}, got {shown}")
-
-
-def check_int(where: str, option: str, value, low: int = 1) -> int:
-    """The integer option `value`, checked to be >= low."""
-    require(is_int(value) and value >= low, where, option, f"an integer >= {low}", value)
-    return int(value)
-
-
-def host_rng(key: jax.Array) -> np.random.Generator:
-    """A local NumPy generator seeded from a JAX key (typed or legacy uint32).
-
-    Data preparation happens on the host in NumPy; drawing it with jax.random would compile
-    every op for every new array size and is slower on CPU for large arrays. The generator is
-    fully determined by the key and touches no global state.
-    """
-    return np.random.default_rng(np.asarray(jax.random.key_data(key), dtype=np.uint32).ravel())
-
-
-def with_option_check(kind: str, name: str, fn: Callable) -> Callable:
-    """Wrap `fn(*args, *, option=default, ...)` so unknown keywords raise ParamarketError.
-
-    Args:
-        kind: "dataset" or "partitioner", for the message.
-        name: registry name, for the message.
-        fn: function whose keyword-only parameters are its options.
-
-    Returns:
-        `fn` with the same signature, raising ParamarketError naming the unknown options
-        and the allowed ones instead of TypeError.
-    """
-
-    @functools.wraps(fn)
-    def call(*args, **options):
-        _unknown_options(kind, name, fn, options)
-        return fn(*args, **options)
-
-    return call
-
-
-def _unknown_options(kind: str, name: str, fn: Callable, options) -> None:
-    """Raise ParamarketError naming options that are not keyword-only parameters of fn."""
-    parameters = inspect.signature(fn).parameters.values()
-    allowed = tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
-    extra = sorted(set(options) - set(allowed))
-    if extra:
-        raise ParamarketError(
-            f"{kind} {name!r}: unknown option {', '.join(map(repr, extra))}; "
-            f"allowed: {', '.join(allowed) or 'none'}"
-        )
-
 
 # ---- shared steps ----
 
@@ -521,18 +426,6 @@ MAX_MNIST1D_SAMPLES = 1_000_000
 MAX_GAUSSIAN_VALUES = 1 << 28  # generated floats: 1 GiB of float32
 
 
-def _check_common(where: str, val_fraction, max_train) -> None:
-    require(
-        is_real(val_fraction) and 0 < val_fraction < 1,
-        where,
-        "val_fraction",
-        "a number in (0, 1)",
-        val_fraction,
-    )
-    if max_train is not None:
-        check_int(where, "max_train", max_train)
-
-
 def _check_digits(*, test_fraction=0.2, val_fraction=0.15, max_train=None) -> None:
     where = "dataset 'digits'"
     require(
@@ -604,8 +497,19 @@ OPTION_CHECKS: dict[str, Callable[..., None]] = {
 
 def dataset_num_classes(name: str, **options) -> int:
     """The number of classes K of dataset ``name`` with ``options``, without loading it
-    (every file-backed dataset and digits/mnist1d have 10; gaussian has its option)."""
+    (every file-backed dataset and digits/mnist1d have 10; gaussian has its option; a
+    sequence dataset's output vocabulary follows from its options)."""
+    if name in sequences.NUM_CLASSES:
+        return sequences.NUM_CLASSES[name](**options)
     return int(options.get("num_classes", 10)) if name == "gaussian" else 10
+
+
+def dataset_num_strata(name: str, **options) -> int:
+    """The number of strata (:meth:`Dataset.strata`) of dataset ``name`` with ``options``,
+    without loading it: K for every feature and image dataset."""
+    if name in sequences.NUM_STRATA:
+        return sequences.NUM_STRATA[name](**options)
+    return dataset_num_classes(name, **options)
 
 
 def check_dataset_options(name: str, **options) -> None:
@@ -637,3 +541,11 @@ def load_dataset(name: str, key: jax.Array, **options) -> Dataset:
     if name not in DATASETS:
         raise unknown("dataset", name, DATASETS)
     return DATASETS[name](key, **options)
+
+
+# ---- token-sequence datasets ----
+
+DATASETS.update(
+    {name: with_option_check("dataset", name, loader) for name, loader in sequences.LOADERS.items()}
+)
+OPTION_CHECKS.update(sequences.OPTION_CHECKS)

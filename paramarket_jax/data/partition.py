@@ -1,4 +1,9 @@
-"""Split a dataset's train set among agents (IID, Dirichlet, class scarcity, label shards)."""
+"""Split a dataset's train set among agents (IID, Dirichlet, class scarcity, label shards,
+groups).
+
+Partitioners see the rows' strata (:meth:`~paramarket_jax.data.Dataset.strata`): the class
+labels of every feature and image dataset, the groups of a sequence dataset that has them.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from paramarket_jax.data.datasets import (
+from paramarket_jax.data.base import (
     Dataset,
     _unknown_options,
     check_int,
@@ -36,7 +41,7 @@ class Partition(NamedTuple):
         train_start: (N,) int32, agent i's shard is ``train_rows[start[i]:start[i] + size[i]]``.
         train_size: (N,) int32 >= 1, shard lengths.
         val_idx: (N, m_val) int32 indices into Dataset.x_val, stratified by the agent's
-            train class histogram.
+            train stratum histogram (classes, or groups where the dataset has them).
         test_idx: (N, m_test) int32 indices into Dataset.x_test, stratified the same way.
     """
 
@@ -240,6 +245,33 @@ def shards(
     return [np.sort(np.concatenate([pieces[j] for j in row])) for row in deal]
 
 
+def by_group(
+    key: jax.Array, labels: np.ndarray, n_agents: int, num_classes: int
+) -> list[np.ndarray]:
+    """Non-IID by group: each agent holds the rows of its own groups (strata).
+
+    With G >= N groups agent i holds every row of the groups g with g % N == i; with G < N,
+    agent i holds group i % G, and the agents sharing a group split its rows evenly (sizes
+    differ by at most one) at random. On a dataset without groups the strata are its
+    classes, so agents hold disjoint sets of classes.
+
+    Args:
+        key: randomness (only used when G < N).
+        labels: (n,) int train strata (group ids).
+        n_agents: N.
+        num_classes: G, the number of strata.
+    """
+    check_int("partitioner 'groups'", "n_agents", n_agents)
+    labels = np.asarray(labels)
+    if num_classes >= n_agents:
+        return _group(labels % n_agents, n_agents)
+    rank = _class_rank(host_rng(key), labels, num_classes)
+    sizes = np.bincount(labels, minlength=num_classes)
+    sharers = np.array([len(range(g, n_agents, num_classes)) for g in range(num_classes)])
+    turn = rank * sharers[labels] // np.maximum(sizes[labels], 1)
+    return _group(labels + num_classes * turn, n_agents)
+
+
 PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
     name: with_option_check("partitioner", name, fn)
     for name, fn in {
@@ -247,6 +279,7 @@ PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
         "dirichlet": dirichlet,
         "class_split": class_split,
         "shards": shards,
+        "groups": by_group,
     }.items()
 }
 
@@ -292,11 +325,16 @@ def _check_shards(n_agents: int, *, shards_per_agent=2) -> None:
     check_int(where, "shards_per_agent", shards_per_agent)
 
 
+def _check_groups(n_agents: int) -> None:
+    check_int("partitioner 'groups'", "n_agents", n_agents)
+
+
 OPTION_CHECKS: dict[str, Callable[..., None]] = {
     "iid": _check_iid,
     "dirichlet": _check_dirichlet,
     "class_split": _check_class_split,
     "shards": _check_shards,
+    "groups": _check_groups,
 }
 
 
@@ -309,7 +347,9 @@ def check_partition_options(
     Args:
         name: a key of PARTITIONERS.
         n_agents: N.
-        num_classes: the dataset's K if known (``class_split`` needs N <= K).
+        num_classes: the dataset's number of strata if known (``class_split`` needs N <= K;
+            :func:`~paramarket_jax.data.datasets.dataset_num_strata`, K for every feature
+            and image dataset).
         **options: the partitioner's keyword options.
 
     Raises:
@@ -422,15 +462,19 @@ def partition(
 ) -> Partition:
     """Give each of n_agents a train shard and matching validation and test subsets.
 
+    Partitioners split the training rows by their strata (:meth:`Dataset.strata`: the
+    classes, or the groups where the dataset has them; one stratum for per-position targets
+    without groups), and the evaluation subsets follow the strata's histograms.
+
     Args:
         name: a key of PARTITIONERS.
         key: jax.random key; the same key gives an identical partition.
         dataset: the Dataset to split.
         n_agents: N >= 1.
         eval_size: validation/test examples per agent; default 256, capped at the split size.
-        eval_mix: class mix of each agent's validation and test rows: ``"shard"`` follows the
-            agent's own train class histogram (its customers look like its data);
-            ``"global"`` follows the whole training set's class mix (every agent serves the
+        eval_mix: stratum (class or group) mix of each agent's validation and test rows:
+            ``"shard"`` follows the agent's own train histogram (its customers look like its
+            data); ``"global"`` follows the whole training set's mix (every agent serves the
             whole task and only its training data is scarce, as in the paper's experiments).
         **options: the partitioner's keyword options.
 
@@ -448,23 +492,21 @@ def partition(
     if eval_mix not in EVAL_MIXES:
         raise ParamarketError(f"eval_mix must be one of {', '.join(EVAL_MIXES)}, got {eval_mix!r}")
     k_train, k_val, k_test = jax.random.split(key, 3)
-    labels = np.asarray(dataset.y_train)
-    pieces = PARTITIONERS[name](k_train, labels, n_agents, dataset.num_classes, **options)
+    labels, k = dataset.strata("train"), dataset.num_strata
+    pieces = PARTITIONERS[name](k_train, labels, n_agents, k, **options)
     empty = [i for i, piece in enumerate(pieces) if len(piece) == 0]
     if empty:
         raise ParamarketError(f"partitioner {name!r}: agents {empty} got no training examples")
-    k = dataset.num_classes
     if eval_mix == "global":
         histograms = np.tile(np.bincount(labels, minlength=k), (n_agents, 1))
     else:
         histograms = np.stack([np.bincount(labels[p], minlength=k) for p in pieces])
     size = eval_size or DEFAULT_EVAL_SIZE
+    val, test = dataset.strata("val"), dataset.strata("test")
     return Partition(
         *_concat(pieces),
-        eval_subsets(k_val, histograms, np.asarray(dataset.y_val), min(size, len(dataset.y_val))),
-        eval_subsets(
-            k_test, histograms, np.asarray(dataset.y_test), min(size, len(dataset.y_test))
-        ),
+        eval_subsets(k_val, histograms, val, min(size, len(val))),
+        eval_subsets(k_test, histograms, test, min(size, len(test))),
     )
 
 
@@ -475,14 +517,18 @@ def wrong_labels(key: jax.Array, labels: np.ndarray, num_classes: int) -> np.nda
     """(n,) int32: for every training row a label other than its own, uniform over the
     other K - 1 classes (what a noisy agent sees on the rows :func:`add_label_noise` picks).
 
+    Per-position targets (n, T) get a wrong token at every counted position of the row, each
+    drawn on its own; ignored positions (target < 0) stay as they are.
+
     Drawn once per dataset (every seed shares the same feature arrays, so a row's wrong
     label is shared too; which rows get it is each seed's draw).
     """
     labels = np.asarray(labels)
     if num_classes < 2:
         return labels.astype(np.int32)
-    shift = host_rng(key).integers(1, num_classes, size=len(labels))
-    return ((labels + shift) % num_classes).astype(np.int32)
+    shift = host_rng(key).integers(1, num_classes, size=labels.shape)
+    wrong = (labels + shift) % num_classes
+    return np.where(labels < 0, labels, wrong).astype(np.int32)
 
 
 def add_label_noise(

@@ -76,6 +76,11 @@ class MarketSpec:
             several devices, where a host callback would pull the split work onto one) or
             ``callback`` (scipy on the host: faster rounds on a CPU, compiled again by
             every process, since JAX never caches a program holding a host callback).
+        heads: how weight matching treats attention heads (``broker.heads``): ``grouped``
+            (whole heads, then units inside each head) or ``flat`` (each head set's units
+            as one group, mixing heads: the ablation); the model's spec carries it.
+        vocab, targets: the dataset's input token ids (0 for features) and whether it has
+            one target per example (``last``) or per position (``all``).
     """
 
     n: int
@@ -109,6 +114,9 @@ class MarketSpec:
     devices: int = 1
     shard: str = "agents"
     solver: str = "optax"
+    heads: str = "grouped"
+    vocab: int = 0
+    targets: str = "last"
 
     @property
     def twin_names(self) -> tuple[str, ...]:
@@ -127,25 +135,39 @@ class MarketSpec:
 
     def make_model(self) -> Model:
         """The model (one per model setting: equal specs share its jitted functions)."""
-        return _model(self.model, self.input_shape, self.num_classes, self.model_options)
+        return _model(
+            self.model, self.input_shape, self.num_classes, self.model_options, self.data_keys
+        )
+
+    @property
+    def data_keys(self) -> tuple:
+        """What the model takes from the dataset and the broker (hashable)."""
+        return (self.vocab, self.targets, self.heads)
 
     def make_trainer(self) -> Trainer:
         """The population's trainer (one per setting, so every piece of a round that
         trains or evaluates calls the same jitted functions and traces them once)."""
         return _trainer(
             self.model, self.input_shape, self.num_classes, self.model_options,
-            self.optimizer, self.batch_size,
+            self.data_keys, self.optimizer, self.batch_size,
         )  # fmt: skip
 
 
 @functools.cache
-def _model(name: str, input_shape, num_classes: int, options) -> Model:
-    return make_model(name, input_shape, num_classes, **dict(options))
+def _model(name: str, input_shape, num_classes: int, options, data_keys) -> Model:
+    vocab, targets, heads = data_keys
+    model = make_model(
+        name, input_shape, num_classes, vocab=vocab, targets=targets, **dict(options)
+    )
+    if heads == "flat":
+        return dataclasses.replace(model, spec=model.spec.unblocked())
+    return model
 
 
 @functools.cache
-def _trainer(name, input_shape, num_classes, options, optimizer, batch_size) -> Trainer:
-    return make_trainer(_model(name, input_shape, num_classes, options), optimizer, batch_size)
+def _trainer(name, input_shape, num_classes, options, data_keys, optimizer, batch_size) -> Trainer:
+    model = _model(name, input_shape, num_classes, options, data_keys)
+    return make_trainer(model, optimizer, batch_size)
 
 
 class MarketParams(NamedTuple):

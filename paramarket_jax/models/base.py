@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from types import MappingProxyType
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.models.spec import PermutationSpec, check_spec, flatten
@@ -39,13 +41,43 @@ class Model:
         return self.module.init(key, jnp.zeros((1, *self.input_shape), jnp.float32))
 
     def apply(self, params, x: jax.Array) -> jax.Array:
-        """Logits (B, num_classes) for inputs (B, *input_shape)."""
+        """Logits (B, num_classes) for inputs (B, *input_shape); (B, T, num_classes) for a
+        model with one target per position."""
         return self.module.apply(params, x)
+
+    def losses(self, params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Per-example (loss, correct), each (B,) float32 (:func:`example_losses`)."""
+        return example_losses(self.apply(params, x), y)
 
     @property
     def num_params(self) -> int:
         shapes = jax.eval_shape(self.init, jax.random.key(0))
         return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+
+
+def example_losses(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Softmax cross-entropy and correctness of every example: the one loss of training,
+    valuation and evaluation.
+
+    Args:
+        logits: (B, K) for one target per example, or (B, T, K) for one per position
+            (next-token language modelling).
+        y: (B,) or (B, T) int targets; a negative target (a padded position) counts in
+            neither the loss nor the accuracy.
+
+    Returns:
+        (loss, correct), each (B,) float32: per example, the mean over its counted
+        positions (0 where none counts).
+    """
+    counted = y >= 0
+    target = jnp.where(counted, y, 0)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, target)
+    correct = (jnp.argmax(logits, -1) == target).astype(jnp.float32)
+    if y.ndim == 1:
+        return jnp.where(counted, loss, 0.0), jnp.where(counted, correct, 0.0)
+    weight = counted.astype(jnp.float32)
+    total = jnp.maximum(weight.sum(-1), 1.0)
+    return (loss * weight).sum(-1) / total, (correct * weight).sum(-1) / total
 
 
 # ---- option checks: bad model options are user input (scenario keys ``model.<option>``) ----
@@ -101,9 +133,17 @@ def ints_option(model: str, option: str, value, low: int = 1, high: int = MAX_UN
 
 
 def build(
-    name: str, module: nn.Module, input_shape, num_classes: int, axes: dict[str, tuple]
+    name: str,
+    module: nn.Module,
+    input_shape,
+    num_classes: int,
+    axes: dict[str, tuple],
+    blocks: dict[str, tuple[str, int]] | None = None,
 ) -> Model:
     """Make a :class:`Model`, reading permutation sizes off the initialised shapes.
+
+    ``blocks`` names the blocked groups (heads then units inside each head; see
+    :class:`~paramarket_jax.models.spec.PermutationSpec`): group -> (head set, d_head).
 
     Raises:
         ParamarketError: the model would have more than ``MAX_PARAMS`` parameters.
@@ -119,11 +159,15 @@ def build(
             f"than {MAX_PARAMS}; choose smaller model options"
         )
     flat = flatten(shapes)
+    blocks = dict(blocks or {})
     sizes: dict[str, int] = {}
     for path, names in axes.items():
         for axis, perm in enumerate(names):
             if perm is not None:
-                sizes.setdefault(perm, flat[path].shape[axis])
+                units = flat[path].shape[axis] * (blocks[perm][1] if perm in blocks else 1)
+                sizes.setdefault(perm, units)
     spec = PermutationSpec(axes=dict(axes), sizes=sizes)
+    if blocks:
+        spec = spec._replace(blocks=MappingProxyType(blocks))
     check_spec(spec, shapes)
     return Model(name, module, input_shape, num_classes, spec)

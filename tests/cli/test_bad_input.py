@@ -85,7 +85,7 @@ SET_CASES = [
         ["--set", "data.split.name=iid", "--set", "data.split.weights=[1]"],
         "'weights' must be a list of agents.n = 2 positive numbers",
     ),
-    (["--set", "data.split.name=kmeans"], "one of class_split, dirichlet, iid, shards"),
+    (["--set", "data.split.name=kmeans"], "one of class_split, dirichlet, groups, iid, shards"),
     # model (model registry): wrong types and shapes
     (["--set", "model.widths=32"], "'model.widths' must be a non-empty list of integers"),
     (["--set", "model.widths=abc"], "'model.widths' must be a non-empty list of integers"),
@@ -97,7 +97,7 @@ SET_CASES = [
     (["--set", "model.name=cnn", "--set", "model.channels=16"], "'model.channels' must be"),
     (["--set", "model.name=cnn", "--set", "model.kernel=abc"], "'model.kernel' must be"),
     (["--set", "model.widths=[65536, 65536, 65536]"], "parameters for inputs"),
-    (["--set", "model.name=resnet"], "'model.name' must be one of cnn, mlp, wrn"),
+    (["--set", "model.name=resnet"], "'model.name' must be one of cnn, gpt, mlp, vit, wrn"),
     # train (optimizer registry)
     (["--set", "train.optimizer=lbfgs"], "one of adam, adamw, momentum, rmsprop, sgd"),
     (["--set", "train.learning_rate=inf"], "'train.learning_rate' must be a number > 0"),

@@ -12,6 +12,7 @@ import pytest
 from paramarket_jax.data import DATASETS, PARTITIONERS, Dataset, load_dataset, partition
 from paramarket_jax.data.files import read_cifar_batches, read_idx
 from paramarket_jax.data.partition import eval_subsets, largest_remainder
+from paramarket_jax.data.sequences import LOADERS  # tests/data/test_sequences.py
 from paramarket_jax.errors import ParamarketError
 
 IN_MEMORY = {
@@ -20,7 +21,7 @@ IN_MEMORY = {
     "gaussian": {"n_train": 600, "n_test": 200, "dim": 16, "num_classes": 5},
 }
 FILE_BACKED = {"mnist", "fashion_mnist", "cifar10"}
-DISJOINT = {"iid", "dirichlet", "shards"}  # class_split shards overlap by design
+DISJOINT = {"iid", "dirichlet", "shards", "groups"}  # class_split shards overlap by design
 IDX_STEMS = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -42,7 +43,7 @@ def digits() -> Dataset:
 
 
 def test_every_dataset_is_tested():
-    assert set(IN_MEMORY) | FILE_BACKED == set(DATASETS)
+    assert set(IN_MEMORY) | FILE_BACKED | set(LOADERS) == set(DATASETS)
 
 
 @pytest.mark.parametrize("name", sorted(IN_MEMORY))
