@@ -18,6 +18,7 @@ import tomli_w
 from paramarket_jax import scenario as sc
 from paramarket_jax.broker.value import align_mode
 from paramarket_jax.data import Dataset, add_label_noise, load_dataset, partition, wrong_labels
+from paramarket_jax.data.partition import Partition
 from paramarket_jax.economics.revenue import Economy
 from paramarket_jax.economics.strategies import STRATEGIES, StrategyParams
 from paramarket_jax.errors import ParamarketError
@@ -199,6 +200,32 @@ def build(scenario: Scenario, dataset: Dataset | None = None) -> Experiment:
     return Experiment(scenario, spec, params_of(scenario), dataset, noise_of(scenario))
 
 
+def seed_partition(exp: Experiment, seed: int) -> Partition:
+    """One seed's partition of the shared dataset (drawn from the seed's split key)."""
+    d = exp.scenario.data
+    k_split = jax.random.split(jax.random.key(seed), 3)[1]
+    return partition(
+        d.split.name,
+        k_split,
+        exp.dataset,
+        exp.scenario.agents.n,
+        eval_size=d.split.eval_size,
+        eval_mix=d.split.eval_mix,
+        **dict(d.split.options),
+    )
+
+
+def loss_floors(exp: Experiment, seed: int) -> np.ndarray | None:
+    """(N,) the lowest test loss each agent's test rows allow (the mean of their groups'
+    ``Dataset.group_floor``: the entropy rates of a Markov dataset's chains), or None
+    where the dataset does not know it."""
+    data = exp.dataset
+    if data.group_floor is None or data.groups is None:
+        return None
+    test_idx = seed_partition(exp, seed).test_idx
+    return np.asarray(data.group_floor)[np.asarray(data.groups[2])[test_idx]].mean(axis=1)
+
+
 def seed_data(exp: Experiment, seed: int) -> tuple[MarketData, jax.Array]:
     """One seed's partition of the shared dataset as device data, and the run key.
 
@@ -215,15 +242,7 @@ def seed_data(exp: Experiment, seed: int) -> tuple[MarketData, jax.Array]:
     sc, dataset = exp.scenario, exp.dataset
     _, k_split, k_run = jax.random.split(jax.random.key(seed), 3)
     d = sc.data
-    part = partition(
-        d.split.name,
-        k_split,
-        dataset,
-        sc.agents.n,
-        eval_size=d.split.eval_size,
-        eval_mix=d.split.eval_mix,
-        **dict(d.split.options),
-    )
+    part = seed_partition(exp, seed)
     n_train = len(dataset.y_train)
     capacity = row_capacity(part, n_train)
     noise = exp.noise

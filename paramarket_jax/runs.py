@@ -11,7 +11,7 @@ import pandas as pd
 
 from paramarket_jax.engines import batch
 from paramarket_jax.errors import ParamarketError, unknown
-from paramarket_jax.experiment import Experiment, build
+from paramarket_jax.experiment import Experiment, build, loss_floors
 from paramarket_jax.results import tables
 from paramarket_jax.scenario import Scenario, dumps
 
@@ -74,6 +74,10 @@ def result_of(experiment: Experiment, records) -> RunResult:
     seeds = list(scenario.seeds)
     tables.check_finite_losses(records, seeds, scenario.train.learning_rate)
     rounds = tables.rounds_table(records, seeds, experiment.spec.twin_names)
+    floors = {seed: loss_floors(experiment, seed) for seed in seeds}
+    if all(f is not None for f in floors.values()):
+        pairs = zip(rounds["seed"], rounds["agent"], strict=True)
+        rounds["loss_floor"] = [floors[seed][agent] for seed, agent in pairs]
     trades = tables.trades_table(records, seeds)
     return RunResult(scenario, rounds, trades, tables.summarize(rounds, trades))
 

@@ -21,12 +21,13 @@ from paramarket_jax.models.spec import SEP, flatten, unflatten
 def _matches(path: str, pattern: str) -> bool:
     """A flat path matches a prefix (``params/Dense_0``) or a glob (``*/Dense_[01]/*``).
 
-    Patterns are tried on the full path and on the path without its leading collection
-    (``params/``), so ``Dense_0`` names ``params/Dense_0/kernel`` and ``params/Dense_0/bias``.
+    Patterns are tried on the full path and on every tail of it that starts at a component
+    (the path without its leading collection ``params/``, and so on), so ``Dense_0`` names
+    ``params/Dense_0/kernel`` and ``params/Dense_0/bias``, and ``block_1/*`` or ``block_1``
+    every parameter of a transformer's ``params/trunk/block_1``.
     """
-    candidates = [path]
-    if SEP in path:
-        candidates.append(path.split(SEP, 1)[1])
+    parts = path.split(SEP)
+    candidates = [SEP.join(parts[i:]) for i in range(len(parts))]
     prefix = pattern.rstrip(SEP) + SEP
     return any(
         c == pattern or c.startswith(prefix) or fnmatch.fnmatchcase(c, pattern) for c in candidates

@@ -226,6 +226,14 @@ def print_summary(scenario, summary: dict) -> None:
                  f"{a['gain']:+.3f}", f"{a['utility']:.3f}", f"{a['siloed_utility']:.3f}",
                  f"{a['trades']:.1f}", f"{a['sales']:.1f}")  # fmt: skip
         print(" ".join(f"{c:>11}" for c in cells))
+    floors = [a for a in summary["agents"] if "loss_floor" in a]
+    if floors:
+        print("test loss (nats) against the lowest loss the agent's test rows allow:")
+        for a in floors:
+            print(
+                f"  agent {a['agent']}: market {a['market_loss']:.3f}, siloed "
+                f"{a['siloed_loss']:.3f}, floor {a['loss_floor']:.3f}"
+            )
     acc_gain = summary["market_accuracy"] - summary["siloed_accuracy"]
     print(
         f"mean accuracy {summary['market_accuracy']:.3f} market vs "

@@ -35,6 +35,9 @@ class Dataset(NamedTuple):
         groups: optional (g_train, g_val, g_test), each (n,) int32 in [0, num_groups): what
             produced each row (the arithmetic operation, the Markov chain); None if none.
         num_groups: number of groups G; 0 without groups.
+        group_floor: (G,) float64, the lowest mean loss (nats) any model can reach on a row of
+            each group where the generator knows it (``markov``: each chain's entropy
+            rate), else None. Runs report it beside each agent's loss (``loss_floor``).
     """
 
     name: str
@@ -48,6 +51,7 @@ class Dataset(NamedTuple):
     vocab: int = 0
     groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     num_groups: int = 0
+    group_floor: np.ndarray | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -411,7 +411,10 @@ def load_markov(
         path = _walk(rng, transitions, chain, length + 1)
         splits.append((path[:, :-1], path[:, 1:]))
         groups.append(chain)
-    return _token_dataset("markov", splits, vocab, vocab, groups, num_chains)
+    data = _token_dataset("markov", splits, vocab, vocab, groups, num_chains)
+    # every position's next token has the chain's entropy rate as its lowest expected loss
+    # (the walk starts stationary, so the history's last token has the stationary law)
+    return data._replace(group_floor=entropy_rate(transitions).astype(np.float64))
 
 
 def _check_markov(

@@ -500,9 +500,15 @@ def run_html(
         "siloed_utility",
         "trades",
         "sales",
+        "market_loss",
+        "siloed_loss",
+        "loss_floor",
     ]
     agents = agents[[c for c in cols if c in agents]].rename(
         columns={
+            "market_loss": "market test loss",
+            "siloed_loss": "siloed test loss",
+            "loss_floor": "loss floor (entropy rate)",
             "gain": "accuracy gain",
             "gain_std": "sd over seeds",
             "trades": "bought/run",

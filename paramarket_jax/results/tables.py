@@ -252,6 +252,7 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
                 trades=float((trades["buyer"] == agent).sum() / n_seeds),
                 sales=float((trades["seller"] == agent).sum() / n_seeds),
                 diverged=int(df["diverged"].astype(bool).sum()),
+                **_loss_columns(df),
             )
         )
     seeds = per_seed.values()
@@ -274,6 +275,18 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
         mean_price=float(trades["price"].mean()) if len(trades) else None,
         mean_abs_estimation_error=float(errors.mean()) if len(trades) else None,
         per_seed=per_seed,
+    )
+
+
+def _loss_columns(df: pd.DataFrame) -> dict:
+    """An agent's final test losses beside the lowest loss its test rows allow, where the
+    dataset knows it (``loss_floor``: a Markov dataset's entropy rates)."""
+    if "loss_floor" not in df:
+        return {}
+    return dict(
+        market_loss=float(df["loss"].mean()),
+        siloed_loss=float(df["siloed_loss"].mean()),
+        loss_floor=float(df["loss_floor"].mean()),
     )
 
 

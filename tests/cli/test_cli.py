@@ -62,6 +62,8 @@ def test_scenarios_lists_every_bundled_scenario(capsys):
         "paper_mnist1d",
         "paper_no_alignment",
         "paper_two_agent",
+        "transformer_arithmetic",
+        "vit_digits",
     ]
 
 
@@ -70,7 +72,7 @@ def test_scenarios_lists_every_bundled_scenario(capsys):
     [
         (["no_such_scenario"], "bundled scenarios are"),
         (["--set", "agents.n=0"], "'agents.n' must be an integer >= 2"),
-        (["--set", "data.dataset=imagenet"], "must be one of cifar10"),
+        (["--set", "data.dataset=imagenet"], "must be one of arithmetic, cifar10"),
         (["--set", "data.split.d=2"], "'d'"),
         (["--set", "mechanism.name=dutch"], "'mechanism.name' must be one of"),
         (["--set", "data.dataset=mnist", "--set", "data.path=/no/such/dir"], "/no/such/dir"),

@@ -226,7 +226,16 @@ def test_siloed_twin_off_leaves_its_columns_empty():
     assert result.rounds["accuracy"].between(0, 1).all()
 
 
-@pytest.mark.parametrize("name", sorted(sc.bundled()))
+# the transformer scenarios run at their own small shapes, with the report, in
+# tests/market/test_transformer_market.py
+TRANSFORMERS = {"transformer_arithmetic", "vit_digits"}
+
+
+def test_the_transformer_scenarios_are_all_run_elsewhere():
+    assert {n for n in sc.bundled() if sc.load(n).model.name in ("gpt", "vit")} == TRANSFORMERS
+
+
+@pytest.mark.parametrize("name", sorted(set(sc.bundled()) - TRANSFORMERS))
 def test_every_bundled_scenario_runs_a_shrunk_round(name, tmp_path):
     base = sc.load(name)
     extra = ["data.num_samples=600"] if base.data.dataset == "mnist1d" else []

@@ -9,6 +9,7 @@ import pytest
 from pages import check_report
 
 from paramarket_jax.cli.main import main
+from paramarket_jax.results.tables import invariant_violations
 
 TINY = [
     "model.layers=1",
@@ -52,6 +53,7 @@ def test_transformer_scenario_runs_the_market(name, tmp_path, capsys):
     assert np.isfinite(rounds["loss"]).all() and np.isfinite(rounds["siloed_loss"]).all()
     assert len(trades) > 0 and np.isin(trades["alpha"], np.float32([0.3, 0.7])).all()
     assert (trades["buyer"] != trades["seller"]).all()
+    assert invariant_violations(rounds, trades) == []
     check_report(out / "report.html", min_images=3)
     # same seed, same numbers (the compiled program is reused: no second compile)
     again = tmp_path / "again"
@@ -73,3 +75,26 @@ def test_arithmetic_checkpointed_equals_plain_and_flat_heads_differ(tmp_path, ca
     capsys.readouterr()
     grouped_rounds, flat_rounds = tables(plain)[0], tables(flat)[0]
     assert not grouped_rounds["loss"].equals(flat_rounds["loss"])
+
+
+def test_a_markov_run_reports_each_agents_loss_floor(tmp_path, capsys):
+    """One Markov language per agent (the groups partitioner, eval_mix shard): each agent's
+    loss floor is its own chain's exact entropy rate."""
+    import jax
+
+    from paramarket_jax.data import markov_entropy_rates
+
+    out = tmp_path / "markov"
+    options = ["data.dataset=markov", "data.num_chains=4", "data.length=8", "data.num_samples=800"]
+    sets = [a for s in (*TINY, *options, "data.split.eval_mix=shard") for a in ("--set", s)]
+    argv_ = ["run", "transformer_arithmetic", "--out", str(out), "--quiet", "--no-report", *sets]
+    assert main(argv_) == 0
+    assert "floor" in capsys.readouterr().out
+    rounds, _, summary = tables(out)
+    key = jax.random.split(jax.random.key(0), 3)[0]  # data.seed 0's dataset key
+    rates = markov_entropy_rates(key, num_chains=4, length=8, num_samples=800)
+    floors = rounds.groupby("agent")["loss_floor"].agg(["min", "max"])
+    np.testing.assert_allclose(floors["min"], rates, rtol=1e-6)
+    np.testing.assert_allclose(floors["max"], rates, rtol=1e-6)
+    assert [a["loss_floor"] for a in summary["agents"]] == pytest.approx(list(rates))
+    assert all(a["market_loss"] > 0 for a in summary["agents"])

@@ -152,3 +152,19 @@ def test_bad_transformer_options_are_one_line_errors(name, shape, options, messa
     with pytest.raises(ParamarketError, match=message) as info:
         make_model(name, shape, 7, **options)
     assert "\n" not in str(info.value)
+
+
+def test_layer_patterns_name_blocks_attention_and_mlps():
+    from paramarket_jax.broker.merge import select_layers
+
+    model = make_model("gpt", (CONTEXT,), 7, vocab=VOCAB, **TINY)
+    params = model.init(jax.random.key(0))
+    block_1 = select_layers(params, ["block_1/*"])
+    assert block_1 == select_layers(params, ["block_1"]) and len(block_1) == 16
+    assert all("/block_1/" in p for p in block_1)
+    attention = select_layers(params, ["*attn*"])
+    assert len(attention) == 2 * 8 and all("/attn/" in p for p in attention)
+    mlps = select_layers(params, ["*fc_*"])
+    assert len(mlps) == 2 * 4 and not mlps & attention
+    with pytest.raises(ParamarketError, match="names no parameter"):
+        select_layers(params, ["block_7/*"])
