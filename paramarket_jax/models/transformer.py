@@ -32,6 +32,75 @@ MAX_BLOCKS = 64
 INIT = nn.initializers.normal(0.02)
 
 
+# The market vmaps a model over up to five axes (runs, buyers, candidates, merge weights,
+# restarts), each adding one to the rank of every operand of every matrix product inside,
+# and XLA's CPU backend aborts the process on a matrix product whose operand reaches rank 8
+# (jaxlib 0.10: "ynn_emitter.cc: Check failed: b_rank < YNN_MAX_TENSOR_RANK"). So the
+# projections are rank-2 products on the flattened tokens, and on CPU the attention's two
+# batched products (rank 3) are written as a product and a sum, which XLA fuses into one
+# loop (no matrix-product op at all); other platforms keep the batched matrix products.
+
+
+def _scores(q, k):
+    """(N, T, d) x (N, S, d) -> (N, T, S): ``einsum("nqd,nkd->nqk")``."""
+    return jax.lax.platform_dependent(
+        q, k,
+        cpu=lambda a, b: (a[:, :, None, :] * b[:, None, :, :]).sum(-1),
+        default=lambda a, b: jnp.einsum("nqd,nkd->nqk", a, b),
+    )  # fmt: skip
+
+
+def _mix(w, v):
+    """(N, T, S) x (N, S, d) -> (N, T, d): ``einsum("nqk,nkd->nqd")``."""
+    return jax.lax.platform_dependent(
+        w, v,
+        cpu=lambda a, b: (a[:, :, :, None] * b[:, None, :, :]).sum(2),
+        default=lambda a, b: jnp.einsum("nqk,nkd->nqd", a, b),
+    )  # fmt: skip
+
+
+def _on_tokens(fn, x):
+    """``fn`` on the rows of ``x`` (..., d) flattened to (rows, d), the leading axes restored."""
+    y = fn(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], *y.shape[1:])
+
+
+class HeadProjection(nn.Module):
+    """(B, T, d_model) -> (B, T, heads, d_head); kernel (d_model, heads, d_head), bias
+    (heads, d_head): the parameters of Flax's ``DenseGeneral((heads, d_head))``."""
+
+    heads: int
+    d_head: int
+
+    @nn.compact
+    def __call__(self, x):
+        d_model = x.shape[-1]
+        kernel = self.param("kernel", INIT, (d_model, self.heads, self.d_head))
+        bias = self.param("bias", nn.initializers.zeros, (self.heads, self.d_head))
+        width = self.heads * self.d_head
+
+        def project(rows):
+            return rows @ kernel.reshape(d_model, width) + bias.reshape(width)
+
+        y = _on_tokens(project, x)
+        return y.reshape(*x.shape[:-1], self.heads, self.d_head)
+
+
+class HeadOutput(nn.Module):
+    """(B, T, heads, d_head) -> (B, T, d_model); kernel (heads, d_head, d_model), bias
+    (d_model,): the parameters of ``DenseGeneral(d_model, axis=(-2, -1))``."""
+
+    d_model: int
+
+    @nn.compact
+    def __call__(self, x):
+        heads, d_head = x.shape[-2:]
+        kernel = self.param("kernel", INIT, (heads, d_head, self.d_model))
+        bias = self.param("bias", nn.initializers.zeros, (self.d_model,))
+        flat = x.reshape(*x.shape[:-2], heads * d_head)
+        return _on_tokens(lambda rows: rows @ kernel.reshape(-1, self.d_model) + bias, flat)
+
+
 class Attention(nn.Module):
     """Multi-head dot-product attention with an explicit head axis in every kernel."""
 
@@ -41,20 +110,22 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        d_model = x.shape[-1]
+        b, t, d_model = x.shape
 
         def project(name):
-            return nn.DenseGeneral((self.heads, self.d_head), kernel_init=INIT, name=name)(x)
+            # (B, T, heads, d_head) -> (B * heads, T, d_head)
+            y = HeadProjection(self.heads, self.d_head, name=name)(x)
+            return y.transpose(0, 2, 1, 3).reshape(b * self.heads, t, self.d_head)
 
         q, k, v = project("query"), project("key"), project("value")
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(self.d_head).astype(np.float32)
+        logits = _scores(q, k) / np.sqrt(self.d_head).astype(np.float32)
         if self.causal:
-            t = x.shape[1]
             mask = jnp.tril(jnp.ones((t, t), bool))
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return nn.DenseGeneral(d_model, axis=(-2, -1), kernel_init=INIT, name="out")(out)
+        out = _mix(weights, v)
+        out = out.reshape(b, self.heads, t, self.d_head).transpose(0, 2, 1, 3)
+        return HeadOutput(d_model, name="out")(out)
 
 
 class Block(nn.Module):
@@ -71,8 +142,9 @@ class Block(nn.Module):
         x = x + Attention(self.heads, self.d_head, self.causal, name="attn")(
             nn.LayerNorm(name="ln_1")(x)
         )
-        h = nn.Dense(self.d_mlp, kernel_init=INIT, name="fc_in")(nn.LayerNorm(name="ln_2")(x))
-        return x + nn.Dense(d_model, kernel_init=INIT, name="fc_out")(nn.gelu(h))
+        h = nn.LayerNorm(name="ln_2")(x)
+        h = _on_tokens(nn.Dense(self.d_mlp, kernel_init=INIT, name="fc_in"), h)
+        return x + _on_tokens(nn.Dense(d_model, kernel_init=INIT, name="fc_out"), nn.gelu(h))
 
 
 class Trunk(nn.Module):
@@ -114,7 +186,7 @@ class GPT(nn.Module):
         h = self.trunk(h + pos[: tokens.shape[1]])
         if self.readout == "last":
             h = h[:, -1]
-        return nn.Dense(self.num_classes, kernel_init=INIT, name="unembed")(h)
+        return _on_tokens(nn.Dense(self.num_classes, kernel_init=INIT, name="unembed"), h)
 
 
 class ViT(nn.Module):
@@ -131,8 +203,9 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.Dense(self.d_model, kernel_init=INIT, name="patch_embed")(
-            patches(x, self.input_shape, self.patch)
+        h = _on_tokens(
+            nn.Dense(self.d_model, kernel_init=INIT, name="patch_embed"),
+            patches(x, self.input_shape, self.patch),
         )
         if self.pool == "cls":
             cls = self.param("cls", INIT, (self.d_model,))

@@ -168,3 +168,37 @@ def test_layer_patterns_name_blocks_attention_and_mlps():
     assert len(mlps) == 2 * 4 and not mlps & attention
     with pytest.raises(ParamarketError, match="names no parameter"):
         select_layers(params, ["block_7/*"])
+
+
+@pytest.mark.parametrize("case", range(4), ids=IDS)
+def test_products_stay_below_rank_8_under_five_vmaps(case):
+    """XLA's CPU backend aborts the process on a matrix product with an operand of rank 8
+    (jaxlib 0.10); the market vmaps models over up to five axes (runs, buyers, candidates,
+    merge weights, restarts). In the program lowered for CPU, training included, no matrix
+    product has an operand of rank 8."""
+    import re
+
+    name, shape, extra = CASES[case]
+    model = make_model(name, shape, 7, **TINY, **extra)
+    params = model.init(jax.random.key(0))
+    x = inputs(name, shape, jax.random.key(1))
+    y = jnp.zeros((5, *((CONTEXT,) if extra.get("targets") == "all" else ())), jnp.int32)
+
+    def loss(p, x, y):
+        return model.losses(p, x, y)[0].mean()
+
+    fn = jax.grad(loss)
+    for _ in range(5):
+        fn = jax.vmap(fn)
+
+    def grow(v):
+        return jnp.broadcast_to(v, (1,) * 5 + v.shape)
+
+    text = jax.jit(fn).lower(jax.tree.map(grow, params), grow(x), grow(y)).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    ranks = [
+        len(t.split("x")) - 1
+        for line in dots
+        for t in re.findall(r"tensor<([0-9x]+)f32>", line.split(":")[-1])
+    ]
+    assert dots and max(ranks) <= 7, max(ranks)
