@@ -15,6 +15,12 @@ higher is better), besides the absolute seconds of each case in ``seconds``.
 
     python -m benchmarks.bench_startup                       # both scenarios
     python -m benchmarks.bench_startup --scenarios paper_two_agent --rounds 2
+    python -m benchmarks.bench_startup --scenarios transformer_arithmetic,vit_digits --rounds 4
+
+The transformer scenarios (``transformer_arithmetic``: GPTs on modular arithmetic;
+``vit_digits``: vision transformers on digits) take the same cases; their ``warm_knobs``
+change the seed and the learning rate. Trading starts at round 3 in both, so keep
+``--rounds`` at 4 or more to compile (and time) the broker's valuation too.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ KNOBS = {
                         "--set", "data.split.d=0.2"],
     "many_agents_assignment": ["--seeds", "1", "--set", "train.learning_rate=0.05",
                                "--set", "economics.step_cost=0.002"],
+    "transformer_arithmetic": ["--seeds", "1", "--set", "train.learning_rate=0.005"],
+    "vit_digits": ["--seeds", "1", "--set", "train.learning_rate=0.005"],
 }  # fmt: skip
 
 

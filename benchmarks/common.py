@@ -14,6 +14,11 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_ANCHOR_DIR = REPO.parent / "shared" / "bench"
+# the bundled transformer scenarios' (transformer_arithmetic, vit_digits) model shape, their
+# arithmetic data and optimizer
+TRANSFORMER_SHAPE = dict(layers=2, heads=4, d_model=32, d_head=8, d_mlp=64)
+ARITHMETIC = dict(modulus=23, operations=("+", "-", "*", "/"), fraction=0.9)
+TRANSFORMER_LR = 0.003
 
 
 def device_name() -> str:
@@ -39,6 +44,17 @@ def timeit(fn, *args, reps: int = 3) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+def transformer_shape(text: str = "") -> dict[str, int]:
+    """:data:`TRANSFORMER_SHAPE` with ``key=value`` overrides, e.g. ``"d_model=128,d_head=32"``."""
+    shape = dict(TRANSFORMER_SHAPE)
+    for item in (t for t in text.split(",") if t):
+        name, _, value = item.partition("=")
+        if name.strip() not in shape:
+            raise SystemExit(f"unknown transformer shape key {name!r}; known: {', '.join(shape)}")
+        shape[name.strip()] = int(value)
+    return shape
 
 
 def emit(
