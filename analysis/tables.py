@@ -5,6 +5,9 @@ python analysis/tables.py alignment runs/alignment_digits runs/alignment_mnist1d
 python analysis/tables.py duopoly runs/duopoly
 python analysis/tables.py license runs/license
 python analysis/tables.py scale runs/scale
+python analysis/tables.py transformers runs/transformer_market_transformer_arithmetic \
+    runs/transformer_market_transformer_arithmetic_none runs/transformer_market_vit_digits \
+    runs/transformer_market_vit_digits_none
 """
 
 from __future__ import annotations
@@ -124,13 +127,42 @@ def alignment(folders: list[str]) -> str:
     return "\n".join(rows)
 
 
+def transformers(folders: list[str]) -> str:
+    """The market's gain over siloed training under each alignment arm, by scenario: folders
+    of ``broker.heads x model.residual`` sweeps and of ``broker.align = false`` ones."""
+    rows = [
+        "| scenario | alignment | market acc | siloed acc | market - siloed (points) "
+        "| seeds every agent more accurate | seeds every agent better off | welfare, market "
+        "/ siloed | trades/run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for folder in folders:
+        df = _load(folder)
+        scenario = pathlib.Path(folder).name.removeprefix("transformer_market_")
+        scenario = scenario.removesuffix("_none")
+        df["gap"] = 100 * (df["market_accuracy"] - df["siloed_accuracy"])
+        df["welfare_ratio"] = df["welfare"] / df["siloed_welfare"]
+        for cell, g in df.groupby("cell", sort=True):
+            arm = "none" if "broker.align" in df else cell.replace("broker.heads=", "")
+            arm = arm.replace("__model.residual=", " / ")
+            k = len(g)
+            rows.append(
+                f"| {scenario} | {arm} | {_ms(g['market_accuracy'])} "
+                f"| {_ms(g['siloed_accuracy'])} | {_ms(g['gap'], '+.1f')} "
+                f"| {int(g['accuracy_gain_all'].sum())}/{k} | {int(g['mutual_gain'].sum())}/{k} "
+                f"| {_ms(g['welfare_ratio'], '.2f')} | {g['trades'].mean():.1f} |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("study", choices=["replication", "alignment", "duopoly", "license", "scale"])
+    studies = ["replication", "alignment", "duopoly", "license", "scale", "transformers"]
+    ap.add_argument("study", choices=studies)
     ap.add_argument("folders", nargs="+")
     args = ap.parse_args()
     tables = {"replication": replication, "alignment": alignment, "duopoly": duopoly,
-              "license": license_, "scale": scale}  # fmt: skip
+              "license": license_, "scale": scale, "transformers": transformers}  # fmt: skip
     table = tables[args.study]
     print(table(args.folders))
 

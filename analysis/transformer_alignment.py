@@ -14,7 +14,8 @@ The second is then brought into the first's basis by each arm:
   ``grouped/shared``: head-aware weight matching (``broker.heads = "grouped"``).
 
 and the merge ``(1 - alpha) * first + alpha * second`` is scored on the test split for
-alpha in 0, 0.1, ..., 1. The barrier is ``loss(0.5) - (loss(0) + loss(1)) / 2``. Writes
+alpha in 0, 0.1, ..., 1. The barrier is ``loss(0.5) - (loss(0) + loss(1)) / 2``; the
+weight distance ``||first - moved second|| / ||first||`` is what weight matching shrinks. Writes
 ``path.parquet`` (one row per kind, seed, arm, alpha) and ``barrier.csv`` into ``--out``,
 prints a markdown table, and draws the figure.
 """
@@ -93,6 +94,15 @@ def path_losses(model, first, second, x, y):
     return jax.jit(jax.vmap(at))(jnp.asarray(ALPHAS, jnp.float32))
 
 
+def relative_distance(first, second) -> float:
+    """``||first - second|| / ||first||`` over every parameter: what weight matching
+    shrinks (it maximises the inner product of the two models' weights)."""
+    pairs = zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True)
+    diff = sum(float(jnp.sum((a - b) ** 2)) for a, b in pairs)
+    norm = sum(float(jnp.sum(a**2)) for a in jax.tree.leaves(first))
+    return float(np.sqrt(diff / norm))
+
+
 def study(kind: str, seeds: int, steps: int, lr: float, batch: int) -> pd.DataFrame:
     t0 = time.perf_counter()
     data, model, params = trained_pairs(kind, seeds, steps, lr, batch)
@@ -111,10 +121,11 @@ def study(kind: str, seeds: int, steps: int, lr: float, batch: int) -> pd.DataFr
                 perms = align(spec, first, second, jax.random.key(seed))
                 moved = apply_permutation(spec, perms, second)
             loss, acc = path_losses(model, first, moved, x, y)
+            distance = relative_distance(first, moved)
             for a, lo, ac in zip(ALPHAS, np.asarray(loss), np.asarray(acc), strict=True):
                 rows.append(
                     {"kind": kind, "seed": seed, "arm": arm, "alpha": float(a),
-                     "loss": float(lo), "accuracy": float(ac)}
+                     "loss": float(lo), "accuracy": float(ac), "distance": distance}
                 )  # fmt: skip
     print(f"{kind}: done in {time.perf_counter() - t0:.1f} s", flush=True)
     return pd.DataFrame(rows)
@@ -132,6 +143,7 @@ def barriers(path: pd.DataFrame) -> pd.DataFrame:
             "loss_mid": wide[("loss", 0.5)],
             "acc_mid": wide[("accuracy", 0.5)],
             "acc_ends": (wide[("accuracy", 0.0)] + wide[("accuracy", 1.0)]) / 2,
+            "distance": path.groupby(["kind", "arm", "seed"])["distance"].first(),
         }
     )
     out["barrier"] = out["loss_mid"] - (out["loss_end_first"] + out["loss_end_second"]) / 2
@@ -140,9 +152,9 @@ def barriers(path: pd.DataFrame) -> pd.DataFrame:
 
 def table(b: pd.DataFrame) -> str:
     lines = [
-        "| model | arm | loss at alpha = 1 (second model, moved) | barrier at 0.5 | "
-        "accuracy at 0.5 | mean accuracy of the ends |",
-        "|---|---|---|---|---|---|",
+        "| model | arm | weight distance | loss at alpha = 1 (second model, moved) | "
+        "barrier at 0.5 | accuracy at 0.5 | mean accuracy of the ends |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (kind, arm), g in b.groupby(["kind", "arm"], sort=False):
 
@@ -151,7 +163,7 @@ def table(b: pd.DataFrame) -> str:
             return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}"
 
         lines.append(
-            f"| {kind} | {arm} | {ms('loss_end_second')} | {ms('barrier')} | "
+            f"| {kind} | {arm} | {ms('distance')} | {ms('loss_end_second')} | {ms('barrier')} | "
             f"{ms('acc_mid')} | {ms('acc_ends')} |"
         )
     return "\n".join(lines)
