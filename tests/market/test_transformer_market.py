@@ -62,19 +62,18 @@ def test_transformer_scenario_runs_the_market(name, tmp_path, capsys):
         assert a.equals(b)
 
 
-def test_arithmetic_checkpointed_equals_plain_and_flat_heads_differ(tmp_path, capsys):
-    """A checkpointed run (2 rounds, then 1) equals the
-    plain one bit for bit; the flat-heads ablation ends elsewhere."""
-    plain, chunked, flat = (tmp_path / n for n in ("plain", "chunked", "flat"))
+def test_a_checkpointed_transformer_run_equals_the_plain_one(tmp_path, capsys):
+    """Checkpointed every round (the chunk program chained three times) equals the plain
+    run bit for bit. (That flat heads are not function-preserving is tested at the
+    matching level: tests/broker/test_heads.py.)"""
+    plain, chunked = tmp_path / "plain", tmp_path / "chunked"
     name = "transformer_arithmetic"
     assert main(argv(name, plain) + ["--no-report"]) == 0
-    assert main(argv(name, chunked) + ["--no-report", "--checkpoint-every", "2"]) == 0
+    assert main(argv(name, chunked) + ["--no-report", "--checkpoint-every", "1"]) == 0
+    capsys.readouterr()
     for a, b in zip(tables(plain)[:2], tables(chunked)[:2], strict=True):
         assert a.equals(b)
-    assert main(argv(name, flat, "broker.heads=flat") + ["--no-report"]) == 0
-    capsys.readouterr()
-    grouped_rounds, flat_rounds = tables(plain)[0], tables(flat)[0]
-    assert not grouped_rounds["loss"].equals(flat_rounds["loss"])
+    assert len(tables(plain)[1]) > 0
 
 
 def test_a_markov_run_reports_each_agents_loss_floor(tmp_path, capsys):
