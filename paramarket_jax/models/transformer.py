@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import custom_vmap
 
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.models.base import Model, build, int_option, option_error
@@ -33,36 +34,70 @@ INIT = nn.initializers.normal(0.02)
 
 
 # The market vmaps a model over up to five axes (runs, buyers, candidates, merge weights,
-# restarts), each adding one to the rank of every operand of every matrix product inside,
-# and XLA's CPU backend aborts the process on a matrix product whose operand reaches rank 8
-# (jaxlib 0.10: "ynn_emitter.cc: Check failed: b_rank < YNN_MAX_TENSOR_RANK"). So the
-# projections are rank-2 products on the flattened tokens, and on CPU the attention's two
-# batched products (rank 3) are written as a product and a sum, which XLA fuses into one
-# loop (no matrix-product op at all); other platforms keep the batched matrix products.
+# restarts). Each vmap adds one axis to every operand of every matrix product inside, and
+# XLA's CPU backend aborts the process on a matrix product whose operand reaches rank 8
+# (jaxlib 0.10: "ynn_emitter.cc: Check failed: b_rank < YNN_MAX_TENSOR_RANK"). Every
+# product of the transformers therefore goes through :func:`bmm`, a batched matrix product
+# whose batching rule folds each vmapped axis into its one batch axis: rank 3 under any
+# number of vmaps, gradients included.
 
 
-def _scores(q, k):
-    """(N, T, d) x (N, S, d) -> (N, T, S): ``einsum("nqd,nkd->nqk")``."""
-    return jax.lax.platform_dependent(
-        q, k,
-        cpu=lambda a, b: (a[:, :, None, :] * b[:, None, :, :]).sum(-1),
-        default=lambda a, b: jnp.einsum("nqd,nkd->nqk", a, b),
-    )  # fmt: skip
+@custom_vmap
+def _bmm(x, y):
+    return jnp.matmul(x, y)
 
 
-def _mix(w, v):
-    """(N, T, S) x (N, S, d) -> (N, T, d): ``einsum("nqk,nkd->nqd")``."""
-    return jax.lax.platform_dependent(
-        w, v,
-        cpu=lambda a, b: (a[:, :, :, None] * b[:, None, :, :]).sum(2),
-        default=lambda a, b: jnp.einsum("nqk,nkd->nqd", a, b),
-    )  # fmt: skip
+@_bmm.def_vmap
+def _bmm_folded(axis_size, in_batched, x, y):
+    x, y = (
+        v if batched else jnp.broadcast_to(v, (axis_size, *v.shape))
+        for v, batched in zip((x, y), in_batched, strict=True)
+    )
+    out = _bmm(x.reshape(-1, *x.shape[2:]), y.reshape(-1, *y.shape[2:]))
+    return out.reshape(axis_size, -1, *out.shape[1:]), True
+
+
+@jax.custom_vjp
+def bmm(x: jax.Array, y: jax.Array) -> jax.Array:
+    """(N, M, K) @ (N, K, P) -> (N, M, P), whose operands stay rank 3 under vmap (the
+    vmapped axes are folded into N) and under differentiation."""
+    return _bmm(x, y)
+
+
+def _bmm_fwd(x, y):
+    return _bmm(x, y), (x, y)
+
+
+def _bmm_bwd(saved, g):
+    x, y = saved
+    return _bmm(g, jnp.swapaxes(y, -1, -2)), _bmm(jnp.swapaxes(x, -1, -2), g)
+
+
+bmm.defvjp(_bmm_fwd, _bmm_bwd)
 
 
 def _on_tokens(fn, x):
     """``fn`` on the rows of ``x`` (..., d) flattened to (rows, d), the leading axes restored."""
     y = fn(x.reshape(-1, x.shape[-1]))
     return y.reshape(*x.shape[:-1], *y.shape[1:])
+
+
+def _linear(rows, kernel, bias):
+    """(R, d) @ (d, f) + (f,) through :func:`bmm`."""
+    return bmm(rows[None], kernel[None])[0] + bias
+
+
+class Linear(nn.Module):
+    """``nn.Dense`` (same parameters and initialisation) on the flattened rows of a
+    (..., d) input, its product through :func:`bmm`."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", INIT, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return _on_tokens(lambda rows: _linear(rows, kernel, bias), x)
 
 
 class HeadProjection(nn.Module):
@@ -80,7 +115,7 @@ class HeadProjection(nn.Module):
         width = self.heads * self.d_head
 
         def project(rows):
-            return rows @ kernel.reshape(d_model, width) + bias.reshape(width)
+            return _linear(rows, kernel.reshape(d_model, width), bias.reshape(width))
 
         y = _on_tokens(project, x)
         return y.reshape(*x.shape[:-1], self.heads, self.d_head)
@@ -98,7 +133,7 @@ class HeadOutput(nn.Module):
         kernel = self.param("kernel", INIT, (heads, d_head, self.d_model))
         bias = self.param("bias", nn.initializers.zeros, (self.d_model,))
         flat = x.reshape(*x.shape[:-2], heads * d_head)
-        return _on_tokens(lambda rows: rows @ kernel.reshape(-1, self.d_model) + bias, flat)
+        return _on_tokens(lambda rows: _linear(rows, kernel.reshape(-1, self.d_model), bias), flat)
 
 
 class Attention(nn.Module):
@@ -118,12 +153,12 @@ class Attention(nn.Module):
             return y.transpose(0, 2, 1, 3).reshape(b * self.heads, t, self.d_head)
 
         q, k, v = project("query"), project("key"), project("value")
-        logits = _scores(q, k) / np.sqrt(self.d_head).astype(np.float32)
+        logits = bmm(q, jnp.swapaxes(k, 1, 2)) / np.sqrt(self.d_head).astype(np.float32)
         if self.causal:
             mask = jnp.tril(jnp.ones((t, t), bool))
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         weights = jax.nn.softmax(logits, axis=-1)
-        out = _mix(weights, v)
+        out = bmm(weights, v)
         out = out.reshape(b, self.heads, t, self.d_head).transpose(0, 2, 1, 3)
         return HeadOutput(d_model, name="out")(out)
 
@@ -143,8 +178,8 @@ class Block(nn.Module):
             nn.LayerNorm(name="ln_1")(x)
         )
         h = nn.LayerNorm(name="ln_2")(x)
-        h = _on_tokens(nn.Dense(self.d_mlp, kernel_init=INIT, name="fc_in"), h)
-        return x + _on_tokens(nn.Dense(d_model, kernel_init=INIT, name="fc_out"), nn.gelu(h))
+        h = Linear(self.d_mlp, name="fc_in")(h)
+        return x + Linear(d_model, name="fc_out")(nn.gelu(h))
 
 
 class Trunk(nn.Module):
@@ -186,7 +221,7 @@ class GPT(nn.Module):
         h = self.trunk(h + pos[: tokens.shape[1]])
         if self.readout == "last":
             h = h[:, -1]
-        return _on_tokens(nn.Dense(self.num_classes, kernel_init=INIT, name="unembed"), h)
+        return Linear(self.num_classes, name="unembed")(h)
 
 
 class ViT(nn.Module):
@@ -203,17 +238,14 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = _on_tokens(
-            nn.Dense(self.d_model, kernel_init=INIT, name="patch_embed"),
-            patches(x, self.input_shape, self.patch),
-        )
+        h = Linear(self.d_model, name="patch_embed")(patches(x, self.input_shape, self.patch))
         if self.pool == "cls":
             cls = self.param("cls", INIT, (self.d_model,))
             h = jnp.concatenate([jnp.broadcast_to(cls, (h.shape[0], 1, self.d_model)), h], 1)
         pos = self.param("pos_embed", INIT, (h.shape[1], self.d_model))
         h = self.trunk(h + pos)
         h = h[:, 0] if self.pool == "cls" else h.mean(axis=1)
-        return nn.Dense(self.num_classes, kernel_init=INIT, name="unembed")(h)
+        return Linear(self.num_classes, name="unembed")(h)
 
 
 def patches(x: jax.Array, input_shape: tuple[int, ...], patch: int) -> jax.Array:
