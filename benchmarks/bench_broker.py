@@ -320,18 +320,8 @@ def transformer_population(kind: str, n: int, steps: int, shape: dict, seed: int
     their matching is not the identity); each validates on 128 rows of its own.
 
     Returns:
-        (model, params with leading axis N, AgentData); kept for the next case that asks.
+        (model, params with leading axis N, AgentData).
     """
-    cache_key = (kind, n, steps, tuple(sorted(shape.items())), seed)
-    if cache_key not in _TRANSFORMERS:
-        _TRANSFORMERS[cache_key] = _transformer_population(kind, n, steps, shape, seed)
-    return _TRANSFORMERS[cache_key]
-
-
-_TRANSFORMERS: dict = {}
-
-
-def _transformer_population(kind: str, n: int, steps: int, shape: dict, seed: int):
     k_data, k_split, k_init, k_train = jax.random.split(jax.random.key(seed), 4)
     if kind == "gpt":
         ds = load_dataset("arithmetic", k_data, **ARITHMETIC)
@@ -353,139 +343,135 @@ def _transformer_population(kind: str, n: int, steps: int, shape: dict, seed: in
     return model, jax.block_until_ready(pop.params), data
 
 
-def bench_transformer_align(kinds, sizes, shape, modes, steps, max_sweeps, scipy_pairs, reps):
+def bench_transformer_align(populations, shape, modes, steps, max_sweeps, scipy_pairs, reps):
     key = jax.random.key(1)
     solver = "scipy callback" if jax.default_backend() == "cpu" else "optax"
-    for kind in kinds:
-        for n in sizes:
-            model, pop, _ = transformer_population(kind, n, steps, shape)
-            buyers, sellers = all_pairs(n)
-            n_pairs = int(buyers.shape[0])
-            k = min(n_pairs, scipy_pairs)
-            host = jax.tree.map(np.asarray, pop)
-            for mode in modes:
-                spec = model.spec if mode == "grouped" else model.spec.unblocked()
+    for (kind, n), (model, pop, _) in populations.items():
+        buyers, sellers = all_pairs(n)
+        n_pairs = int(buyers.shape[0])
+        k = min(n_pairs, scipy_pairs)
+        host = jax.tree.map(np.asarray, pop)
+        for mode in modes:
+            spec = model.spec if mode == "grouped" else model.spec.unblocked()
 
-                def run(pop, buyers, sellers, spec=spec):
-                    return align_pairs(spec, pop, buyers, sellers, key, max_sweeps)
+            def run(pop, buyers, sellers, spec=spec):
+                return align_pairs(spec, pop, buyers, sellers, key, max_sweeps)
 
-                t = timeit(run, pop, buyers, sellers, reps=reps)
-                perms = jax.tree.map(np.asarray, run(pop, buyers, sellers))
+            t = timeit(run, pop, buyers, sellers, reps=reps)
+            perms = jax.tree.map(np.asarray, run(pop, buyers, sellers))
 
-                def scipy_align(b, s, spec=spec, host=host):
-                    pair = [jax.tree.map(lambda x, i=i: x[i], host) for i in (b, s)]
-                    return align_mod.align(spec, *pair, key, max_sweeps=max_sweeps, backend="scipy")
+            def scipy_align(b, s, spec=spec, host=host):
+                pair = [jax.tree.map(lambda x, i=i: x[i], host) for i in (b, s)]
+                return align_mod.align(spec, *pair, key, max_sweeps=max_sweeps, backend="scipy")
 
-                scipy_align(1, 0)  # compiles the jitted similarity products outside the timing
-                start = time.perf_counter()
-                host_perms = [
-                    scipy_align(b, s)
-                    for b, s in zip(np.asarray(buyers)[:k], np.asarray(sellers)[:k], strict=True)
+            scipy_align(1, 0)  # compiles the jitted similarity products outside the timing
+            start = time.perf_counter()
+            host_perms = [
+                scipy_align(b, s)
+                for b, s in zip(np.asarray(buyers)[:k], np.asarray(sellers)[:k], strict=True)
+            ]
+            per_pair = (time.perf_counter() - start) / k
+            agree = np.mean(
+                [
+                    all(np.array_equal(np.asarray(h[g]), perms[g][p]) for g in perms)
+                    for p, h in enumerate(host_perms)
                 ]
-                per_pair = (time.perf_counter() - start) / k
-                agree = np.mean(
-                    [
-                        all(np.array_equal(np.asarray(h[g]), perms[g][p]) for g in perms)
-                        for p, h in enumerate(host_perms)
-                    ]
-                )
-                moved = [(v != np.arange(v.shape[1])).any(1).mean() for v in perms.values()]
-                emit(
-                    BENCH,
-                    "align_transformer_pairs",
-                    n,
-                    "pairs_per_s",
-                    n_pairs / t,
-                    f"align(backend='scipy') host loop over {k} pairs, per pair",
-                    1 / per_pair,
-                    model=kind,
-                    heads_mode=mode,
-                    shape=shape,
-                    pairs=n_pairs,
-                    train_steps=steps,
-                    max_sweeps=max_sweeps,
-                    solver=solver,
-                    compared=k,
-                    perms_agree=float(agree),
-                    non_identity=float(np.mean(moved)),
-                    seconds=t,
-                    peak_mem_mb=peak_mem_mb(),
-                )
-
-
-def bench_transformer_value(kinds, sizes, shape, steps, batch, max_sweeps, reps):
-    alphas = jnp.asarray(T_ALPHAS, jnp.float32)
-    key = jax.random.key(2)
-    for kind in kinds:
-        for n in sizes:
-            model, pop, data = transformer_population(kind, n, steps, shape)
-            spec = model.spec
-            cands = all_candidates(n)
-            n_pairs = int(cands.size)
-
-            def run(pop, cands, model=model, data=data):
-                return value_candidates(
-                    model,
-                    pop,
-                    data.x_val,
-                    data.y_val,
-                    data.val_idx,
-                    cands,
-                    key,
-                    alphas=alphas,
-                    align=True,
-                    max_sweeps=max_sweeps,
-                    batch_size=batch,
-                )
-
-            t = timeit(run, pop, cands, reps=reps)
-            val = run(pop, cands)
-
-            @jax.jit
-            def one_pair(buyer, seller, x, y, spec=spec, model=model):
-                perms = align_mod.align(spec, buyer, seller, key, max_sweeps=max_sweeps)
-                seller = align_mod.aligned(spec, perms, seller)
-                before = loss_and_accuracy(model, buyer, x, y)[0]
-                losses, accs = jax.vmap(
-                    lambda a: loss_and_accuracy(model, merge(buyer, seller, a), x, y)
-                )(alphas)
-                best = jnp.argmin(losses)
-                return alphas[best], before, losses[best], accs[best]
-
-            # per agent: its parameters, its validation rows; sliced outside the timing
-            agents = [jax.tree.map(lambda v, i=i: v[i], pop) for i in range(n)]
-            rows = [(data.x_val[data.val_idx[i]], data.y_val[data.val_idx[i]]) for i in range(n)]
-            pairs = list(zip(np.asarray(val.buyer), np.asarray(val.seller), strict=True))
-
-            def loop(agents=agents, rows=rows, pairs=pairs, one_pair=one_pair):
-                return [one_pair(agents[b], agents[s], *rows[b]) for b, s in pairs]
-
-            t_loop = timeit(loop, reps=reps)
-            out = np.asarray(loop())  # (P, 4): best alpha, loss before, loss after, acc after
-            merged = n_pairs * len(T_ALPHAS)
+            )
+            moved = [(v != np.arange(v.shape[1])).any(1).mean() for v in perms.values()]
             emit(
                 BENCH,
-                "valuation_transformer",
+                "align_transformer_pairs",
                 n,
-                "merged_models_per_s",
-                merged / t,
-                "per-pair jitted align + merge + loss, Python loop over pairs",
-                merged / t_loop,
+                "pairs_per_s",
+                n_pairs / t,
+                f"align(backend='scipy') host loop over {k} pairs, per pair",
+                1 / per_pair,
                 model=kind,
-                heads_mode="grouped",
+                heads_mode=mode,
                 shape=shape,
                 pairs=n_pairs,
-                alphas=len(T_ALPHAS),
-                val_rows=T_VAL,
                 train_steps=steps,
                 max_sweeps=max_sweeps,
-                batch_size=batch,
-                best_alpha_agree=float(np.mean(out[:, 0] == np.asarray(val.best_alpha))),
-                max_loss_diff=float(np.abs(out[:, 2] - np.asarray(val.loss_after)).max()),
+                solver=solver,
+                compared=k,
+                perms_agree=float(agree),
+                non_identity=float(np.mean(moved)),
                 seconds=t,
-                baseline_seconds=t_loop,
                 peak_mem_mb=peak_mem_mb(),
             )
+
+
+def bench_transformer_value(populations, shape, steps, batch, max_sweeps, reps):
+    alphas = jnp.asarray(T_ALPHAS, jnp.float32)
+    key = jax.random.key(2)
+    for (kind, n), (model, pop, data) in populations.items():
+        spec = model.spec
+        cands = all_candidates(n)
+        n_pairs = int(cands.size)
+
+        def run(pop, cands, model=model, data=data):
+            return value_candidates(
+                model,
+                pop,
+                data.x_val,
+                data.y_val,
+                data.val_idx,
+                cands,
+                key,
+                alphas=alphas,
+                align=True,
+                max_sweeps=max_sweeps,
+                batch_size=batch,
+            )
+
+        t = timeit(run, pop, cands, reps=reps)
+        val = run(pop, cands)
+
+        @jax.jit
+        def one_pair(buyer, seller, x, y, spec=spec, model=model):
+            perms = align_mod.align(spec, buyer, seller, key, max_sweeps=max_sweeps)
+            seller = align_mod.aligned(spec, perms, seller)
+            before = loss_and_accuracy(model, buyer, x, y)[0]
+            losses, accs = jax.vmap(
+                lambda a: loss_and_accuracy(model, merge(buyer, seller, a), x, y)
+            )(alphas)
+            best = jnp.argmin(losses)
+            return alphas[best], before, losses[best], accs[best]
+
+        # per agent: its parameters, its validation rows; sliced outside the timing
+        agents = [jax.tree.map(lambda v, i=i: v[i], pop) for i in range(n)]
+        rows = [(data.x_val[data.val_idx[i]], data.y_val[data.val_idx[i]]) for i in range(n)]
+        pairs = list(zip(np.asarray(val.buyer), np.asarray(val.seller), strict=True))
+
+        def loop(agents=agents, rows=rows, pairs=pairs, one_pair=one_pair):
+            return [one_pair(agents[b], agents[s], *rows[b]) for b, s in pairs]
+
+        t_loop = timeit(loop, reps=reps)
+        out = np.asarray(loop())  # (P, 4): best alpha, loss before, loss after, acc after
+        merged = n_pairs * len(T_ALPHAS)
+        emit(
+            BENCH,
+            "valuation_transformer",
+            n,
+            "merged_models_per_s",
+            merged / t,
+            "per-pair jitted align + merge + loss, Python loop over pairs",
+            merged / t_loop,
+            model=kind,
+            heads_mode="grouped",
+            shape=shape,
+            pairs=n_pairs,
+            alphas=len(T_ALPHAS),
+            val_rows=T_VAL,
+            train_steps=steps,
+            max_sweeps=max_sweeps,
+            batch_size=batch,
+            best_alpha_agree=float(np.mean(out[:, 0] == np.asarray(val.best_alpha))),
+            max_loss_diff=float(np.abs(out[:, 2] - np.asarray(val.loss_after)).max()),
+            seconds=t,
+            baseline_seconds=t_loop,
+            peak_mem_mb=peak_mem_mb(),
+        )
 
 
 def main():
@@ -612,10 +598,17 @@ def main():
     if not set(kinds) <= {"gpt", "vit"} or not set(modes) <= {"grouped", "flat"}:
         raise SystemExit("--transformer-models takes gpt,vit; --transformer-heads grouped,flat")
     shape = transformer_shape(args.transformer_shape)
+    steps = args.transformer_steps
+    populations = {}  # (kind, N) -> (model, params, data): one trained population per case
+    if only & {"transformer_align", "transformer_value"}:
+        populations = {
+            (kind, n): transformer_population(kind, n, steps, shape)
+            for kind in kinds
+            for n in sizes(args.transformer_sizes)
+        }
     if "transformer_align" in only:
         bench_transformer_align(
-            kinds,
-            sizes(args.transformer_sizes),
+            populations,
             shape,
             modes,
             args.transformer_steps,
@@ -625,8 +618,7 @@ def main():
         )
     if "transformer_value" in only:
         bench_transformer_value(
-            kinds,
-            sizes(args.transformer_sizes),
+            populations,
             shape,
             args.transformer_steps,
             args.transformer_val_batch or None,

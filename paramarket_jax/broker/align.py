@@ -231,14 +231,18 @@ def _step(spec, members, solver, branch, chosen_branch, local, a, b, perms, live
     live = live & (chosen_branch == branch)
     new = hungarian(sim, solver, where=live)
     rows = jnp.arange(sim.shape[0])
-    old_score, new_score = sim[rows, old].sum(), sim[rows, new].sum()
-    tol = RTOL * jnp.maximum(jnp.abs(old_score), jnp.abs(new_score))
-    improved = live & (new_score > old_score + tol)
+    improved = live & _improves(sim[rows, old].sum(), sim[rows, new].sum())
     chosen = jnp.where(improved, new, old)
     out = dict(perms)
     for i, g in enumerate(members):
         out[g] = jnp.where(local == i, chosen, perms[g])
     return out, improved
+
+
+def _improves(old_score, new_score):
+    """Whether a new assignment beats the old by more than ``RTOL`` (relative)."""
+    tol = RTOL * jnp.maximum(jnp.abs(old_score), jnp.abs(new_score))
+    return new_score > old_score + tol
 
 
 def _head_step(spec, sets, solver, branch, chosen_branch, local, a, b, perms, live):
@@ -260,9 +264,7 @@ def _head_step(spec, sets, solver, branch, chosen_branch, local, a, b, perms, li
     def score(ps):
         return sum(s[jnp.arange(s.shape[0]), p].sum() for s, p in zip(sim, ps, strict=True))
 
-    old_score, new_score = score(old), score(new)
-    tol = RTOL * jnp.maximum(jnp.abs(old_score), jnp.abs(new_score))
-    improved = live & (new_score > old_score + tol)
+    improved = live & _improves(score(old), score(new))
     out = dict(perms)
     for i, groups in enumerate(sets):
         for m, g in enumerate(groups):

@@ -408,16 +408,13 @@ def transformer_options(
     d_head: int = 8,
     d_mlp: int = 64,
     residual: str = "identity",
-    vocab: int = 0,
-    targets: str = "last",
 ) -> dict:
     """The blocks' options of transformer ``model`` (``gpt`` or ``vit``), checked
-    (``vocab`` and ``targets`` come from the dataset and are not checked here).
+    (``vocab`` and ``targets`` come from the dataset, not from scenario options).
 
     Raises:
         ParamarketError: naming the scenario key (``model.layers``, ``model.residual``...).
     """
-    del vocab, targets
     if not (isinstance(residual, str) and residual in RESIDUALS):
         raise option_error(model, "residual", "one of " + ", ".join(RESIDUALS), residual)
     return {
