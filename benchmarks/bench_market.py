@@ -71,7 +71,7 @@ def round_times(exp, reps: int) -> tuple[list[float], list[int]]:
     """Seconds of each of ``reps`` trading rounds (after one that compiles), shard sizes."""
     data, key = seed_data(exp, 0)
     k_init, k_rounds = jax.random.split(key)
-    state = init_jit(exp.spec, k_init, exp.params)
+    state = init_jit(exp.spec, k_init, exp.params, data)
     times = []
     for r in range(reps + 1):
         t = time.perf_counter()
@@ -174,7 +174,7 @@ def _first_round(exp, seed: int = 0):
     """A trading round's inputs: seed data, the state after init, the round key."""
     data, key = seed_data(exp, seed)
     k_init, k_rounds = jax.random.split(key)
-    return data, init_jit(exp.spec, k_init, exp.params), jax.random.fold_in(k_rounds, 0)
+    return data, init_jit(exp.spec, k_init, exp.params, data), jax.random.fold_in(k_rounds, 0)
 
 
 def round_parts(exp, reps: int) -> dict[str, float]:

@@ -29,6 +29,8 @@ from paramarket_jax.scenario import Scenario, per_agent
 
 # the stream label noise draws from (folded into the data key and each seed's split key)
 NOISE_STREAM = 0x6E6F6973
+# the stream the shared base's public rows are drawn from (folded into each seed's split key)
+PUBLIC_STREAM = 0x70756272
 
 
 class LabelNoise(NamedTuple):
@@ -109,10 +111,27 @@ def spec_of(scenario: Scenario, dataset: Dataset) -> MarketSpec:
         vocab=dataset.vocab,
         targets="all" if np.ndim(dataset.y_train) == 2 else "last",
         alphas=len(s.broker.alphas),
+        pretrain=s.pretrain.steps,
+        pretrain_batch=s.pretrain.batch_size,
+        goods=s.broker.goods,
+        merge=s.broker.merge,
+        second=len(_second_grid(s)),
+        rank=s.broker.rank,
+        adapt=tuple(s.broker.adapt),
+        fit=s.broker.fit,
+        fit_steps=s.broker.fit_steps,
+        fisher_rows=s.broker.fisher_rows,
         strategy_grid=len(s.strategies.grid),
         # without hostile agents the kind is moot: such scenarios share one compilation
         hostile=s.agents.hostile_kind if s.agents.hostile else "",
     )
+
+
+def _second_grid(scenario: Scenario) -> tuple[float, ...]:
+    """The merge method's second knob's grid (TIES: ``broker.density``; DARE and DARE-TIES:
+    ``broker.drop``); empty for a method without one."""
+    b = scenario.broker
+    return {"ties": b.density, "dare": b.drop, "dare_ties": b.drop}.get(b.merge, ())
 
 
 def noise_of(scenario: Scenario) -> LabelNoise:
@@ -173,6 +192,10 @@ def params_of(scenario: Scenario) -> MarketParams:
         hostile=hostile,
         min_gain=s.broker.min_gain,
         confidence=s.broker.confidence,
+        second=np.asarray(_second_grid(s) or (0.0,)),
+        fit_lr=s.broker.fit_lr,
+        pretrain_lr=s.pretrain.learning_rate,
+        transfer_cost=e.transfer_cost,
     )
     # flags stay bool and counts int32 (schedule, strategy kinds); every other number float32
 
@@ -267,8 +290,20 @@ def seed_data(exp: Experiment, seed: int) -> tuple[MarketData, jax.Array]:
         agents=agents,
         pool_rows=jnp.asarray(pool_rows, jnp.int32),
         pool_size=jnp.asarray(len(pool), jnp.int32),
+        public_rows=public_rows(exp, k_split) if sc.pretrain.steps > 0 else None,
     )
     return data, k_run
+
+
+def public_rows(exp: Experiment, k_split: jax.Array) -> jax.Array:
+    """The shared base's public rows: ``pretrain.rows`` training rows drawn uniformly
+    without replacement (all of them if there are fewer) from the seed's split key, so a
+    low-volume mixture of every task. Public data is public: an agent's private shard may
+    hold some of the same rows."""
+    n_train = len(exp.dataset.y_train)
+    take = min(exp.scenario.pretrain.rows, n_train)
+    key = jax.random.fold_in(k_split, PUBLIC_STREAM)
+    return jax.random.permutation(key, n_train)[:take].astype(jnp.int32)
 
 
 def toml_value(value: Any) -> str:

@@ -164,8 +164,29 @@ def make_optimizer(name: str) -> optax.GradientTransformation:
     return OPTIMIZERS[name](1.0)
 
 
+def partial_optimizer(
+    tx: optax.GradientTransformation, trainable: Callable
+) -> optax.GradientTransformation:
+    """``tx`` on the leaves where ``trainable(params)`` is True, nothing on the others.
+
+    ``optax.multi_transform`` of ``tx`` (label ``"train"``) and ``optax.set_to_zero()``
+    (``"frozen"``): the frozen leaves get zero updates and no optimizer state (the
+    optimizer's moments hold ``optax.MaskedNode`` there).
+    """
+
+    def labels(params):
+        return jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
 def make_trainer(model: Model, optimizer: str = "adam", batch_size: int = 32) -> Trainer:
     """Build the population kernels for ``model`` trained with ``optimizer``.
+
+    A model with :attr:`~paramarket_jax.models.base.Model.trainable` set (a LoRA model,
+    :mod:`~paramarket_jax.models.lora`) is trained with :func:`partial_optimizer`, and its
+    frozen leaves are carried through every step untouched, bit for bit (whatever the
+    learning rate, so not even ``p + lr * 0``); any other model gets the optimizer itself.
 
     Args:
         model: the model every agent uses.
@@ -175,6 +196,9 @@ def make_trainer(model: Model, optimizer: str = "adam", batch_size: int = 32) ->
     if batch_size < 1:
         raise ParamarketError(f"batch_size must be >= 1, got {batch_size}")
     tx = make_optimizer(optimizer)
+    trainable = model.trainable
+    if trainable is not None:
+        tx = partial_optimizer(tx, trainable)
 
     def loss_fn(params, x, y):
         return model.losses(params, x, y)[0].mean()
@@ -190,7 +214,10 @@ def make_trainer(model: Model, optimizer: str = "adam", batch_size: int = 32) ->
             loss, grads = jax.value_and_grad(loss_fn)(p, x[batch], y[batch])
             updates, o = tx.update(grads, o, p)
             updates = jax.tree.map(lambda u: lr * u, updates)
-            return (optax.apply_updates(p, updates), o), loss
+            new = optax.apply_updates(p, updates)
+            if trainable is not None:  # the frozen leaves, exactly as they were
+                new = jax.tree.map(lambda t, n, old: n if t else old, trainable(p), new, p)
+            return (new, o), loss
 
         (params, opt_state), losses = jax.lax.scan(
             step, (params, opt_state), jax.random.split(key, steps)

@@ -18,7 +18,14 @@ from typing import Any
 
 import tomli_w
 
-from paramarket_jax.broker.modes import ALIGN_MODES, PAPER_ALPHAS
+from paramarket_jax.broker.modes import (
+    ALIGN_MODES,
+    BASE_METHODS,
+    FITS,
+    GOODS,
+    MERGE_METHODS,
+    PAPER_ALPHAS,
+)
 from paramarket_jax.economics.kinds import QUALITIES, REVENUES, STRATEGIES
 from paramarket_jax.errors import ParamarketError
 
@@ -99,6 +106,30 @@ ALPHAS = (
     "a non-empty list of numbers in [0, 1]",
     lambda v: (
         isinstance(v, list) and v != [] and all(type(x) in (int, float) and 0 <= x <= 1 for x in v)
+    ),
+)
+
+# merge weights: alpha of a linear or Fisher merge (in [0, 1]), lambda of a task-vector
+# merge (task arithmetic, TIES, DARE may scale a task vector beyond 1)
+MAX_WEIGHT = 4.0
+WEIGHTS = (
+    f"a non-empty list of numbers in [0, {MAX_WEIGHT:g}]",
+    lambda v: (
+        isinstance(v, list)
+        and v != []
+        and all(type(x) in (int, float) and 0 <= x <= MAX_WEIGHT for x in v)
+    ),
+)
+DENSITIES = (
+    "a non-empty list of numbers in (0, 1]",
+    lambda v: (
+        isinstance(v, list) and v != [] and all(type(x) in (int, float) and 0 < x <= 1 for x in v)
+    ),
+)
+DROPS = (
+    "a non-empty list of numbers in [0, 1)",
+    lambda v: (
+        isinstance(v, list) and v != [] and all(type(x) in (int, float) and 0 <= x < 1 for x in v)
     ),
 )
 
@@ -209,6 +240,29 @@ class BrokerConfig:
     confidence: float = 0.0
     solver: str = "optax"
     heads: str = "grouped"
+    goods: str = "model"
+    merge: str = "linear"
+    density: tuple[float, ...] = (0.2,)
+    drop: tuple[float, ...] = (0.5,)
+    rank: int = 4
+    adapt: tuple[str, ...] = ("*kernel",)
+    fit: str = "none"
+    fit_steps: int = 10
+    fit_lr: float = 0.05
+    fisher_rows: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """The shared base (the foundation regime): trained once per seed inside ``init``, on
+    ``rows`` public training rows (a uniform draw from the training split, so a low-volume
+    mixture of every task), for ``steps`` steps; 0 steps: no base, every agent starts from
+    its own random initialisation."""
+
+    steps: int = 0
+    rows: int = 256
+    learning_rate: float = 1e-3
+    batch_size: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +290,7 @@ class EconomicsConfig:
     fee_share: float = 0.0
     initial_cash: float = 100.0
     bankruptcy: bool = False
+    transfer_cost: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +324,7 @@ class Scenario:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     trading: TradingConfig = dataclasses.field(default_factory=TradingConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     broker: BrokerConfig = dataclasses.field(default_factory=BrokerConfig)
     mechanism: MechanismConfig = dataclasses.field(default_factory=MechanismConfig)
     economics: EconomicsConfig = dataclasses.field(default_factory=EconomicsConfig)
@@ -321,7 +377,21 @@ RULES: dict[str, tuple] = {
     "broker.pick": ("one of random, top", lambda v: v in ("random", "top")),
     "broker.solver": ("one of callback, optax", lambda v: v in ("callback", "optax")),
     "broker.heads": ("one of grouped, flat", lambda v: v in ("grouped", "flat")),
-    "broker.alphas": ALPHAS,
+    "broker.alphas": WEIGHTS,
+    "broker.goods": ("one of " + ", ".join(GOODS), lambda v: v in GOODS),
+    "broker.merge": ("one of " + ", ".join(MERGE_METHODS), lambda v: v in MERGE_METHODS),
+    "broker.density": DENSITIES,
+    "broker.drop": DROPS,
+    "broker.rank": _int(1),
+    "broker.adapt": ("a non-empty list of strings", lambda v: STRS[1](v) and v != []),
+    "broker.fit": ("one of " + ", ".join(FITS), lambda v: v in FITS),
+    "broker.fit_steps": _int(1),
+    "broker.fit_lr": _real("a number > 0", lambda v: v > 0),
+    "broker.fisher_rows": _int(1),
+    "pretrain.steps": _int(0),
+    "pretrain.rows": _int(1),
+    "pretrain.learning_rate": _real("a number > 0", lambda v: v > 0),
+    "pretrain.batch_size": _int(1),
     "broker.max_alpha": _real("a number in (0, 1]", lambda v: 0 < v <= 1),
     "broker.layers": STRS,
     "broker.candidates": _int(0),
@@ -348,6 +418,7 @@ RULES: dict[str, tuple] = {
     "economics.fee_share": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "economics.initial_cash": _real("a number >= 0", lambda v: v >= 0),
     "economics.bankruptcy": BOOL,
+    "economics.transfer_cost": _real("a number >= 0", lambda v: v >= 0),
     "strategies.kind": (
         "one of adaptive, markup, shade, truthful, or a list of those (one per agent)",
         lambda v: all(x in STRATEGIES for x in (v if isinstance(v, list) else [v])) and v != [],
@@ -369,6 +440,7 @@ SECTIONS = {
     "model": ModelConfig,
     "train": TrainConfig,
     "trading": TradingConfig,
+    "pretrain": PretrainConfig,
     "broker": BrokerConfig,
     "mechanism": MechanismConfig,
     "economics": EconomicsConfig,
@@ -625,6 +697,7 @@ def _build(cls, table: Mapping[str, Any], prefix: str):
 def from_dict(table: Mapping[str, Any]) -> Scenario:
     """Validate a parsed TOML document into a :class:`Scenario` (errors name the key)."""
     _check_fields(Scenario, table, "")
+    table = _regime_defaults(table)
     scenario = _build(Scenario, table, "")
     n = scenario.agents.n
     if scenario.agents.initial > n:
@@ -642,6 +715,7 @@ def from_dict(table: Mapping[str, Any]) -> Scenario:
             raise ParamarketError(
                 f"scenario key {key!r} must list agents in [0, {n - 1}], got {bad[0]}"
             )
+    _check_regime(scenario)
     if min(scenario.broker.alphas) > scenario.broker.max_alpha:
         raise ParamarketError(
             f"scenario key 'broker.max_alpha' ({scenario.broker.max_alpha}) is below every "
@@ -658,6 +732,44 @@ def from_dict(table: Mapping[str, Any]) -> Scenario:
             )
     _check_registered(scenario)
     return scenario
+
+
+def _regime_defaults(table: Mapping[str, Any]) -> Mapping[str, Any]:
+    """With a shared base (``pretrain.steps > 0``) alignment is unnecessary: ``broker.align``
+    defaults to ``none`` there (a scenario may still set it)."""
+    pretrain, broker = table.get("pretrain"), table.get("broker", {})
+    steps = pretrain.get("steps", 0) if isinstance(pretrain, Mapping) else 0
+    if type(steps) is int and steps > 0 and isinstance(broker, Mapping) and "align" not in broker:
+        table = {**table, "broker": {**broker, "align": "none"}}
+    return table
+
+
+def _check_regime(scenario: Scenario) -> None:
+    """The foundation regime's keys agree: task vectors, adapters and the task-vector merges
+    need the shared base; adapters are never permuted; linear and Fisher merges weigh the
+    seller by alpha in [0, 1]."""
+    b, base = scenario.broker, scenario.pretrain.steps > 0
+    if not base:
+        if b.goods != "model":
+            raise ParamarketError(
+                f"scenario key 'broker.goods' = {b.goods!r} needs a shared base: set "
+                "pretrain.steps > 0 (or broker.goods = 'model')"
+            )
+        if b.merge in BASE_METHODS:
+            raise ParamarketError(
+                f"scenario key 'broker.merge' = {b.merge!r} merges task vectors and needs a "
+                "shared base: set pretrain.steps > 0 (or broker.merge = 'linear' or 'fisher')"
+            )
+    if b.goods == "adapter" and b.align not in (False, "none"):
+        raise ParamarketError(
+            "scenario key 'broker.align' must be 'none' with broker.goods = 'adapter' "
+            f"(adapters share the base's basis and are never permuted), got {b.align!r}"
+        )
+    if b.merge not in BASE_METHODS and max(b.alphas) > 1:
+        raise ParamarketError(
+            f"scenario key 'broker.alphas' must be numbers in [0, 1] for broker.merge = "
+            f"{b.merge!r} (the seller's weight), got {max(b.alphas)}"
+        )
 
 
 def _check_registered(scenario: Scenario) -> None:

@@ -48,7 +48,7 @@ def main(out: pathlib.Path) -> None:
     # the agents split over 4 devices (3 agents + 1 dead one), run as checkpoints run it
     b = batch.prepare([exp], devices=4, shard="agents")
     params, data, keys = b.call(0)
-    states = batch.init_runs(b.spec, b.param_axes, params, keys)
+    states = batch.init_runs(b.spec, b.param_axes, params, data, keys)
     states, records = batch.simulate_runs_chunk(
         b.spec, b.rounds, b.param_axes, params, data, states, keys, np.int32(0)
     )

@@ -12,6 +12,7 @@ from paramarket_jax import scenario as sc
 
 BUNDLED = [
     "duopoly_bargaining",
+    "foundation_market",
     "license_auction",
     "many_agents_assignment",
     "open_market",

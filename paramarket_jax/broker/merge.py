@@ -8,56 +8,16 @@ the next in the same (the buyer's) basis. Permuting only the traded layers would
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from paramarket_jax.errors import ParamarketError
-from paramarket_jax.models.spec import SEP, flatten, unflatten
+# the layer patterns live with the models (a LoRA model names its targets with them); the
+# broker's names stay importable from here
+from paramarket_jax.models.spec import _matches, flatten, select_layers, unflatten
 
-
-def _matches(path: str, pattern: str) -> bool:
-    """A flat path matches a prefix (``params/Dense_0``) or a glob (``*/Dense_[01]/*``).
-
-    Patterns are tried on the full path and on every tail of it that starts at a component
-    (the path without its leading collection ``params/``, and so on), so ``Dense_0`` names
-    ``params/Dense_0/kernel`` and ``params/Dense_0/bias``, and ``block_1/*`` or ``block_1``
-    every parameter of a transformer's ``params/trunk/block_1``.
-    """
-    parts = path.split(SEP)
-    candidates = [SEP.join(parts[i:]) for i in range(len(parts))]
-    prefix = pattern.rstrip(SEP) + SEP
-    return any(
-        c == pattern or c.startswith(prefix) or fnmatch.fnmatchcase(c, pattern) for c in candidates
-    )
-
-
-def select_layers(params, layers: Iterable[str] | None) -> frozenset[str]:
-    """Flat parameter paths named by ``layers`` (prefixes or glob patterns; None = all).
-
-    Args:
-        params: a parameter pytree (any leading axes).
-        layers: patterns such as ``"params/Dense_0"``, ``"Dense_1"`` or ``"*conv*"``.
-
-    Raises:
-        ParamarketError: a pattern names no parameter.
-    """
-    paths = list(flatten(params))
-    if layers is None:
-        return frozenset(paths)
-    if isinstance(layers, str):
-        layers = (layers,)
-    chosen = set()
-    for pattern in layers:
-        hit = {p for p in paths if _matches(p, pattern)}
-        if not hit:
-            raise ParamarketError(
-                f"layer pattern {pattern!r} names no parameter; parameters: {', '.join(paths)}"
-            )
-        chosen |= hit
-    return frozenset(chosen)
+__all__ = ["_matches", "merge", "merge_alphas", "merge_many", "select_layers"]
 
 
 def merge(buyer_params, seller_params, alpha, layers: Sequence[str] | None = None):

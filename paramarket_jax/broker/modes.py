@@ -17,6 +17,17 @@ ALIGN_MODES = ("none", "pairwise", "reference")
 # How one of R alignment restarts is kept: best matching objective, or lowest validation
 # loss of the merges (scored at every alpha, so alignment is part of try-before-buy).
 CHOICES = ("objective", "validation")
+# What a seller sells (``broker.goods``): its whole model, its task vector (fine-tuned minus
+# the shared base) or its LoRA adapter (the base frozen).
+GOODS = ("model", "delta", "adapter")
+# The broker's merge methods (``broker.merge``, names as mergekit uses them; the kernels are
+# :data:`paramarket_jax.broker.methods.METHODS`) and those that need the shared base.
+MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_ties", "fisher")
+BASE_METHODS = ("task_arithmetic", "ties", "dare", "dare_ties")
+# How try-before-buy picks a merge's weights: the best of the grid (``none``), or one weight
+# per layer fitted by gradient steps on the buyer's validation rows from the grid's best
+# (``layerwise``, AdaMerging-style).
+FITS = ("none", "layerwise")
 # The paper's alpha grid: 0.05, 0.15, ..., 0.95.
 PAPER_ALPHAS: tuple[float, ...] = tuple(round(0.05 + 0.1 * k, 2) for k in range(10))
 

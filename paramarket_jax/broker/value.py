@@ -7,11 +7,12 @@ hands merged parameters to buyers whose trades settled.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from paramarket_jax.broker.align import (
     _align_restarts,
@@ -24,6 +25,7 @@ from paramarket_jax.broker.align import (
     thaw,
 )
 from paramarket_jax.broker.merge import merge, select_layers
+from paramarket_jax.broker.methods import get_method, layer_names, merge_with
 from paramarket_jax.broker.modes import CHOICES, PAPER_ALPHAS, align_mode
 from paramarket_jax.errors import ParamarketError, unknown
 from paramarket_jax.models.base import Model
@@ -54,6 +56,9 @@ class Valuation(NamedTuple):
         acc_gain: float32 relative validation-accuracy gain of the best merge,
             ``(acc_after - acc_before) / acc_before``.
         acc_gain_se: float32 its standard error, from per-row correctness differences.
+        second: float32 the kept second knob (TIES' density, DARE's drop rate), or None.
+        weights: (P, L) float32 the layer-wise fit's weights (``best_alpha`` is their
+            mean), or None without the fit.
     """
 
     buyer: jax.Array
@@ -66,6 +71,8 @@ class Valuation(NamedTuple):
     gain_se: jax.Array | None = None
     acc_gain: jax.Array | None = None
     acc_gain_se: jax.Array | None = None
+    second: jax.Array | None = None
+    weights: jax.Array | None = None
 
 
 def all_pairs(n: int) -> tuple[jax.Array, jax.Array]:
@@ -179,8 +186,101 @@ def _rows(model, params, x, y):
     return model.losses(params, x, y)
 
 
-def _kept_stats(model, layers, buyer, kept, alpha, x, y, counts, before):
-    """Per-row statistics of each kept merge: ``kept`` sellers (K, ...) at ``alpha`` (K,).
+class Mix(NamedTuple):
+    """How the broker merges a buyer with a seller (static: decides the compilation).
+
+    Attributes:
+        method: a merge method of :data:`~paramarket_jax.broker.methods.METHODS`.
+        layers: prefix or glob patterns of the traded layers (None: the whole model).
+        fit: ``none`` (the grid's best knob) or ``layerwise`` (one weight per layer fitted
+            on the buyer's validation rows from the grid's best, AdaMerging-style).
+        fit_steps: gradient steps of the layer-wise fit.
+        second: the grid of the method's second knob has entries (TIES' density, DARE's
+            drop rate); 0: the method has none.
+    """
+
+    method: str = "linear"
+    layers: tuple[str, ...] | None = None
+    fit: str = "none"
+    fit_steps: int = 10
+    second: int = 0
+
+
+class MixInputs(NamedTuple):
+    """The traced inputs of a merge beyond the two models (None where not needed).
+
+    Attributes:
+        base: the shared base (one model's parameters): task vectors are taken from it.
+        second: (D,) the second knob's grid.
+        fisher: each agent's diagonal Fisher, flat leaves (N, ...), computed on its own
+            training rows (:func:`~paramarket_jax.broker.methods.diagonal_fisher`).
+        key: the round's key: DARE's drops of pair (b, s) use ``fold_in(fold_in(key, b), s)``,
+            so the settled merge drops exactly what was scored.
+        fit_lr: () the layer-wise fit's learning rate (Adam).
+    """
+
+    base: Any = None
+    second: jax.Array | None = None
+    fisher: Any = None
+    key: jax.Array | None = None
+    fit_lr: jax.Array | None = None
+
+
+class Side(NamedTuple):
+    """One party of a merge: its parameters, its Fisher (or None) and its agent index."""
+
+    params: Any
+    fisher: Any
+    id: jax.Array
+
+
+LINEAR = Mix()
+
+
+def combiner(mix: Mix, inputs: MixInputs | None):
+    """``combine(buyer: Side, seller: Side, knob) -> params``: the merge ``mix`` names.
+
+    ``knob`` is (weight, second): the weight a scalar or (under the layer-wise fit) one per
+    layer (:func:`~paramarket_jax.broker.methods.layer_names`); second None when the method
+    has no second knob. A linear merge without a fit is :func:`merge` itself (bit for bit
+    today's valuation).
+    """
+    if mix.method == "linear" and mix.fit == "none":
+        return lambda b, s, knob: merge(b.params, s.params, knob[0], mix.layers)
+    method = get_method(mix.method)
+    inputs = inputs or MixInputs()
+
+    def combine(b, s, knob):
+        weight, second = knob
+        key = None
+        if method.name in ("dare", "dare_ties"):
+            key = jax.random.fold_in(jax.random.fold_in(inputs.key, b.id), s.id)
+        fisher = (b.fisher, s.fisher) if method.needs_fisher else None
+        return merge_with(
+            method, b.params, s.params, weight, base=inputs.base,
+            second=0.0 if second is None else second, key=key, fisher=fisher,
+            layers=mix.layers,
+        )  # fmt: skip
+
+    return combine
+
+
+def knob_grid(alphas, mix: Mix, inputs: MixInputs | None):
+    """Every (weight, second) try-before-buy tries: (A * D,) each, weight-major; second None
+    for a method without a second knob (then the grid is ``alphas`` itself)."""
+    if not mix.second:
+        return alphas, None
+    d, a = inputs.second.shape[0], alphas.shape[0]
+    return jnp.repeat(alphas, d), jnp.tile(inputs.second, a)
+
+
+def _at(knobs, idx):
+    w, second = knobs
+    return w[idx], None if second is None else second[idx]
+
+
+def _kept_stats(model, combine, buyer, kept, knob, x, y, counts, before):
+    """Per-row statistics of each kept merge: ``kept`` sellers (K, ...) at ``knob`` (K,).
 
     Returns (K,) each: the :func:`gain_se` of the relative loss gain; the relative accuracy
     gain ``(acc_after - acc_before) / acc_before`` (0 where the buyer's accuracy is 0); and
@@ -191,10 +291,8 @@ def _kept_stats(model, layers, buyer, kept, alpha, x, y, counts, before):
     these statistics existed (fused together, the mean's rounding changed).
     """
     buyer, x = jax.lax.optimization_barrier((buyer, x))
-    loss0, right0 = _rows(model, buyer, x, y)
-    loss1, right1 = jax.vmap(lambda s, a: _rows(model, merge(buyer, s, a, layers), x, y))(
-        kept, alpha
-    )
+    loss0, right0 = _rows(model, buyer.params, x, y)
+    loss1, right1 = jax.vmap(lambda s, k: _rows(model, combine(buyer, s, k), x, y))(kept, knob)
     acc0 = right0.mean()
     diffs = right1 - right0[None]
     acc_gain = jnp.where(acc0 > 0, diffs.mean(-1) / jnp.where(acc0 > 0, acc0, 1.0), 0.0)
@@ -211,50 +309,125 @@ def _best_finite(losses: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(losses), losses, jnp.inf).argmin(axis=1)
 
 
-def _score(model, layers, alphas, buyer, sellers, x, y, counts):
-    """One buyer against K aligned sellers at A alphas -> per-seller scores (K,), the last
-    the gain's standard error (``counts``: copies of each validation row)."""
-    before, _ = loss_and_accuracy(model, buyer, x, y)
+def fit_layerwise(model, combine, layers, buyer, seller, knob, loss0, x, y, steps, lr, top):
+    """One weight per layer, fitted by ``steps`` Adam steps on the buyer's validation loss
+    from the grid's best ``knob`` (AdaMerging on try-before-buy's rows), weights kept in
+    [0, ``top``]. The fit is kept only where it lowers the loss below the grid's ``loss0``,
+    so it never raises the buyer's validation loss over its starting weight.
 
-    def one(seller, alpha):
-        return loss_and_accuracy(model, merge(buyer, seller, alpha, layers), x, y)
+    Returns:
+        (weights (L,), their validation loss and accuracy).
+    """
+    w0, second = knob
+    n_layers = len(layer_names(buyer.params, layers))
+    start = jnp.full((n_layers,), w0, jnp.float32)
+    opt = optax.adam(lr)
 
-    losses, accs = jax.vmap(jax.vmap(one, (None, 0)), (0, None))(sellers, alphas)  # (K, A)
+    def loss(w):
+        return loss_and_accuracy(model, combine(buyer, seller, (w, second)), x, y)[0]
+
+    def step(carry, _):
+        w, state = carry
+        g = jax.grad(loss)(w)
+        g = jnp.where(jnp.isfinite(g), g, 0.0)
+        upd, state = opt.update(g, state, w)
+        return (jnp.clip(optax.apply_updates(w, upd), 0.0, top), state), None
+
+    (w, _), _ = jax.lax.scan(step, (start, opt.init(start)), None, length=steps)
+    fitted, acc_fit = loss_and_accuracy(model, combine(buyer, seller, (w, second)), x, y)
+    better = jnp.isfinite(fitted) & (fitted < loss0)
+    _, acc0 = loss_and_accuracy(model, combine(buyer, seller, (start, second)), x, y)
+    return (
+        jnp.where(better, w, start),
+        jnp.where(better, fitted, loss0),
+        jnp.where(better, acc_fit, acc0),
+    )
+
+
+def _score(model, mix, combine, alphas, inputs, buyer, sellers, x, y, counts):
+    """One buyer against K aligned sellers at every knob of the grid -> per-seller scores
+    (K,), the last the gain's standard error (``counts``: copies of each validation row).
+    Under the layer-wise fit the grid's best is refined per layer and the (K, L) weights
+    come last."""
+    before, _ = loss_and_accuracy(model, buyer.params, x, y)
+    knobs = knob_grid(alphas, mix, inputs)
+
+    def one(seller, knob):
+        return loss_and_accuracy(model, combine(buyer, seller, knob), x, y)
+
+    losses, accs = jax.vmap(jax.vmap(one, (None, 0)), (0, None))(sellers, knobs)  # (K, A)
     best = _best_finite(losses)
     after = jnp.take_along_axis(losses, best[:, None], 1)[:, 0]
-    gain = jnp.where(before > 0, (before - after) / before, 0.0)
     acc = jnp.take_along_axis(accs, best[:, None], 1)[:, 0]
-    k = losses.shape[0]
-    stats = _kept_stats(model, layers, buyer, sellers, alphas[best], x, y, counts, before)
-    return (alphas[best], jnp.broadcast_to(before, (k,)), after, gain, acc, *stats)
+    kept = _at(knobs, best)
+    return _finish(model, mix, combine, inputs, buyer, sellers, kept, after, acc, before, alphas,
+                   x, y, counts)  # fmt: skip
 
 
-def _score_restarts(model, layers, alphas, buyer, sellers, x, y, counts):
+def _finish(model, mix, combine, inputs, buyer, sellers, kept, after, acc, before, alphas, x, y,
+            counts):  # fmt: skip
+    """The scores of the kept knobs (and the layer-wise fit from them, if on)."""
+    k = after.shape[0]
+    weights = None
+    if mix.fit == "layerwise":
+        top = jnp.maximum(alphas.max(), 1.0)
+        weights, after, acc = jax.vmap(
+            lambda s, w, sec, l0: fit_layerwise(
+                model,
+                combine,
+                mix.layers,
+                buyer,
+                s,
+                (w, sec),
+                l0,
+                x,
+                y,
+                mix.fit_steps,
+                inputs.fit_lr,
+                top,
+            )  # fmt: skip
+        )(sellers, *kept, after)
+        kept = (weights, kept[1])
+    gain = jnp.where(before > 0, (before - after) / before, 0.0)
+    stats = _kept_stats(model, combine, buyer, sellers, kept, x, y, counts, before)
+    scores = (
+        kept[0] if weights is None else kept[0].mean(-1),
+        jnp.broadcast_to(before, (k,)), after, gain, acc, *stats,
+    )  # fmt: skip
+    extra = {}
+    if mix.second:
+        extra["second"] = kept[1]
+    if weights is not None:
+        extra["weights"] = weights
+    return scores, extra
+
+
+def _score_restarts(model, mix, combine, alphas, inputs, buyer, sellers, x, y, counts):
     """:func:`_score` over R alignments of each seller (leaves (K, R, ...)): the best
-    (restart, alpha) of each seller, by validation loss (the first on ties, restart-major).
+    (restart, knob) of each seller, by validation loss (the first on ties, restart-major).
 
     Returns:
         :func:`_score`'s (K,) scores and the (K,) int32 restart kept for each seller.
     """
-    before, _ = loss_and_accuracy(model, buyer, x, y)
+    before, _ = loss_and_accuracy(model, buyer.params, x, y)
+    knobs = knob_grid(alphas, mix, inputs)
 
-    def one(seller, alpha):
-        return loss_and_accuracy(model, merge(buyer, seller, alpha, layers), x, y)
+    def one(seller, knob):
+        return loss_and_accuracy(model, combine(buyer, seller, knob), x, y)
 
-    over_alphas = jax.vmap(one, (None, 0))
-    losses, accs = jax.vmap(jax.vmap(over_alphas, (0, None)), (0, None))(sellers, alphas)
+    over_knobs = jax.vmap(one, (None, 0))
+    losses, accs = jax.vmap(jax.vmap(over_knobs, (0, None)), (0, None))(sellers, knobs)
     k, r, a = losses.shape  # (K, R, A)
     losses, accs = losses.reshape(k, r * a), accs.reshape(k, r * a)
     best = _best_finite(losses)
     after = jnp.take_along_axis(losses, best[:, None], 1)[:, 0]
-    gain = jnp.where(before > 0, (before - after) / before, 0.0)
     acc = jnp.take_along_axis(accs, best[:, None], 1)[:, 0]
     restart = (best // a).astype(jnp.int32)
     kept = jax.tree.map(lambda v: jnp.take_along_axis(
         v, restart.reshape(-1, *(1,) * (v.ndim - 1)), 1)[:, 0], sellers)  # fmt: skip
-    stats = _kept_stats(model, layers, buyer, kept, alphas[best % a], x, y, counts, before)
-    scores = (alphas[best % a], jnp.broadcast_to(before, (k,)), after, gain, acc, *stats)
-    return scores, restart
+    scores, extra = _finish(model, mix, combine, inputs, buyer, kept, _at(knobs, best % a),
+                            after, acc, before, alphas, x, y, counts)  # fmt: skip
+    return scores, extra, restart
 
 
 def _permute(spec, perms, sellers_flat):
@@ -284,21 +457,28 @@ def _value(
     reference,
     offers=None,
     solver="auto",
+    mix=None,
+    inputs=None,
 ):
     """Scores of buyer ids[b] against sellers cands[b, :]; chunks of ``batch_size`` buyers.
 
     ``offers`` (a population like ``pop``, or None: ``pop`` itself) is what each agent
     offers as a seller; buyers are always ``pop``. ``solver``: the assignment solver of
-    the weight matching (:func:`~paramarket_jax.broker.align.hungarian`).
+    the weight matching (:func:`~paramarket_jax.broker.align.hungarian`). ``mix`` (static,
+    :class:`Mix`; None: a linear merge of ``layers``) and ``inputs`` (traced,
+    :class:`MixInputs`) say how pairs are merged.
 
     ``mode`` is one of :data:`~paramarket_jax.broker.modes.ALIGN_MODES`; with
     ``choose="validation"`` and R > 1 restarts every restart's merges are scored and the
-    (restart, alpha) with the lowest validation loss is kept (perms of the kept restart).
+    (restart, knob) with the lowest validation loss is kept (perms of the kept restart).
     Under ``reference`` those R candidates are the compositions of the buyer's and the
     seller's reference alignments of equal objective rank (candidate 0 is the objective's
     choice).
     """
     spec = model.spec
+    mix = mix or Mix(layers=layers)
+    combine = combiner(mix, inputs)
+    fisher = None if inputs is None else inputs.fisher
     frozen = freeze(spec)
     flat = flatten(pop)
     offered = flat if offers is None else flatten(offers)
@@ -320,14 +500,13 @@ def _value(
     def chunk(idx):
         b_ids, c_ids = idx  # (B,), (B, K)
         n_b, k = c_ids.shape
+        s_ids = c_ids.reshape(-1)
         buyers = take(flat, b_ids)
-        sellers = take(offered, c_ids.reshape(-1))
+        sellers = take(offered, s_ids)
         if mode == "none":
             perms = {}
         elif mode == "reference":
-            perms = compose(
-                take(to_ref, jnp.repeat(b_ids, k)), take(to_ref_offered, c_ids.reshape(-1))
-            )
+            perms = compose(take(to_ref, jnp.repeat(b_ids, k)), take(to_ref_offered, s_ids))
         else:
             repeated = jax.tree.map(lambda v: jnp.repeat(v, k, axis=0), buyers)
             perms = _align_restarts(
@@ -337,31 +516,62 @@ def _value(
         rows = val_idx[b_ids]  # (B, m)
         x, y = x_val[rows], y_val[rows]
         counts = jax.vmap(row_counts)(rows)  # (B, m)
+        f_buyers = None if fisher is None else take(fisher, b_ids)
+        f_sellers = None if fisher is None else take(fisher, s_ids)
 
         def split(v):
             return v.reshape(n_b, k, *v.shape[1:])
 
+        def side(p, f, i):
+            return Side(unflatten(p), None if f is None else unflatten(f), i)
+
         if keep_all:  # perms (B * K, R, size): every restart's seller, then the best
-            permute_r = jax.vmap(lambda p: _permute(spec, p, sellers), out_axes=1)
-            every = jax.tree.map(split, permute_r(jax.tree.map(lambda p: p.swapaxes(0, 1), perms)))
+            permute_r = jax.vmap(lambda p, v: _permute(spec, p, v), (0, None), 1)
+            swapped = jax.tree.map(lambda p: p.swapaxes(0, 1), perms)
+            every = jax.tree.map(split, permute_r(swapped, sellers))
+            f_every = None
+            if f_sellers is not None:
+                f_every = jax.tree.map(split, permute_r(swapped, f_sellers))
             score = jax.vmap(
-                lambda b, s, x, y, c: _score_restarts(
-                    model, layers, alphas, unflatten(b), unflatten(s), x, y, c
-                )
+                lambda b, fb, bi, s, fs, si, x, y, c: _score_restarts(
+                    model,
+                    mix,
+                    combine,
+                    alphas,
+                    inputs,
+                    side(b, fb, bi),
+                    side(s, fs, jnp.broadcast_to(si[:, None], s_shape(s))),
+                    x,
+                    y,
+                    c,
+                )  # fmt: skip
             )
-            scores, kept = score(buyers, every, x, y, counts)  # kept: (B, K)
+
+            def s_shape(s):
+                return jax.tree.leaves(s)[0].shape[:2]
+
+            scores, extra, kept = score(
+                buyers, f_buyers, b_ids, every, f_every, split(s_ids), x, y, counts
+            )  # kept: (B, K)
             at = kept.reshape(-1)[:, None, None]
             perms = jax.tree.map(lambda p: jnp.take_along_axis(p, at, 1)[:, 0], perms)
-            return scores, jax.tree.map(split, perms)
+            return scores, extra, jax.tree.map(split, perms)
         sellers = jax.tree.map(split, _permute(spec, perms, sellers))
+        if f_sellers is not None:
+            f_sellers = jax.tree.map(split, _permute(spec, perms, f_sellers))
         score = jax.vmap(
-            lambda b, s, x, y, c: _score(model, layers, alphas, unflatten(b), unflatten(s), x, y, c)
+            lambda b, fb, bi, s, fs, si, x, y, c: _score(
+                model, mix, combine, alphas, inputs, side(b, fb, bi), side(s, fs, si), x, y, c
+            )
         )
-        return score(buyers, sellers, x, y, counts), jax.tree.map(split, perms)
+        scores, extra = score(buyers, f_buyers, b_ids, sellers, f_sellers, split(s_ids), x, y,
+                              counts)  # fmt: skip
+        return scores, extra, jax.tree.map(split, perms)
 
-    scores, perms = map_chunks(chunk, (ids, cands), batch_size)
+    scores, extra, perms = map_chunks(chunk, (ids, cands), batch_size)
     buyer = jnp.repeat(ids, cands.shape[1])
-    val = Valuation(buyer, cands.reshape(-1), *(v.reshape(-1) for v in scores))
+    flat_extra = {k: v.reshape(-1, *v.shape[2:]) for k, v in extra.items()}
+    val = Valuation(buyer, cands.reshape(-1), *(v.reshape(-1) for v in scores), **flat_extra)
     return val, perms
 
 
@@ -384,14 +594,18 @@ def value_with_perms(
     reference=0,
     offers=None,
     solver: str = "auto",
+    mix: Mix | None = None,
+    inputs: MixInputs | None = None,
 ):
     """:func:`value_candidates` for callers already inside a trace (the market round).
 
     ``offers``: what each agent offers as a seller (a population like ``pop_params``), when
     it is not its own model (hostile sellers); None: every seller offers its model.
-    ``solver``: the weight matching's assignment solver (``auto``: scipy through a host
-    callback on CPU, optax's Hungarian elsewhere; a market split over several devices
-    uses ``optax``, which stays inside the partitioned computation).
+    ``mix`` and ``inputs``: the merge method (:class:`Mix`, static; None: linear) and its
+    traced inputs (:class:`MixInputs`). ``solver``: the weight matching's assignment
+    solver (``auto``: scipy through a host callback on CPU, optax's Hungarian elsewhere;
+    a market split over several devices uses ``optax``, which stays inside the
+    partitioned computation).
 
     Besides the scores it returns the permutations found for every pair (small int arrays,
     not weights), so the trades that settle merge exactly what was scored without aligning
@@ -407,7 +621,7 @@ def value_with_perms(
     return _value(
         model, mode, restarts, choose, layers, batch_size, pop_params, x_val, y_val, val_idx,
         ids, candidates, key, alphas, max_sweeps, jnp.asarray(reference, jnp.int32), offers,
-        solver,
+        solver, mix, inputs,
     )  # fmt: skip
 
 
@@ -422,6 +636,10 @@ def merge_settled(
     layers: tuple[str, ...] | None = None,
     batch_size: int | None = None,
     offers=None,
+    mix: Mix | None = None,
+    inputs: MixInputs | None = None,
+    second=None,
+    weights=None,
 ):
     """Settled trades merged with the permutations found during valuation.
 
@@ -437,28 +655,40 @@ def merge_settled(
         layers: prefix or glob patterns of the traded layers; None trades the whole model.
         batch_size: buyers per chunk; None does all in one vmap.
         offers: what each seller offered (as valued), leaves (N, ...); None: its model.
+        mix, inputs: the merge method and its traced inputs, as valued (None: linear).
+        second: (N,) each trade's second knob (the method has one); weights: (N, L) each
+            trade's layer-wise weights (the fit is on; then ``alphas`` is unused).
 
     Returns:
         New population params; buyers without a trade keep theirs exactly.
     """
+    mix = mix or Mix(layers=layers)
+    combine = combiner(mix, inputs)
+    fisher = None if inputs is None else inputs.fisher
     flat = flatten(pop_params)
     offered = flat if offers is None else flatten(offers)
     n = sellers.shape[0]
     ids = jnp.arange(n, dtype=jnp.int32)
     sellers = jnp.where(mask, jnp.clip(sellers, 0, n - 1), ids)
+    knob = (alphas if weights is None else weights, second)
 
     def chunk(idx):
-        b_ids, s_ids, a, m, p = idx
+        b_ids, s_ids, k, m, p = idx
         buyers = take(flat, b_ids)
         aligned = _permute(spec, p, take(offered, s_ids))
+        fb = fs = None
+        if fisher is not None:
+            fb, fs = take(fisher, b_ids), _permute(spec, p, take(fisher, s_ids))
 
-        def one(b, s, alpha, keep):
-            merged = flatten(merge(unflatten(b), unflatten(s), alpha, layers))
+        def one(b, fb, bi, s, fs, si, knob, keep):
+            buyer = Side(unflatten(b), None if fb is None else unflatten(fb), bi)
+            seller = Side(unflatten(s), None if fs is None else unflatten(fs), si)
+            merged = flatten(combine(buyer, seller, knob))
             return jax.tree.map(lambda u, v: jnp.where(keep, u, v), merged, b)
 
-        return jax.vmap(one)(buyers, aligned, a, m)
+        return jax.vmap(one)(buyers, fb, b_ids, aligned, fs, s_ids, k, m)
 
-    return unflatten(map_chunks(chunk, (ids, sellers, alphas, mask, perms), batch_size))
+    return unflatten(map_chunks(chunk, (ids, sellers, knob, mask, perms), batch_size))
 
 
 _value_jit = jax.jit(_value, static_argnums=(0, 1, 2, 3, 4, 5))

@@ -50,22 +50,22 @@ def simulate_runs(spec: MarketSpec, rounds: int, param_axes, params, data, keys)
     Returns:
         RoundRecord with leaves (B, rounds, ...).
     """
-    states = init_runs(spec, param_axes, params, keys)
+    states = init_runs(spec, param_axes, params, data, keys)
     return simulate_runs_chunk(spec, rounds, param_axes, params, data, states, keys,
                                np.int32(0))[1]  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def init_runs(spec: MarketSpec, param_axes, params, keys):
+def init_runs(spec: MarketSpec, param_axes, params, data, keys):
     """B runs' initial states, as :func:`~paramarket_jax.market.round.simulate` draws them (from
     the first half of each run key's split): leaves with a leading axis B (split over the
     devices as the spec says, like the states :func:`simulate_runs_chunk` returns)."""
 
-    def one(p, k):
+    def one(p, d, k):
         k_init, _ = jax.random.split(jax.random.wrap_key_data(k))
-        return sharding.constrain_state(spec, init(spec, k_init, p))
+        return sharding.constrain_state(spec, init(spec, k_init, p, d))
 
-    return jax.vmap(one, in_axes=(param_axes, 0))(params, keys)
+    return jax.vmap(one, in_axes=(param_axes, SEED_AXES, 0))(params, data, keys)
 
 
 def simulate_runs_chunk(spec: MarketSpec, length: int, param_axes, params, data, states, keys,
@@ -179,7 +179,9 @@ def _stack_data(per_run: list[tuple[MarketData, jax.Array]]):
     first = per_run[0][0]
 
     def pick(axis, leaf_first, *leaves):
-        return leaf_first if axis is None else np.stack([np.asarray(v) for v in leaves])
+        if axis is None or leaf_first is None:  # shared, or absent (no public rows)
+            return leaf_first
+        return np.stack([np.asarray(v) for v in leaves])
 
     batched = [d for d, _ in per_run]
     stacked = jax.tree.map(pick, SEED_AXES, first, *batched, is_leaf=lambda x: x is None)
@@ -213,7 +215,7 @@ class Batch(NamedTuple):
         """The params, data and keys of compiled call ``i`` (runs ``i * chunk ...``), on
         the spec's devices (:func:`paramarket_jax.market.sharding.put`)."""
         sl = slice(i * self.chunk, (i + 1) * self.chunk)
-        cut = lambda axis, leaf: leaf if axis is None else leaf[sl]  # noqa: E731
+        cut = lambda axis, leaf: leaf if axis is None or leaf is None else leaf[sl]  # noqa: E731
         is_none = lambda x: x is None  # noqa: E731
         params = jax.tree.map(cut, self.param_axes, self.params, is_leaf=is_none)
         data = jax.tree.map(cut, SEED_AXES, self.data, is_leaf=is_none)
@@ -284,7 +286,7 @@ def prepare(
     pad = n_calls * chunk - total
 
     def padded(axis, leaf):
-        if axis is None or not pad:
+        if axis is None or not pad or leaf is None:
             return leaf
         return np.concatenate([leaf, np.repeat(leaf[-1:], pad, axis=0)])
 
@@ -367,7 +369,7 @@ def run_cells_chunked(
     b = prepare(cells, max_batch, devices, shard)
     carry = start(b) if start is not None else None
     if carry is None:
-        states = [jax.device_get(init_runs(b.spec, b.param_axes, *b.call(i)[::2]))
+        states = [jax.device_get(init_runs(b.spec, b.param_axes, *b.call(i)))
                   for i in range(b.calls)]  # fmt: skip
         states = jax.tree.map(lambda *xs: np.concatenate(xs)[: b.total], *states)
         carry = Carry(0, states, None)

@@ -233,7 +233,7 @@ def _unflat(arrays: dict, manifest: dict, template) -> object:
 def _templates(b: Batch, every: int):
     """ShapeDtypeStructs of the batch's states and of a chunk's records (no compilation)."""
     params, data, keys = b.call(0)
-    states = jax.eval_shape(init_runs, b.spec, b.param_axes, params, keys)
+    states = jax.eval_shape(init_runs, b.spec, b.param_axes, params, data, keys)
     length = min(every, b.rounds)
     _, records = jax.eval_shape(
         simulate_runs_chunk_jit, b.spec, length, b.param_axes, params, data, states, keys,

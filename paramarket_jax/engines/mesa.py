@@ -236,7 +236,7 @@ class MarketModel(mesa.Model):
         k_init, self.k_rounds = jax.random.split(k_run)
         # entry draws from its own stream, so runs without entry keep their numbers
         self.k_entry = jax.random.fold_in(k_run, ENTRY_STREAM) if self.config.agents.entry else None
-        self.state = init_jit(self.spec, k_init, self.params)
+        self.state = init_jit(self.spec, k_init, self.params, self.data)
         self.round = 0
         self.record: RoundRecord | None = None
         self._records: list[RoundRecord] = []

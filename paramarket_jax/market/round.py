@@ -22,7 +22,11 @@ from paramarket_jax.market.types import (
     MarketState,
     RoundRecord,
 )
+from paramarket_jax.models.lora import with_frozen
 from paramarket_jax.population import Population
+
+# folded into the init key for the shared base (the agents' keys are as without one)
+PRETRAIN_STREAM = 0x62617365
 
 
 def fedavg(pop: Population, weights: jax.Array) -> Population:
@@ -40,15 +44,54 @@ def is_trading_round(params: MarketParams, r) -> jax.Array:
     return (r >= params.trade_start) & (r % params.trade_every == 0)
 
 
-def init(spec: MarketSpec, key: jax.Array, params: MarketParams) -> MarketState:
-    """Fresh populations (every twin starts from the same weights), cash and bandits."""
+def pretrain(spec: MarketSpec, key: jax.Array, params: MarketParams, data: MarketData):
+    """The shared base: one model of ``spec.make_base_model()`` trained for
+    ``spec.pretrain`` steps on the public rows (minibatches of ``spec.pretrain_batch``, at
+    ``params.pretrain_lr``). Returns one model's parameters (no agent axis)."""
+    trainer = spec.make_base_trainer()
+    k_init, k_train = jax.random.split(key)
+    pop = trainer.init(k_init, 1, params.pretrain_lr)
+    rows = data.public_rows
+    public = data.agents._replace(
+        train_rows=rows,
+        train_start=jnp.zeros(1, jnp.int32),
+        train_size=jnp.full(1, rows.shape[0], jnp.int32),
+    )
+    pop, _ = trainer.train(pop, k_train, public, spec.pretrain)
+    return jax.tree.map(lambda v: v[0], pop.params)
+
+
+def fresh(spec: MarketSpec, key: jax.Array, n: int, learning_rate, base) -> Population:
+    """``n`` fresh agents: their own random initialisations from ``key`` or, with a shared
+    ``base``, the base (with fresh LoRA adapters from ``key`` under ``goods = adapter``),
+    fresh optimizer states either way."""
     trainer = spec.make_trainer()
-    pop = trainer.init(key, spec.n, params.learning_rate)
+    pop = trainer.init(key, n, learning_rate)
+    if base is None:
+        return pop
+    stacked = jax.tree.map(lambda v: jnp.broadcast_to(v, (n, *v.shape)), base)
+    if spec.goods == "adapter":
+        stacked = jax.vmap(with_frozen)(pop.params, stacked)
+    return trainer.reset_optimizer(pop._replace(params=stacked), jnp.ones(n, bool))
+
+
+def init(
+    spec: MarketSpec, key: jax.Array, params: MarketParams, data: MarketData | None = None
+) -> MarketState:
+    """Fresh populations (every twin starts from the same weights), cash and bandits; with
+    ``spec.pretrain`` steps, the shared base is trained first on ``data``'s public rows
+    (:func:`pretrain`, from a key of its own) and every agent starts from it."""
+    base = None
+    if spec.pretrain:
+        if data is None or data.public_rows is None:
+            raise ValueError("a market with a shared base needs its data (public rows) in init")
+        base = pretrain(spec, jax.random.fold_in(key, PRETRAIN_STREAM), params, data)
+    pop = fresh(spec, key, spec.n, params.learning_rate, base)
     twins = jax.tree.map(lambda v: jnp.stack([v] * spec.twins), pop)
     central = None
     if spec.centralized:
         # the centralized model trains at agent 0's learning rate
-        central = trainer.init(jax.random.fold_in(key, spec.real), 1, params.learning_rate[0])
+        central = fresh(spec, jax.random.fold_in(key, spec.real), 1, params.learning_rate[0], base)
     cash = jnp.full((spec.twins, spec.n), params.initial_cash, jnp.float32)
     return MarketState(
         twins=twins,
@@ -61,6 +104,7 @@ def init(spec: MarketSpec, key: jax.Array, params: MarketParams) -> MarketState:
         diverged=jnp.zeros((spec.twins, spec.n), bool),
         initial_loss=jnp.full((spec.twins, spec.n), jnp.nan, jnp.float32),
         initial_params=pop.params if spec.hostile == "stale" else None,
+        base=base,
     )
 
 
@@ -70,20 +114,21 @@ def enter(
     """Agents enter the free ``slots`` ((N,) bool, dead in the market twin) with fresh models.
 
     An entrant starts in every twin (its siloed twin is the same newcomer never trading):
-    fresh weights and optimizer from ``key``, the initial cash, no purchases, a fresh
-    bandit, not diverged (its initial loss is measured when it first trains). Everyone
-    else is untouched. Called between rounds by the Mesa view. The slot's earlier utility
-    stays in its accounts (the endowment grows by what the entrant brings beyond the
-    leaver's cash), so welfare still counts what the leaver lost.
+    fresh weights (the shared base, if there is one) and optimizer from ``key``, the
+    initial cash, no purchases, a fresh bandit, not diverged (its initial loss is
+    measured when it first trains). Everyone else is untouched. Called between rounds by
+    the Mesa view. The slot's earlier utility stays in its accounts (the endowment grows
+    by what the entrant brings beyond the leaver's cash), so welfare still counts what
+    the leaver lost.
     """
     slots = jnp.asarray(slots, bool) & ~state.alive[MARKET]
-    fresh = spec.make_trainer().init(key, spec.n, params.learning_rate)
+    new = fresh(spec, key, spec.n, params.learning_rate, state.base)
 
     def pick(new, old):  # old (T, N, ...), new (N, ...)
         m = slots.reshape((1, spec.n) + (1,) * (old.ndim - 2))
         return jnp.where(m, new[None], old)
 
-    twins = jax.tree.map(pick, fresh, state.twins)
+    twins = jax.tree.map(pick, new, state.twins)
     strategy = jax.tree.map(
         lambda new, old: jnp.where(slots.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
         init_state(spec.n, spec.strategy_grid),
@@ -102,9 +147,7 @@ def enter(
         initial_loss=jnp.where(slots[None], jnp.nan, state.initial_loss),
         initial_params=None
         if state.initial_params is None
-        else jax.tree.map(
-            lambda new, old: pick(new, old[None])[0], fresh.params, state.initial_params
-        ),
+        else jax.tree.map(lambda u, v: pick(u, v[None])[0], new.params, state.initial_params),
     )
 
 
@@ -295,7 +338,7 @@ def simulate(
         The final state and the records, every leaf with a leading axis ``rounds``.
     """
     k_init, k_rounds = jax.random.split(key)
-    state = init(spec, k_init, params)
+    state = init(spec, k_init, params, data)
     return simulate_chunk(spec, k_rounds, state, params, data, jnp.int32(0), rounds)
 
 

@@ -7,7 +7,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from paramarket_jax.broker import goods
+from paramarket_jax.broker.methods import diagonal_fisher
 from paramarket_jax.broker.value import (
+    Mix,
+    MixInputs,
     all_candidates,
     merge_settled,
     sample_candidates,
@@ -25,7 +29,8 @@ from paramarket_jax.market.types import (
     Trades,
 )
 from paramarket_jax.mechanisms import Market, cap_bids, make_mechanism, settle
-from paramarket_jax.population import agent_keys
+from paramarket_jax.models.spec import flatten
+from paramarket_jax.population import agent_keys, sample_batch
 
 # a ``poisoned`` offer is the seller's model plus Gaussian noise whose standard deviation is
 # this times each layer's own root-mean-square weight (per agent, fresh every trading round)
@@ -33,6 +38,10 @@ POISON_SCALE = 1.0
 # folded into a trading round's key for the hostile offers' randomness (the round's other
 # keys are split as before, so scenarios without hostile agents draw exactly as they did)
 HOSTILE_STREAM = 0x686F7374
+# folded into a trading round's key for the merges' randomness (DARE's drops) and the rows
+# each agent's Fisher is computed on (as the hostile stream: other scenarios draw as before)
+MIX_STREAM = 0x6D697820
+FISHER_STREAM = 0x66697368
 
 
 def _candidates(spec: MarketSpec, key, score, alive) -> jax.Array:
@@ -139,6 +148,12 @@ class Offers(NamedTuple):
         candidates: (N, K) the sellers valued for each buyer; perms: name -> (N, K, size)
             the permutations found for them; offered: what each seller offered (None: its
             model).
+        second: the kept second knob of the merge method (0: none); shipped: parameters
+            a trade ships (:func:`~paramarket_jax.broker.goods.shipped`).
+        weights: (N, K, L) the layer-wise fit's weights per candidate, or None.
+        buyers, sellers: the weights the broker merged
+            (:func:`~paramarket_jax.broker.goods.views`; sellers None: the buyers');
+        inputs: the merge's traced inputs (:class:`~paramarket_jax.broker.value.MixInputs`).
     """
 
     mask: jax.Array
@@ -152,6 +167,12 @@ class Offers(NamedTuple):
     candidates: jax.Array
     perms: dict
     offered: Any
+    second: jax.Array
+    shipped: jax.Array
+    weights: Any
+    buyers: Any
+    sellers: Any
+    inputs: Any
 
 
 class Quotes(NamedTuple):
@@ -180,6 +201,7 @@ class Deals(NamedTuple):
         settled: cash and fees after paying (:func:`~paramarket_jax.mechanisms.settle`).
         bought: bool, buyer i bought; seller: int32 its seller (-1: none); pick: the
             seller clipped to a valid index; alpha: the merge's seller weight (0: none).
+        transfer: (N,) what each buyer paid for shipping (in ``settled``'s cash already).
     """
 
     outcome: Any
@@ -188,6 +210,7 @@ class Deals(NamedTuple):
     seller: jax.Array
     pick: jax.Array
     alpha: jax.Array
+    transfer: jax.Array
 
 
 def value(
@@ -199,6 +222,7 @@ def value(
     alive,
     loss_v,
     offered=None,
+    inputs=None,
 ):
     """The broker's try-before-buy of a round: candidates, their scores and permutations.
 
@@ -208,6 +232,7 @@ def value(
             may trade (in the market and not diverged);
         loss_v: (N,) each agent's own validation loss (the ``top`` pick's score).
         offered: what each agent offers as a seller (:func:`hostile_offers`); None: its model.
+        inputs: the merge method's traced inputs (None: a linear merge).
 
     Returns:
         (candidates (N, K), Valuation, perms name -> (N, K, size)).
@@ -215,7 +240,7 @@ def value(
     agents = data.agents
     cands = _candidates(spec, keys.candidates, loss_v, alive)
     val, perms = value_with_perms(
-        spec.make_model(),
+        spec.make_base_model(),
         pop_params,
         agents.x_val,
         agents.y_val,
@@ -232,8 +257,66 @@ def value(
         reference=jnp.argmax(alive).astype(jnp.int32),  # the first agent in the market
         offers=offered,
         solver=spec.solver,
+        mix=mix_of(spec),
+        inputs=inputs,
     )
     return cands, val, perms
+
+
+def mix_of(spec: MarketSpec) -> Mix:
+    """How the spec's broker merges (:class:`~paramarket_jax.broker.value.Mix`)."""
+    return Mix(
+        method=spec.merge,
+        layers=spec.layers or None,
+        fit=spec.fit,
+        fit_steps=spec.fit_steps,
+        second=spec.second,
+    )
+
+
+def mix_inputs(spec: MarketSpec, key, state: MarketState, params: MarketParams,
+               data: MarketData, buyers) -> MixInputs | None:  # fmt: skip
+    """The merge's traced inputs this round (None for a linear merge without a fit): the
+    base, the second knob's grid, every agent's Fisher at its weights ``buyers`` (Fisher
+    merging), the key of DARE's drops, the fit's learning rate."""
+    if spec.merge == "linear" and spec.fit == "none":
+        return None
+    fisher = None
+    if spec.merge == "fisher":
+        fisher = fishers(spec, jax.random.fold_in(key, FISHER_STREAM), buyers, data)
+    return MixInputs(
+        base=state.base,
+        second=params.second,
+        fisher=fisher,
+        key=jax.random.fold_in(key, MIX_STREAM),
+        fit_lr=params.fit_lr,
+    )
+
+
+def fishers(spec: MarketSpec, key, params, data: MarketData):
+    """Each agent's diagonal Fisher (flat leaves (N, ...)) at its weights ``params`` (the
+    registered model's layout), on ``spec.fisher_rows`` rows of its own training shard
+    (drawn with replacement from ``key``): what a seller hands the broker with its weights,
+    never the buyer."""
+    model, agents = spec.make_base_model(), data.agents
+
+    def one(p, k, start, size):
+        rows = sample_batch(k, agents.train_rows, start, size, spec.fisher_rows)
+        losses = lambda q, x, y: model.losses(q, x, y)[0]  # noqa: E731
+        return flatten(diagonal_fisher(losses, p, agents.x_train[rows], agents.y_train[rows]))
+
+    return jax.vmap(one)(params, agent_keys(key, spec.n), agents.train_start, agents.train_size)
+
+
+def merged_sides(spec: MarketSpec, key, state: MarketState, params: MarketParams, pop_params):
+    """(what each seller offers, None: its model; the buyers' and the sellers' weights as
+    the broker merges them, :func:`~paramarket_jax.broker.goods.views`). Hostile sellers
+    offer something else than their model (drawn from a stream folded into ``key``)."""
+    offered = None
+    if spec.hostile:
+        k_hostile = jax.random.fold_in(key, HOSTILE_STREAM)
+        offered = hostile_offers(spec, k_hostile, state, params, pop_params)
+    return (offered, *goods.views(spec, pop_params, offered, state.base))
 
 
 def value_offers(
@@ -252,13 +335,10 @@ def value_offers(
     loss_v, acc_v = spec.make_trainer().evaluate(
         pop.params, agents.x_val, agents.y_val, agents.val_idx
     )
-    # hostile sellers offer something else than their model (None: nobody is hostile)
-    offered = None
-    if spec.hostile:
-        k_hostile = jax.random.fold_in(key, HOSTILE_STREAM)
-        offered = hostile_offers(spec, k_hostile, state, params, pop.params)
+    offered, buyers, sellers = merged_sides(spec, key, state, params, pop.params)
+    inputs = mix_inputs(spec, key, state, params, data, buyers)
     cands, val, perms = value(
-        spec, TradeKeys.of(key), params, data, pop.params, trading, loss_v, offered
+        spec, TradeKeys.of(key), params, data, buyers, trading, loss_v, sellers, inputs
     )
 
     def pairs(v, fill=0.0, dtype=jnp.float32):  # (P,) per-pair scores -> (N, N) buyer x seller
@@ -276,6 +356,8 @@ def value_offers(
     q_own = jnp.where(alive, quality(loss_v, acc_v, kind=spec.quality), 0.0)
     q_pair = quality(val.loss_after, val.acc_after, kind=spec.quality)
     q_new = jnp.broadcast_to(q_own[:, None], (n, n)).at[val.buyer, val.seller].set(q_pair)
+    second = pairs(val.second) if val.second is not None else jnp.zeros((n, n))
+    weights = None if val.weights is None else val.weights.reshape(n, cands.shape[1], -1)
     return Offers(
         mask=mask,
         gain=pairs(val.gain),
@@ -288,6 +370,12 @@ def value_offers(
         candidates=cands,
         perms=perms,
         offered=offered,
+        second=second,
+        shipped=goods.shipped(spec, second),
+        weights=weights,
+        buyers=buyers,
+        sellers=sellers,
+        inputs=inputs,
     )
 
 
@@ -301,6 +389,8 @@ def quote(
     """
     econ = params.economy
     values, reservations = purchase_values(offers.q_own, offers.q_new, econ, spec.revenue)
+    # a buyer pays for shipping what it buys: its value of a trade is net of that cost
+    values = values - params.transfer_cost * offers.shipped
     bids, asks, strategy = reports(key, values, reservations, params.strategy, state.strategy)
     mask = offers.mask
     # each buyer pays for every candidate the broker valued for it; sellers-only pay none
@@ -344,8 +434,11 @@ def clear(
     bought = outcome.alloc.any(axis=1)
     seller = jnp.where(bought, outcome.alloc.argmax(axis=1), -1)
     pick = jnp.clip(seller, 0)
-    alpha = jnp.where(bought, offers.alpha[jnp.arange(n), pick], 0.0)
-    return Deals(outcome, settled, bought, seller.astype(jnp.int32), pick, alpha)
+    rows = jnp.arange(n)
+    alpha = jnp.where(bought, offers.alpha[rows, pick], 0.0)
+    transfer = jnp.where(bought, params.transfer_cost * offers.shipped[rows, pick], 0.0)
+    settled = settled._replace(cash=settled.cash - transfer)
+    return Deals(outcome, settled, bought, seller.astype(jnp.int32), pick, alpha, transfer)
 
 
 def apply_trades(
@@ -366,16 +459,21 @@ def apply_trades(
     slot = jnp.argmax(offers.candidates == deals.pick[:, None], axis=1)
     chosen = jax.tree.map(lambda p: p[rows, slot], offers.perms)
     merged = merge_settled(
-        spec.make_model().spec,
-        pop.params,
+        spec.make_base_model().spec,
+        offers.buyers,
         deals.pick,
         deals.alpha,
         deals.bought,
         chosen,
         layers=spec.layers or None,
         batch_size=spec.chunk or None,
-        offers=offers.offered,
+        offers=offers.sellers,
+        mix=mix_of(spec),
+        inputs=offers.inputs,
+        second=offers.second[rows, deals.pick] if spec.second else None,
+        weights=None if offers.weights is None else offers.weights[rows, slot],
     )
+    merged = goods.settle(spec, pop.params, merged)
     before = trainer.evaluate(pop.params, agents.x_test, agents.y_test, agents.test_idx)
     after = trainer.evaluate(merged, agents.x_test, agents.y_test, agents.test_idx)
     bought = deals.bought
@@ -417,7 +515,7 @@ def book(
         predicted_gain=picked(offers.gain),
         realized_gain=realized,
         value=picked(quotes.values),
-        realized_value=jnp.where(bought, realized_values[:, 0], 0.0),
+        realized_value=jnp.where(bought, realized_values[:, 0] - deals.transfer, 0.0),
         reservation=picked(quotes.reservations),
         bid=picked(quotes.bids),
         ask=picked(quotes.asks),
@@ -427,12 +525,16 @@ def book(
         acc_gain=picked(offers.acc_gain),
         acc_gain_se=picked(offers.acc_gain_se),
         hostile=bought & params.hostile[pick],
+        second=picked(offers.second),
+        shipped=picked(offers.shipped),
+        transfer=deals.transfer,
     )
+    # shipping is paid to the broker, which ships the weights
     flows = Flows(
         payment=outcome.payment,
         receipt=outcome.receipt,
-        fees=settled.fees + quotes.query_fees,
-        broker=settled.broker + quotes.query_fees.sum(),
+        fees=settled.fees + quotes.query_fees + deals.transfer,
+        broker=settled.broker + quotes.query_fees.sum() + deals.transfer.sum(),
     )
     return trades, flows
 

@@ -31,6 +31,7 @@ from paramarket_jax.economics.revenue import Economy
 from paramarket_jax.economics.strategies import StrategyParams, StrategyState
 from paramarket_jax.mechanisms.base import Knobs
 from paramarket_jax.models import Model, make_model
+from paramarket_jax.models.lora import lora
 from paramarket_jax.population import AgentData, Population, Trainer, make_trainer
 
 MARKET = 0
@@ -81,6 +82,16 @@ class MarketSpec:
             as one group, mixing heads: the ablation); the model's spec carries it.
         vocab, targets: the dataset's input token ids (0 for features) and whether it has
             one target per example (``last``) or per position (``all``).
+        pretrain: steps of the shared base's training inside :func:`~paramarket_jax.market.
+            round.init` (0: no base, every agent starts from its own initialisation);
+            pretrain_batch: its minibatch size.
+        goods: what sellers sell (``broker.goods``): ``model``, ``delta`` (the task vector,
+            fine-tuned minus base) or ``adapter`` (LoRA adapters of rank ``rank`` on the
+            kernels ``adapt`` names, trained with the base frozen).
+        merge: the broker's merge method (``broker.merge``, :data:`~paramarket_jax.broker.
+            methods.METHODS`); second: entries of its second knob's grid (0: none);
+            fit: ``none`` or ``layerwise``; fit_steps: the fit's gradient steps;
+            fisher_rows: training rows each agent's diagonal Fisher is computed on.
     """
 
     n: int
@@ -117,6 +128,16 @@ class MarketSpec:
     heads: str = "grouped"
     vocab: int = 0
     targets: str = "last"
+    pretrain: int = 0
+    pretrain_batch: int = 64
+    goods: str = "model"
+    merge: str = "linear"
+    second: int = 0
+    rank: int = 4
+    adapt: tuple[str, ...] = ("*kernel",)
+    fit: str = "none"
+    fit_steps: int = 10
+    fisher_rows: int = 64
 
     @property
     def twin_names(self) -> tuple[str, ...]:
@@ -134,10 +155,26 @@ class MarketSpec:
         return len(self.twin_names)
 
     def make_model(self) -> Model:
-        """The model (one per model setting: equal specs share its jitted functions)."""
+        """The agents' model (one per model setting: equal specs share its jitted
+        functions): the registered model, or it with LoRA adapters (``goods = adapter``)."""
+        base = self.make_base_model()
+        if self.goods == "adapter":
+            return _adapted(base, self.rank, self.adapt)
+        return base
+
+    def make_base_model(self) -> Model:
+        """The registered model itself (what the shared base and the merges are)."""
         return _model(
             self.model, self.input_shape, self.num_classes, self.model_options, self.data_keys
         )
+
+    def make_base_trainer(self) -> Trainer:
+        """The trainer of the shared base (every parameter trains, minibatch
+        ``pretrain_batch``)."""
+        return _trainer(
+            self.model, self.input_shape, self.num_classes, self.model_options,
+            self.data_keys, self.optimizer, self.pretrain_batch, "model", self.rank, self.adapt,
+        )  # fmt: skip
 
     @property
     def data_keys(self) -> tuple:
@@ -149,8 +186,13 @@ class MarketSpec:
         trains or evaluates calls the same jitted functions and traces them once)."""
         return _trainer(
             self.model, self.input_shape, self.num_classes, self.model_options,
-            self.data_keys, self.optimizer, self.batch_size,
+            self.data_keys, self.optimizer, self.batch_size, self.goods, self.rank, self.adapt,
         )  # fmt: skip
+
+
+@functools.cache
+def _adapted(model: Model, rank: int, adapt: tuple[str, ...]) -> Model:
+    return lora(model, rank=rank, targets=adapt)
 
 
 @functools.cache
@@ -165,8 +207,11 @@ def _model(name: str, input_shape, num_classes: int, options, data_keys) -> Mode
 
 
 @functools.cache
-def _trainer(name, input_shape, num_classes, options, data_keys, optimizer, batch_size) -> Trainer:
+def _trainer(name, input_shape, num_classes, options, data_keys, optimizer, batch_size, goods,
+             rank, adapt) -> Trainer:  # fmt: skip
     model = _model(name, input_shape, num_classes, options, data_keys)
+    if goods == "adapter":
+        model = _adapted(model, rank, adapt)
     return make_trainer(model, optimizer, batch_size)
 
 
@@ -200,6 +245,12 @@ class MarketParams(NamedTuple):
             at this one-sided confidence (``gain - z * se > 0``, z the normal quantile, se
             from the per-row differences over the buyer's validation rows,
             :func:`~paramarket_jax.broker.value.gain_se`); 0: off.
+        second: (D,) the merge method's second knob's grid (TIES' density, DARE's drop
+            rate), tried with every weight of ``alphas``.
+        fit_lr: () the layer-wise fit's learning rate.
+        pretrain_lr: () the shared base's learning rate.
+        transfer_cost: () money per parameter shipped to a buyer (paid by the buyer to the
+            broker, which ships it).
     """
 
     learning_rate: jax.Array
@@ -217,6 +268,10 @@ class MarketParams(NamedTuple):
     hostile: jax.Array
     min_gain: jax.Array
     confidence: jax.Array
+    second: jax.Array
+    fit_lr: jax.Array
+    pretrain_lr: jax.Array
+    transfer_cost: jax.Array
 
 
 class MarketData(NamedTuple):
@@ -226,11 +281,14 @@ class MarketData(NamedTuple):
         agents: shared features and each agent's shard, validation and test rows.
         pool_rows: (R,) int32 every row some agent owns, once (the centralized baseline's
             data), padded; pool_size: () int32 how many are real.
+        public_rows: (P,) int32 the public training rows the shared base is trained on
+            (None without a base).
     """
 
     agents: AgentData
     pool_rows: jax.Array
     pool_size: jax.Array
+    public_rows: jax.Array | None = None
 
 
 class MarketState(NamedTuple):
@@ -256,6 +314,8 @@ class MarketState(NamedTuple):
         initial_params: the market agents' initial parameters, leaves (N, ...), what a
             ``stale`` hostile seller offers (an entrant's are its fresh ones); None unless
             ``MarketSpec.hostile`` is ``stale``.
+        base: the shared pretrained base, one model's parameters (no agent axis): every
+            agent's first weights, and what task vectors are taken from; None without one.
     """
 
     twins: Population
@@ -268,6 +328,7 @@ class MarketState(NamedTuple):
     diverged: jax.Array
     initial_loss: jax.Array
     initial_params: Any = None
+    base: Any = None
 
 
 class Trades(NamedTuple):
@@ -292,6 +353,9 @@ class Trades(NamedTuple):
         acc_gain, acc_gain_se: the merge's predicted relative validation-accuracy gain
             and its standard error (what the guard tests under ``accuracy`` quality).
         hostile: bool, the seller was hostile (offered something other than its model).
+        second: the merge's second knob (TIES' density, DARE's drop rate; 0: none).
+        shipped: parameters shipped to the buyer (a model's, its task vector's kept
+            entries, or its adapter's); transfer: what the buyer paid for shipping them.
     """
 
     mask: jax.Array
@@ -310,6 +374,9 @@ class Trades(NamedTuple):
     acc_gain: jax.Array
     acc_gain_se: jax.Array
     hostile: jax.Array
+    second: jax.Array
+    shipped: jax.Array
+    transfer: jax.Array
 
     @classmethod
     def empty(cls, n: int) -> Trades:
@@ -429,6 +496,10 @@ PARAM_AXES = MarketParams(
     hostile=AGENT,
     min_gain=SHARED,
     confidence=SHARED,
+    second=SHARED,
+    fit_lr=SHARED,
+    pretrain_lr=SHARED,
+    transfer_cost=SHARED,
 )
 
 #: ``MarketData``: index arrays differ between seeds (a seed's partition), feature arrays
@@ -449,6 +520,7 @@ DATA_AXES = MarketData(
     ),
     pool_rows=SEED,
     pool_size=SEED,
+    public_rows=SEED,
 )
 
 #: ``MarketState``: where each leaf's agent axis is (a label covers a whole subtree).
@@ -463,6 +535,7 @@ STATE_AXES = MarketState(
     diverged=TWIN_AGENT,
     initial_loss=TWIN_AGENT,
     initial_params=AGENT,
+    base=SHARED,
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
 import flax.linen as nn
@@ -28,6 +28,14 @@ class Model:
         input_shape: shape of one example.
         num_classes: number of output classes.
         spec: the permutation spec of ``init``'s parameter pytree.
+        fan_in: flat kernel path -> how many of its leading axes are inputs (the rest are
+            outputs), for the kernels where that is not ``ndim - 1`` (the transformers'
+            query, key and value kernels (d_model, heads, d_head): 1). The default, ``ndim
+            - 1``, is right for Dense (in, out), Conv (kh, kw, cin, cout) and the attention
+            output (heads, d_head, d_model). See :meth:`fan_in_axes`.
+        trainable: ``params -> pytree like params of Python bools``, True where the
+            optimizer may update a leaf (:func:`~paramarket_jax.population.make_trainer`
+            keeps the others exactly as they are); None: every leaf is trained.
     """
 
     name: str
@@ -35,6 +43,13 @@ class Model:
     input_shape: tuple[int, ...]
     num_classes: int
     spec: PermutationSpec
+    fan_in: Mapping[str, int] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    trainable: Callable | None = None
+
+    def fan_in_axes(self, path: str, ndim: int) -> int:
+        """How many leading axes of the kernel at flat ``path`` (of rank ``ndim``) are its
+        inputs: ``fan_in[path]``, else ``ndim - 1``."""
+        return int(self.fan_in.get(path, ndim - 1))
 
     def init(self, key: jax.Array):
         """Parameters of one model from ``key``."""
@@ -139,11 +154,14 @@ def build(
     num_classes: int,
     axes: dict[str, tuple],
     blocks: dict[str, tuple[str, int]] | None = None,
+    fan_in: Mapping[str, int] | None = None,
 ) -> Model:
     """Make a :class:`Model`, reading permutation sizes off the initialised shapes.
 
     ``blocks`` names the blocked groups (heads then units inside each head; see
     :class:`~paramarket_jax.models.spec.PermutationSpec`): group -> (head set, d_head).
+    ``fan_in``: :attr:`Model.fan_in` (kernel path -> leading input axes, where not
+    ``ndim - 1``).
 
     Raises:
         ParamarketError: the model would have more than ``MAX_PARAMS`` parameters.
@@ -170,4 +188,8 @@ def build(
     if blocks:
         spec = spec._replace(blocks=MappingProxyType(blocks))
     check_spec(spec, shapes)
-    return Model(name, module, input_shape, num_classes, spec)
+    unknown_paths = sorted(set(fan_in or {}) - set(flat))
+    if unknown_paths:
+        raise ValueError(f"fan_in names parameters the model lacks: {unknown_paths}")
+    fan = MappingProxyType(dict(fan_in or {}))
+    return Model(name, module, input_shape, num_classes, spec, fan_in=fan)

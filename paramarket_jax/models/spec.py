@@ -6,13 +6,16 @@ a network is described declaratively so that alignment and merging work for any 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fnmatch
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+
+from paramarket_jax.errors import ParamarketError
 
 SEP = "/"
 
@@ -103,6 +106,48 @@ def flatten(params) -> dict[str, jax.Array]:
 def unflatten(flat: Mapping[str, jax.Array]):
     """Inverse of :func:`flatten`."""
     return traverse_util.unflatten_dict(dict(flat), sep=SEP)
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """A flat path matches a prefix (``params/Dense_0``) or a glob (``*/Dense_[01]/*``).
+
+    Patterns are tried on the full path and on every tail of it that starts at a component
+    (the path without its leading collection ``params/``, and so on), so ``Dense_0`` names
+    ``params/Dense_0/kernel`` and ``params/Dense_0/bias``, and ``block_1/*`` or ``block_1``
+    every parameter of a transformer's ``params/trunk/block_1``.
+    """
+    parts = path.split(SEP)
+    candidates = [SEP.join(parts[i:]) for i in range(len(parts))]
+    prefix = pattern.rstrip(SEP) + SEP
+    return any(
+        c == pattern or c.startswith(prefix) or fnmatch.fnmatchcase(c, pattern) for c in candidates
+    )
+
+
+def select_layers(params, layers: Iterable[str] | None) -> frozenset[str]:
+    """Flat parameter paths named by ``layers`` (prefixes or glob patterns; None = all).
+
+    Args:
+        params: a parameter pytree (any leading axes).
+        layers: patterns such as ``"params/Dense_0"``, ``"Dense_1"`` or ``"*conv*"``.
+
+    Raises:
+        ParamarketError: a pattern names no parameter.
+    """
+    paths = list(flatten(params))
+    if layers is None:
+        return frozenset(paths)
+    if isinstance(layers, str):
+        layers = (layers,)
+    chosen = set()
+    for pattern in layers:
+        hit = {p for p in paths if _matches(p, pattern)}
+        if not hit:
+            raise ParamarketError(
+                f"layer pattern {pattern!r} names no parameter; parameters: {', '.join(paths)}"
+            )
+        chosen |= hit
+    return frozenset(chosen)
 
 
 def identity_perms(spec: PermutationSpec) -> dict[str, jax.Array]:

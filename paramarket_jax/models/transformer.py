@@ -302,6 +302,17 @@ def transformer_axes(
     return axes, blocks
 
 
+def head_fan_in(layers: int) -> dict[str, int]:
+    """:attr:`~paramarket_jax.models.base.Model.fan_in` of the blocks: the query, key and
+    value kernels (d_model, heads, d_head) have one input axis (the other kernels, the
+    output's (heads, d_head, d_model) included, have the default ``ndim - 1``)."""
+    return {
+        f"params/trunk/block_{b}/attn/{name}/kernel": 1
+        for b in range(layers)
+        for name in ("query", "key", "value")
+    }
+
+
 def _trunk_and_spec(*, layers, heads, d_model, d_head, d_mlp, residual, causal, embed):
     del d_model  # the embeddings set it
     trunk = Trunk(layers, heads, d_head, d_mlp, causal, name="trunk")
@@ -349,7 +360,9 @@ def make_gpt(
     trunk, axes, blocks = _trunk_and_spec(causal=True, embed=embed, **options)
     readout = "last" if targets == "last" else "all"
     module = GPT(vocab, input_shape[0], num_classes, options["d_model"], trunk, readout)
-    return build("gpt", module, input_shape, num_classes, axes, blocks)
+    return build(
+        "gpt", module, input_shape, num_classes, axes, blocks, head_fan_in(options["layers"])
+    )
 
 
 def make_vit(
@@ -396,7 +409,9 @@ def make_vit(
         embed["params/cls"] = ("R",)
     trunk, axes, blocks = _trunk_and_spec(causal=False, embed=embed, **options)
     module = ViT(input_shape, patch, num_classes, options["d_model"], trunk, pool)
-    return build("vit", module, input_shape, num_classes, axes, blocks)
+    return build(
+        "vit", module, input_shape, num_classes, axes, blocks, head_fan_in(options["layers"])
+    )
 
 
 def transformer_options(

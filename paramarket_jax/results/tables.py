@@ -18,7 +18,7 @@ ROUND_COLUMNS = [
 TRADE_COLUMNS = [
     "seed", "round", "buyer", "seller", "hostile", "alpha", "predicted_gain", "gain_se",
     "acc_gain", "acc_gain_se", "realized_gain", "value", "realized_value", "estimation_error",
-    "reservation", "bid", "ask", "price", "fee",
+    "reservation", "bid", "ask", "price", "fee", "second", "shipped", "transfer",
 ]  # fmt: skip
 
 
@@ -104,7 +104,7 @@ def trades_table(records, seeds) -> pd.DataFrame:
     for col in ("alpha", *gains, "value", "realized_value"):
         df[col] = np.asarray(getattr(t, col), np.float64)[mask]
     df["estimation_error"] = df["value"] - df["realized_value"]
-    for col in ("reservation", "bid", "ask", "price", "fee"):
+    for col in ("reservation", "bid", "ask", "price", "fee", "second", "shipped", "transfer"):
         df[col] = np.asarray(getattr(t, col), np.float64)[mask]
     return df[TRADE_COLUMNS]
 

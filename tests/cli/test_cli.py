@@ -56,6 +56,7 @@ def test_scenarios_lists_every_bundled_scenario(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == [
         "duopoly_bargaining",
+        "foundation_market",
         "license_auction",
         "many_agents_assignment",
         "open_market",

@@ -133,7 +133,7 @@ def test_same_seed_same_numbers_and_seeds_differ(experiment, batch_result):
 def test_jit_equals_no_jit(experiment):
     data, key = seed_data(experiment, 0)
     spec, params = experiment.spec, experiment.params
-    state = market_round.init_jit(spec, key, params)
+    state = market_round.init_jit(spec, key, params, data)
     # round 0 (train, schedule, evaluate, earn); the trading branch's kernels (valuation,
     # alignment, mechanisms) have their own jit-equals-no-jit tests, and run eagerly here
     # they take most of a minute
@@ -227,8 +227,8 @@ def test_siloed_twin_off_leaves_its_columns_empty():
 
 
 # the transformer scenarios run at their own small shapes, with the report, in
-# tests/market/test_transformer_market.py
-TRANSFORMERS = {"transformer_arithmetic", "vit_digits"}
+# tests/market/test_transformer_market.py (foundation_market in tests/market/test_foundation.py)
+TRANSFORMERS = {"foundation_market", "transformer_arithmetic", "vit_digits"}
 
 
 def test_the_transformer_scenarios_are_all_run_elsewhere():

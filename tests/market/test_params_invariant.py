@@ -84,7 +84,7 @@ def market():
         return new, record, pop, cands, val, perms
 
     k_init, k_rounds = jax.random.split(key)  # as simulate splits it
-    state = market_round.init(spec, k_init, params)
+    state = market_round.init(spec, k_init, params, data)
     rounds = []
     for r in range(ROUNDS):
         key_r = jax.random.fold_in(k_rounds, r)

@@ -60,7 +60,7 @@ def test_a_nan_candidate_drops_out_alone():
     exp = build(s)
     data, key = seed_data(exp, 0)
     _, k_rounds = jax.random.split(key)
-    state = market_round.init_jit(exp.spec, key, exp.params)
+    state = market_round.init_jit(exp.spec, key, exp.params, data)
     for r in range(2):  # train without trading
         state, _ = market_round.step_jit(
             exp.spec, jax.random.fold_in(k_rounds, r), state, exp.params, data, r

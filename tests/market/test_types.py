@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from paramarket_jax import scenario as sc
-from paramarket_jax.experiment import build, seed_data
+from paramarket_jax.experiment import build, experiment_of, seed_data
 from paramarket_jax.market import round as market_round
 from paramarket_jax.market import sharding
 from paramarket_jax.market.types import (
@@ -45,7 +45,12 @@ def test_every_params_and_data_leaf_declares_its_axes(experiment):
     """One declared Axes per leaf (no label covers a subtree), agent axes of length N."""
     n = experiment.spec.n
     data, _ = seed_data(experiment, 0)
-    for axes, tree in ((PARAM_AXES, experiment.params), (DATA_AXES, data)):
+    # without a shared base there are no public rows (None); with one, they are declared
+    assert data.public_rows is None
+    based, _ = seed_data(experiment_of(experiment, {"pretrain.steps": 1}), 0)
+    assert based.public_rows.shape == (min(256, len(data.agents.y_train)),)
+    plain = DATA_AXES._replace(public_rows=None)
+    for axes, tree in ((PARAM_AXES, experiment.params), (plain, data), (DATA_AXES, based)):
         assert jax.tree.structure(axes) == jax.tree.structure(tree)
         for a, leaf in _declared(axes, tree):
             assert isinstance(a, Axes)
