@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import tomllib
 
 import matplotlib
 
@@ -43,7 +44,7 @@ def cells(folders: list[str]) -> pd.DataFrame:
             shipped = t["shipped"].sum()
             rows.append(
                 {
-                    "cell": _label(folder, cell),
+                    "cell": _label(cell_dir),
                     "seed": seed,
                     "loss_gain": (last["siloed_loss"] - last["loss"]).mean(),
                     "acc_gain": 100 * (last["accuracy"] - last["siloed_accuracy"]).mean(),
@@ -58,9 +59,11 @@ def cells(folders: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _label(folder: str, cell: str) -> str:
-    cell = cell.replace("broker.", "").replace("__", ", ")
-    return cell
+def _label(cell_dir: pathlib.Path) -> str:
+    """``good / merge method`` (and the fit, if on) from the cell's resolved scenario."""
+    broker = tomllib.loads((cell_dir / "scenario.toml").read_text())["broker"]
+    fit = " + layer-wise fit" if broker.get("fit", "none") != "none" else ""
+    return f"{broker.get('goods', 'model')} / {broker.get('merge', 'linear')}{fit}"
 
 
 def table(df: pd.DataFrame) -> str:
@@ -75,7 +78,7 @@ def table(df: pd.DataFrame) -> str:
             f"| {cell} | {_ms(g['loss_gain'], '+.4f')} | {_ms(g['acc_gain'], '+.2f')} "
             f"| {_ms(g['welfare_ratio'], '.3f')} | {int(g['better_off'].sum())}/{len(g)} "
             f"| {g['trades'].mean():.1f} | {_ms(g['price'], '.4f')} "
-            f"| {g['shipped'].mean():.0f} | {_ms(g['value_per_m'], '.1f')} |"
+            f"| {g['shipped'].mean():.0f} | {_ms(g['value_per_m'], '.3f')} |"
         )
     return "\n".join(out)
 

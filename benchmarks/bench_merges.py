@@ -27,7 +27,7 @@ from paramarket_jax.market import trade
 
 BENCH = "merges"
 CASES = {
-    "linear": [],
+    "linear": ["broker.merge=linear"],
     "task_arithmetic": ["broker.merge=task_arithmetic"],
     "ties": ["broker.merge=ties"],
     "dare": ["broker.merge=dare"],

@@ -463,14 +463,39 @@ def _hostile_section(table: pd.DataFrame | None, agents=()) -> str:
     )
 
 
+def shipping_table(trades: pd.DataFrame) -> pd.DataFrame | None:
+    """What the trades shipped, by the merge's second knob (TIES' density, DARE's drop rate;
+    0: none): trades, parameters shipped per trade, shipping paid, realised value, and
+    realised value per million parameters shipped; None without trades or a shipped column
+    (tables written before goods were priced)."""
+    if "shipped" not in trades or not len(trades) or not trades["shipped"].notna().all():
+        return None
+    rows = []
+    for second, g in trades.groupby("second" if "second" in trades else [0] * len(trades)):
+        shipped, value = float(g["shipped"].sum()), float(g["realized_value"].sum())
+        rows.append(
+            {
+                "density / drop": float(second),
+                "trades": len(g),
+                "parameters / trade": shipped / len(g),
+                "shipping paid": float(g["transfer"].sum()) if "transfer" in g else 0.0,
+                "realised value": value,
+                "value / 1M parameters": 1e6 * value / shipped if shipped else 0.0,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def run_html(
     scenario_text: str,
     summary: dict,
     figures: dict,
     name: str,
     hostile: pd.DataFrame | None = None,
+    shipping: pd.DataFrame | None = None,
 ) -> str:
-    """The report page of one run (``hostile``: its :func:`hostile_table`, or None)."""
+    """The report page of one run (``hostile``: its :func:`hostile_table`, or None;
+    ``shipping``: its :func:`shipping_table`, or None)."""
     k = len(summary["seeds"])
     acc_gain = summary["market_accuracy"] - summary["siloed_accuracy"]
     kpis = _kpis(
@@ -542,7 +567,15 @@ def run_html(
         f"<h2>Agents (final round, mean over seeds)</h2>{_table(agents)}"
         f"<h2>Per seed</h2>{_table(per_seed)}"
         f"{_hostile_section(hostile, hostile_agents(scenario_text))}"
-        f"<h2>Scenario</h2><pre>{_e(scenario_text)}</pre>"
+        + (
+            ""
+            if shipping is None
+            else "<h2>What the goods shipped</h2><p>Parameters shipped to buyers (a model's "
+            "traded parameters, a task vector's kept entries, an adapter's), the shipping "
+            "they paid and the realised value of the purchases per million parameters.</p>"
+            + _table(shipping)
+        )
+        + f"<h2>Scenario</h2><pre>{_e(scenario_text)}</pre>"
     )
     return _page(f"paramarket run: {name}", body)
 
@@ -620,7 +653,9 @@ def run_outputs(scenario_text: str, rounds, trades, summary: dict, name: str) ->
     figures = plots.run_figures(rounds, trades, title=name, hostile=hostile)
     out = {k: png for k, (png, _) in figures.items()}
     table = hostile_table(trades, rounds["seed"].nunique(), hostile)
-    out["report.html"] = run_html(scenario_text, summary, figures, name, table)
+    out["report.html"] = run_html(
+        scenario_text, summary, figures, name, table, shipping_table(trades)
+    )
     return out
 
 

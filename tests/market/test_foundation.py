@@ -291,4 +291,5 @@ def test_the_foundation_market_runs_ships_task_vectors_and_reports(tmp_path, cap
         assert shipped == sum(min(max(np.ceil(np.float32(density) * n), 1), n) for n in sizes)
         assert shipped < sum(sizes)
     np.testing.assert_allclose(trades["transfer"], 1e-6 * trades["shipped"], rtol=1e-5)
-    check_report(out / "report.html", min_images=3)
+    page = check_report(out / "report.html", min_images=3)
+    assert "What the goods shipped" in page and "value / 1M parameters" in page
