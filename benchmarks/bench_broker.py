@@ -236,6 +236,11 @@ def bench_value(model, sizes, aligned_sizes, batch, max_sweeps, anchor, reps):
         )
 
 
+def value_on(model, pop, data, cands, key, **options):
+    """:func:`value_candidates` on a population's own validation rows (``data``)."""
+    return value_candidates(model, pop, data.x_val, data.y_val, data.val_idx, cands, key, **options)
+
+
 def trained_digits_population(n: int, steps: int, seed: int = 0):
     """The paper's MLP, N agents trained ``steps`` SGD steps each on the digits training set.
 
@@ -270,20 +275,10 @@ def bench_reference(sizes, k, steps, batch, max_sweeps, restarts, reps):
         for mode in ("pairwise", "reference"):
 
             def run(pop, cands, mode=mode, model=model, data=data):
-                return value_candidates(
-                    model,
-                    pop,
-                    data.x_val,
-                    data.y_val,
-                    data.val_idx,
-                    cands,
-                    key,
-                    alphas=alphas,
-                    align=mode,
-                    max_sweeps=max_sweeps,
-                    batch_size=batch,
-                    restarts=restarts,
-                )
+                return value_on(
+                    model, pop, data, cands, key, alphas=alphas, align=mode,
+                    max_sweeps=max_sweeps, batch_size=batch, restarts=restarts,
+                )  # fmt: skip
 
             seconds = timeit(run, pop, cands, reps=reps)
             best = np.asarray(run(pop, cands).loss_after).reshape(n, -1).min(axis=1)
@@ -410,19 +405,10 @@ def bench_transformer_value(populations, shape, steps, batch, max_sweeps, reps):
         n_pairs = int(cands.size)
 
         def run(pop, cands, model=model, data=data):
-            return value_candidates(
-                model,
-                pop,
-                data.x_val,
-                data.y_val,
-                data.val_idx,
-                cands,
-                key,
-                alphas=alphas,
-                align=True,
-                max_sweeps=max_sweeps,
-                batch_size=batch,
-            )
+            return value_on(
+                model, pop, data, cands, key, alphas=alphas, align=True,
+                max_sweeps=max_sweeps, batch_size=batch,
+            )  # fmt: skip
 
         t = timeit(run, pop, cands, reps=reps)
         val = run(pop, cands)

@@ -16,6 +16,7 @@ import numpy as np
 import tomli_w
 
 from paramarket_jax import scenario as sc
+from paramarket_jax.broker.methods import get_method
 from paramarket_jax.broker.value import align_mode
 from paramarket_jax.data import Dataset, add_label_noise, load_dataset, partition, wrong_labels
 from paramarket_jax.data.partition import Partition
@@ -131,7 +132,7 @@ def _second_grid(scenario: Scenario) -> tuple[float, ...]:
     """The merge method's second knob's grid (TIES: ``broker.density``; DARE and DARE-TIES:
     ``broker.drop``); empty for a method without one."""
     b = scenario.broker
-    return {"ties": b.density, "dare": b.drop, "dare_ties": b.drop}.get(b.merge, ())
+    return {"density": b.density, "drop": b.drop}.get(get_method(b.merge).second, ())
 
 
 def noise_of(scenario: Scenario) -> LabelNoise:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from paramarket_jax.broker.merge import select_layers
+from paramarket_jax.broker.methods import get_method
 from paramarket_jax.models import lora
 from paramarket_jax.models.spec import flatten
 
@@ -70,8 +71,9 @@ def shipped(spec, second):
     sizes = [math.prod(flat[p].shape) for p in sorted(chosen)]
     total = float(sum(sizes))
     second = jnp.asarray(second, jnp.float32)
-    if spec.goods == "model" or spec.merge not in ("ties", "dare", "dare_ties"):
+    method = get_method(spec.merge)
+    if spec.goods == "model":
         return jnp.full(second.shape, total)
-    if spec.merge == "ties":
+    if method.second == "density":  # TIES keeps its top k of every tensor
         return sum(jnp.clip(jnp.ceil(second * n), 1, n) for n in sizes)
-    return (1.0 - second) * total
+    return method.kept(second) * total

@@ -253,7 +253,7 @@ def combiner(mix: Mix, inputs: MixInputs | None):
     def combine(b, s, knob):
         weight, second = knob
         key = None
-        if method.name in ("dare", "dare_ties"):
+        if method.needs_key:
             key = jax.random.fold_in(jax.random.fold_in(inputs.key, b.id), s.id)
         fisher = (b.fisher, s.fisher) if method.needs_fisher else None
         return merge_with(
@@ -309,11 +309,13 @@ def _best_finite(losses: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(losses), losses, jnp.inf).argmin(axis=1)
 
 
-def fit_layerwise(model, combine, layers, buyer, seller, knob, loss0, x, y, steps, lr, top):
+def fit_layerwise(model, combine, layers, buyer, seller, knob, loss0, acc0, x, y, steps, lr,
+                  top):  # fmt: skip
     """One weight per layer, fitted by ``steps`` Adam steps on the buyer's validation loss
     from the grid's best ``knob`` (AdaMerging on try-before-buy's rows), weights kept in
-    [0, ``top``]. The fit is kept only where it lowers the loss below the grid's ``loss0``,
-    so it never raises the buyer's validation loss over its starting weight.
+    [0, ``top``]. The fit is kept only where it lowers the loss below the grid's ``loss0``
+    (whose accuracy is ``acc0``), so it never raises the buyer's validation loss over its
+    starting weight.
 
     Returns:
         (weights (L,), their validation loss and accuracy).
@@ -336,7 +338,6 @@ def fit_layerwise(model, combine, layers, buyer, seller, knob, loss0, x, y, step
     (w, _), _ = jax.lax.scan(step, (start, opt.init(start)), None, length=steps)
     fitted, acc_fit = loss_and_accuracy(model, combine(buyer, seller, (w, second)), x, y)
     better = jnp.isfinite(fitted) & (fitted < loss0)
-    _, acc0 = loss_and_accuracy(model, combine(buyer, seller, (start, second)), x, y)
     return (
         jnp.where(better, w, start),
         jnp.where(better, fitted, loss0),
@@ -372,7 +373,7 @@ def _finish(model, mix, combine, inputs, buyer, sellers, kept, after, acc, befor
     if mix.fit == "layerwise":
         top = jnp.maximum(alphas.max(), 1.0)
         weights, after, acc = jax.vmap(
-            lambda s, w, sec, l0: fit_layerwise(
+            lambda s, w, sec, l0, a0: fit_layerwise(
                 model,
                 combine,
                 mix.layers,
@@ -380,13 +381,14 @@ def _finish(model, mix, combine, inputs, buyer, sellers, kept, after, acc, befor
                 s,
                 (w, sec),
                 l0,
+                a0,
                 x,
                 y,
                 mix.fit_steps,
                 inputs.fit_lr,
                 top,
             )  # fmt: skip
-        )(sellers, *kept, after)
+        )(sellers, *kept, after, acc)
         kept = (weights, kept[1])
     gain = jnp.where(before > 0, (before - after) / before, 0.0)
     stats = _kept_stats(model, combine, buyer, sellers, kept, x, y, counts, before)
@@ -532,6 +534,8 @@ def _value(
             f_every = None
             if f_sellers is not None:
                 f_every = jax.tree.map(split, permute_r(swapped, f_sellers))
+            # every restart of a seller is the same seller: its id repeats on the R axis
+            r_ids = jnp.broadcast_to(split(s_ids)[..., None], (n_b, k, restarts))
             score = jax.vmap(
                 lambda b, fb, bi, s, fs, si, x, y, c: _score_restarts(
                     model,
@@ -540,18 +544,14 @@ def _value(
                     alphas,
                     inputs,
                     side(b, fb, bi),
-                    side(s, fs, jnp.broadcast_to(si[:, None], s_shape(s))),
+                    side(s, fs, si),
                     x,
                     y,
                     c,
                 )  # fmt: skip
             )
-
-            def s_shape(s):
-                return jax.tree.leaves(s)[0].shape[:2]
-
             scores, extra, kept = score(
-                buyers, f_buyers, b_ids, every, f_every, split(s_ids), x, y, counts
+                buyers, f_buyers, b_ids, every, f_every, r_ids, x, y, counts
             )  # kept: (B, K)
             at = kept.reshape(-1)[:, None, None]
             perms = jax.tree.map(lambda p: jnp.take_along_axis(p, at, 1)[:, 0], perms)

@@ -146,8 +146,7 @@ class Offers(NamedTuple):
         q_own: (N,) each buyer's quality now (0 for an agent out of the market);
         q_new: the buyer's quality after the merge (``q_own`` where not valued).
         candidates: (N, K) the sellers valued for each buyer; perms: name -> (N, K, size)
-            the permutations found for them; offered: what each seller offered (None: its
-            model).
+            the permutations found for them.
         second: the kept second knob of the merge method (0: none); shipped: parameters
             a trade ships (:func:`~paramarket_jax.broker.goods.shipped`).
         weights: (N, K, L) the layer-wise fit's weights per candidate, or None.
@@ -166,7 +165,6 @@ class Offers(NamedTuple):
     q_new: jax.Array
     candidates: jax.Array
     perms: dict
-    offered: Any
     second: jax.Array
     shipped: jax.Array
     weights: Any
@@ -309,14 +307,14 @@ def fishers(spec: MarketSpec, key, params, data: MarketData):
 
 
 def merged_sides(spec: MarketSpec, key, state: MarketState, params: MarketParams, pop_params):
-    """(what each seller offers, None: its model; the buyers' and the sellers' weights as
-    the broker merges them, :func:`~paramarket_jax.broker.goods.views`). Hostile sellers
+    """The buyers' and the sellers' weights as the broker merges them
+    (:func:`~paramarket_jax.broker.goods.views`; sellers None: the buyers'). Hostile sellers
     offer something else than their model (drawn from a stream folded into ``key``)."""
     offered = None
     if spec.hostile:
         k_hostile = jax.random.fold_in(key, HOSTILE_STREAM)
         offered = hostile_offers(spec, k_hostile, state, params, pop_params)
-    return (offered, *goods.views(spec, pop_params, offered, state.base))
+    return goods.views(spec, pop_params, offered, state.base)
 
 
 def value_offers(
@@ -335,7 +333,7 @@ def value_offers(
     loss_v, acc_v = spec.make_trainer().evaluate(
         pop.params, agents.x_val, agents.y_val, agents.val_idx
     )
-    offered, buyers, sellers = merged_sides(spec, key, state, params, pop.params)
+    buyers, sellers = merged_sides(spec, key, state, params, pop.params)
     inputs = mix_inputs(spec, key, state, params, data, buyers)
     cands, val, perms = value(
         spec, TradeKeys.of(key), params, data, buyers, trading, loss_v, sellers, inputs
@@ -369,7 +367,6 @@ def value_offers(
         q_new=q_new,
         candidates=cands,
         perms=perms,
-        offered=offered,
         second=second,
         shipped=goods.shipped(spec, second),
         weights=weights,

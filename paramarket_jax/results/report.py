@@ -468,17 +468,17 @@ def shipping_table(trades: pd.DataFrame) -> pd.DataFrame | None:
     0: none): trades, parameters shipped per trade, shipping paid, realised value, and
     realised value per million parameters shipped; None without trades or a shipped column
     (tables written before goods were priced)."""
-    if "shipped" not in trades or not len(trades) or not trades["shipped"].notna().all():
+    if not {"shipped", "second", "transfer"} <= set(trades) or not len(trades):
         return None
     rows = []
-    for second, g in trades.groupby("second" if "second" in trades else [0] * len(trades)):
+    for second, g in trades.groupby("second"):
         shipped, value = float(g["shipped"].sum()), float(g["realized_value"].sum())
         rows.append(
             {
                 "density / drop": float(second),
                 "trades": len(g),
                 "parameters / trade": shipped / len(g),
-                "shipping paid": float(g["transfer"].sum()) if "transfer" in g else 0.0,
+                "shipping paid": float(g["transfer"].sum()),
                 "realised value": value,
                 "value / 1M parameters": 1e6 * value / shipped if shipped else 0.0,
             }
