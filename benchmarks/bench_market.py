@@ -17,7 +17,12 @@ Cases (JSON lines, DESIGN.md section 8):
 4. ``naive_mesa``: the same market at N = 32 (pairwise alignment, take-it rule, no twins)
    as a naive Mesa model where each agent owns its parameters and calls its own jitted
    train, align, score and merge, against one jitted round of the pure path.
-5. ``paper_100_seeds`` (``--paper-seeds 100``, meant for a GPU): 100 seeds of the
+5. ``anticipating``: seconds per trading round of ``rival_market`` at N in {5, 32, 128}
+   with ``broker.valuation = "anticipating"`` (``broker.passes`` revaluations against the
+   tentative allocation) against the myopic round in the same run; each pass is one quote
+   and one mechanism run (no training, no evaluation), so the ratio is the cost of the
+   passes, split as in ``many_agents``.
+6. ``paper_100_seeds`` (``--paper-seeds 100``, meant for a GPU): 100 seeds of the
    paper-shaped run (50 rounds) in one batch call, total wall time including compilation,
    against the paper's code needing about 140 s for one seed on an H200.
 
@@ -237,6 +242,30 @@ def many_agents(sizes: list[int], aligns: list[str], reps: int) -> None:
             )
 
 
+def anticipating(sizes: list[int], passes: int, reps: int) -> None:
+    for n in sizes:
+        parts = {}
+        for valuation in ("myopic", "anticipating"):
+            scen = sc.load("rival_market", [f"agents.n={n}", f"broker.valuation={valuation!r}",
+                                           f"broker.passes={passes}", "trading.start=0",
+                                           "seeds=[0]"])  # fmt: skip
+            parts[valuation] = round_parts(build(scen), reps)
+        emit(
+            BENCH,
+            "anticipating",
+            n,
+            "seconds_per_trading_round",
+            parts["anticipating"]["round"],
+            "myopic_round_s",
+            parts["myopic"]["round"],
+            ratio_note="ratio = anticipating / myopic; the passes' cost",
+            passes=passes,
+            settle_s={k: round(v["settle"], 4) for k, v in parts.items()},
+            value_s={k: round(v["value"], 4) for k, v in parts.items()},
+            peak_mem_mb=peak_mem_mb(),
+        )
+
+
 def naive_mesa(n: int, reps: int) -> None:
     """Each agent a Mesa agent with its own params and its own jitted calls, seed 0."""
     import mesa
@@ -343,6 +372,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="8,32,128,256", help="N of the many_agents case")
     ap.add_argument("--aligns", default="pairwise,reference", help="many_agents alignments")
     ap.add_argument("--naive-n", type=int, default=32, help="N of the naive_mesa case")
+    ap.add_argument("--rival-sizes", default="5,32,128", help="N of the anticipating case")
+    ap.add_argument("--passes", type=int, default=3, help="passes of the anticipating case")
     ap.add_argument("--paper-seeds", type=int, default=100)
     ap.add_argument("--paper-rounds", type=int, default=50)
     args = ap.parse_args()
@@ -356,6 +387,8 @@ def main() -> None:
         many_agents(sizes, args.aligns.split(","), args.reps)
     if "naive_mesa" in cases:
         naive_mesa(args.naive_n, args.reps)
+    if "anticipating" in cases:
+        anticipating([int(v) for v in args.rival_sizes.split(",")], args.passes, args.reps)
     if "paper_100_seeds" in cases:
         paper_many_seeds(args.paper_seeds, args.paper_rounds)
 

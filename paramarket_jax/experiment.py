@@ -122,6 +122,8 @@ def spec_of(scenario: Scenario, dataset: Dataset) -> MarketSpec:
         fit=s.broker.fit,
         fit_steps=s.broker.fit_steps,
         fisher_rows=s.broker.fisher_rows,
+        valuation=s.broker.valuation,
+        passes=s.broker.passes,
         strategy_grid=len(s.strategies.grid),
         # without hostile agents the kind is moot: such scenarios share one compilation
         hostile=s.agents.hostile_kind if s.agents.hostile else "",
@@ -197,6 +199,7 @@ def params_of(scenario: Scenario) -> MarketParams:
         fit_lr=s.broker.fit_lr,
         pretrain_lr=s.pretrain.learning_rate,
         transfer_cost=e.transfer_cost,
+        compensation=e.compensation,
     )
     # flags stay bool and counts int32 (schedule, strategy kinds); every other number float32
 

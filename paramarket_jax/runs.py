@@ -79,6 +79,7 @@ def result_of(experiment: Experiment, records) -> RunResult:
         pairs = zip(rounds["seed"], rounds["agent"], strict=True)
         rounds["loss_floor"] = [floors[seed][agent] for seed, agent in pairs]
     trades = tables.trades_table(records, seeds)
+    rounds[tables.WELFARE_COLUMNS] = tables.decompose(rounds, scenario.economics.revenue)
     return RunResult(scenario, rounds, trades, tables.summarize(rounds, trades))
 
 

@@ -25,6 +25,7 @@ from paramarket_jax.broker.modes import (
     GOODS,
     MERGE_METHODS,
     PAPER_ALPHAS,
+    VALUATIONS,
 )
 from paramarket_jax.economics.kinds import QUALITIES, REVENUES, STRATEGIES
 from paramarket_jax.errors import ParamarketError
@@ -250,6 +251,8 @@ class BrokerConfig:
     fit_steps: int = 10
     fit_lr: float = 0.05
     fisher_rows: int = 64
+    valuation: str = "myopic"
+    passes: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +294,7 @@ class EconomicsConfig:
     initial_cash: float = 100.0
     bankruptcy: bool = False
     transfer_cost: float = 0.0
+    compensation: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +392,8 @@ RULES: dict[str, tuple] = {
     "broker.fit_steps": _int(1),
     "broker.fit_lr": _real("a number > 0", lambda v: v > 0),
     "broker.fisher_rows": _int(1),
+    "broker.valuation": ("one of " + ", ".join(VALUATIONS), lambda v: v in VALUATIONS),
+    "broker.passes": _int(1),
     "pretrain.steps": _int(0),
     "pretrain.rows": _int(1),
     "pretrain.learning_rate": _real("a number > 0", lambda v: v > 0),
@@ -419,6 +425,7 @@ RULES: dict[str, tuple] = {
     "economics.initial_cash": _real("a number >= 0", lambda v: v >= 0),
     "economics.bankruptcy": BOOL,
     "economics.transfer_cost": _real("a number >= 0", lambda v: v >= 0),
+    "economics.compensation": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "strategies.kind": (
         "one of adaptive, markup, shade, truthful, or a list of those (one per agent)",
         lambda v: all(x in STRATEGIES for x in (v if isinstance(v, list) else [v])) and v != [],

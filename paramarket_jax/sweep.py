@@ -69,6 +69,7 @@ SEED_FIELDS = (
     "revenue_of_sellers",
     "mean_abs_estimation_error",
     "diverged",
+    "better_off",
 )
 
 
@@ -436,6 +437,7 @@ def sweep_table(out: pathlib.Path, planned) -> pd.DataFrame:
         for seed, s in summary["per_seed"].items():
             row = {"cell": cell_name(assignment), **_knobs(assignment, text), "seed": int(seed)}
             row.update({f: s.get(f) for f in SEED_FIELDS})
+            row.update(s.get("decomposition", {}))  # the welfare decomposition's parts
             row["market_accuracy"] = sum(s["market_accuracy"]) / len(s["market_accuracy"])
             row["siloed_accuracy"] = sum(s["siloed_accuracy"]) / len(s["siloed_accuracy"])
             for i, (u, v) in enumerate(zip(s["utility"], s["siloed_utility"], strict=True)):

@@ -19,6 +19,7 @@ BUNDLED = [
     "paper_mnist1d",
     "paper_no_alignment",
     "paper_two_agent",
+    "rival_market",
     "transformer_arithmetic",
     "vit_digits",
 ]

@@ -28,6 +28,10 @@ BASE_METHODS = ("task_arithmetic", "ties", "dare", "dare_ties")
 # per layer fitted by gradient steps on the buyer's validation rows from the grid's best
 # (``layerwise``, AdaMerging-style).
 FITS = ("none", "layerwise")
+# How a buyer values a purchase (``broker.valuation``): with its rivals standing still
+# (``myopic``, the paper's), or against the purchases the round's other buyers make
+# (``anticipating``: passes over the tentative allocation, ``market.trade.anticipate``).
+VALUATIONS = ("myopic", "anticipating")
 # The paper's alpha grid: 0.05, 0.15, ..., 0.95.
 PAPER_ALPHAS: tuple[float, ...] = tuple(round(0.05 + 0.1 * k, 2) for k in range(10))
 

@@ -344,10 +344,15 @@ class MarketModel(mesa.Model):
     @staticmethod
     def profit(record: RoundRecord) -> np.ndarray:
         """(N,) each market agent's profit this round: revenue - cost + receipt - payment
-        - fees."""
+        - fees + compensation."""
         f = record.flows
         return np.asarray(
-            record.revenue[MARKET] - record.cost[MARKET] + f.receipt - f.payment - f.fees,
+            record.revenue[MARKET]
+            - record.cost[MARKET]
+            + f.receipt
+            - f.payment
+            - f.fees
+            + f.compensation,
             np.float64,
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -17,7 +18,14 @@ from paramarket_jax.broker.value import (
     sample_candidates,
     value_with_perms,
 )
-from paramarket_jax.economics.revenue import purchase_values, quality
+from paramarket_jax.economics.revenue import (
+    compensate,
+    compensated_values,
+    purchase_effects,
+    purchase_values,
+    quality,
+    trade_effects,
+)
 from paramarket_jax.economics.strategies import StrategyState, learn, reports
 from paramarket_jax.market.types import (
     MARKET,
@@ -181,6 +189,12 @@ class Quotes(NamedTuple):
         values, reservations: the buyer's value and the seller's reservation (true).
         bids, asks: the reports (0 where not offered); asks are at least the reserve.
         query_fees: (N,) what each buyer paid for its valuations.
+        owed: what the buyer must pay the third parties if the pair trades
+            (``economics.compensation`` times their estimated loss; 0 when off);
+            factor, rivals: third party k is owed ``factor[i, j] * rivals[k]`` of it
+            (:class:`~paramarket_jax.economics.revenue.Effects`, scaled by the share).
+        world: (N,) the qualities the values were computed against (``q_own`` when
+            myopic; after the tentative purchases when anticipating).
     """
 
     mask: jax.Array
@@ -189,6 +203,10 @@ class Quotes(NamedTuple):
     bids: jax.Array
     asks: jax.Array
     query_fees: jax.Array
+    owed: jax.Array
+    factor: jax.Array
+    rivals: jax.Array
+    world: jax.Array
 
 
 class Deals(NamedTuple):
@@ -200,6 +218,8 @@ class Deals(NamedTuple):
         bought: bool, buyer i bought; seller: int32 its seller (-1: none); pick: the
             seller clipped to a valid index; alpha: the merge's seller weight (0: none).
         transfer: (N,) what each buyer paid for shipping (in ``settled``'s cash already).
+        owed: (N,) what each buyer paid the third parties of its trade; compensation: (N,)
+            each agent's compensation received less paid (in ``settled``'s cash already).
     """
 
     outcome: Any
@@ -209,6 +229,8 @@ class Deals(NamedTuple):
     pick: jax.Array
     alpha: jax.Array
     transfer: jax.Array
+    owed: jax.Array
+    compensation: jax.Array
 
 
 def value(
@@ -353,6 +375,9 @@ def value_offers(
     # diverged agent still sells to customers with its frozen model: it competes)
     q_own = jnp.where(alive, quality(loss_v, acc_v, kind=spec.quality), 0.0)
     q_pair = quality(val.loss_after, val.acc_after, kind=spec.quality)
+    if spec.quality == "accuracy":  # an unchanged accuracy is the buyer's own, exactly (not
+        # the rounding between two evaluations, on which a worthless trade could clear)
+        q_pair = jnp.where(val.acc_gain == 0, q_own[val.buyer], q_pair)
     q_new = jnp.broadcast_to(q_own[:, None], (n, n)).at[val.buyer, val.seller].set(q_pair)
     second = pairs(val.second) if val.second is not None else jnp.zeros((n, n))
     weights = None if val.weights is None else val.weights.reshape(n, cands.shape[1], -1)
@@ -377,15 +402,28 @@ def value_offers(
 
 
 def quote(
-    spec: MarketSpec, key: jax.Array, state: MarketState, params: MarketParams, offers: Offers
+    spec: MarketSpec,
+    key: jax.Array,
+    state: MarketState,
+    params: MarketParams,
+    offers: Offers,
+    world=None,
 ) -> tuple[Quotes, StrategyState]:
     """Values and reservations of every offered pair, the strategies' reports, the query
     fees, and the buyers' guard; returns the quotes and the strategies' new state.
 
-    ``key``: the strategies' key (:attr:`TradeKeys.strategy`).
+    ``key``: the strategies' key (:attr:`TradeKeys.strategy`). ``world``: (N,) the
+    qualities the other agents will have (None: today's, ``offers.q_own``).
+
+    With ``params.compensation`` = s > 0 a buyer owes the third parties s times the loss
+    its purchase causes them (estimated as its value is), so it values the purchase net
+    of that: ``(1 - s) * value + s * (reservation + social)`` (= value - s * harm).
     """
     econ = params.economy
-    values, reservations = purchase_values(offers.q_own, offers.q_new, econ, spec.revenue)
+    effects = purchase_effects(offers.q_own, offers.q_new, econ, spec.revenue, world)
+    share = params.compensation
+    values, owed = compensated_values(effects, share)
+    reservations = effects.reservations
     # a buyer pays for shipping what it buys: its value of a trade is net of that cost
     values = values - params.transfer_cost * offers.shipped
     bids, asks, strategy = reports(key, values, reservations, params.strategy, state.strategy)
@@ -406,7 +444,11 @@ def quote(
     guarded = (params.min_gain > 0) | (params.confidence > 0)
     mask = mask & (~guarded | ((lower > 0) & (lower >= params.min_gain)))
     bids, asks = jnp.where(mask, bids, 0.0), jnp.where(mask, asks, 0.0)
-    return Quotes(mask, values, reservations, bids, asks, query_fees), strategy
+    factor = jnp.where(share > 0, share * effects.factor, 0.0)
+    world = offers.q_own if world is None else world
+    quotes = Quotes(mask, values, reservations, bids, asks, query_fees, owed, factor,
+                    effects.rivals, world)  # fmt: skip
+    return quotes, strategy
 
 
 def clear(
@@ -425,7 +467,11 @@ def clear(
     if spec.roles == "random":
         knobs = knobs._replace(roles=jax.random.bernoulli(key, 0.5, (n,)))
     mechanism = make_mechanism(spec.mechanism, **dict(spec.mechanism_options))
-    market = Market(bids=cap_bids(quotes.bids, cash), asks=quotes.asks, mask=quotes.mask)
+    # a buyer that owes compensation bids at most what its cash leaves after paying it
+    owed = quotes.owed
+    bids = jnp.minimum(cap_bids(quotes.bids, cash), jnp.maximum(cash[:, None] - owed, 0.0))
+    mask = quotes.mask & ((owed <= 0) | (cash[:, None] >= owed))
+    market = Market(bids=bids, asks=quotes.asks, mask=mask)
     outcome = mechanism.run(market, knobs)
     settled = settle(cash, outcome, econ.trade_fee, econ.fee_share)
     bought = outcome.alloc.any(axis=1)
@@ -434,8 +480,10 @@ def clear(
     rows = jnp.arange(n)
     alpha = jnp.where(bought, offers.alpha[rows, pick], 0.0)
     transfer = jnp.where(bought, params.transfer_cost * offers.shipped[rows, pick], 0.0)
-    settled = settled._replace(cash=settled.cash - transfer)
-    return Deals(outcome, settled, bought, seller.astype(jnp.int32), pick, alpha, transfer)
+    paid, compensation = compensate(quotes.factor, quotes.rivals, bought, pick)
+    settled = settled._replace(cash=settled.cash - transfer + compensation)
+    seller = seller.astype(jnp.int32)
+    return Deals(outcome, settled, bought, seller, pick, alpha, transfer, paid, compensation)
 
 
 def apply_trades(
@@ -501,6 +549,11 @@ def book(
     )
     sales = outcome.alloc.sum(0)
     fee_per_sale = settled.fees / jnp.maximum(sales, 1).astype(jnp.float32)
+    # against the round's other trades, on test: what it did to everyone's revenue
+    alive = state.alive[MARKET]
+    social, private = trade_effects(
+        jnp.where(alive, q_before, 0.0), jnp.where(alive, q_after, 0.0), econ, spec.revenue
+    )
 
     def picked(m):  # (N, N) -> the buyer's row at its seller, 0 where it did not buy
         return jnp.where(bought, m[rows, pick], 0.0)
@@ -525,6 +578,9 @@ def book(
         second=picked(offers.second),
         shipped=picked(offers.shipped),
         transfer=deals.transfer,
+        compensation=deals.owed,
+        social_value=jnp.where(bought, social, 0.0),
+        external_value=jnp.where(bought, social - private, 0.0),
     )
     # shipping is paid to the broker, which ships the weights
     flows = Flows(
@@ -532,8 +588,37 @@ def book(
         receipt=outcome.receipt,
         fees=settled.fees + quotes.query_fees + deals.transfer,
         broker=settled.broker + quotes.query_fees.sum() + deals.transfer.sum(),
+        compensation=deals.compensation,
     )
     return trades, flows
+
+
+def anticipate(spec: MarketSpec, keys: TradeKeys, state: MarketState, params: MarketParams,
+               offers: Offers, quotes: Quotes, strategy, deals: Deals):  # fmt: skip
+    """Valuation that anticipates the rivals (``broker.valuation = anticipating``).
+
+    Each pass values every pair again against the world the last allocation makes (every
+    other buyer at the quality the broker predicted for its tentative purchase, on the
+    same validation scores: no merge, no evaluation) and clears the market on those
+    values. It stops at a fixed point (an allocation that reproduces itself) or after
+    ``spec.passes`` passes; what settles is the last pass's quotes and deals (priced on
+    the anticipating values). Each pass costs one quote and one mechanism run.
+
+    Returns:
+        (quotes, the strategies' new state, deals) of the pass that settles.
+    """
+    rows = jnp.arange(spec.n)
+    done = jnp.zeros((), bool)
+    for _ in range(spec.passes):
+        world = jnp.where(deals.bought, offers.q_new[rows, deals.pick], offers.q_own)
+        q, new_strategy = quote(spec, keys.strategy, state, params, offers, world)
+        d = clear(spec, keys.roles, state, params, offers, q)
+        same = jnp.all(d.seller == deals.seller)
+        quotes, strategy, deals = jax.tree.map(
+            functools.partial(jnp.where, done), (quotes, strategy, deals), (q, new_strategy, d)
+        )
+        done = done | same
+    return quotes, strategy, deals
 
 
 def learn_prices(
@@ -563,6 +648,10 @@ def trade(
     offers = value_offers(spec, key, state, params, data)
     quotes, strategy = quote(spec, keys.strategy, state, params, offers)
     deals = clear(spec, keys.roles, state, params, offers, quotes)
+    if spec.valuation == "anticipating":
+        quotes, strategy, deals = anticipate(
+            spec, keys, state, params, offers, quotes, strategy, deals
+        )
     new, realized, q_before, q_after = apply_trades(spec, state, data, offers, deals)
     trades, flows = book(spec, state, params, offers, quotes, deals, realized, q_before, q_after)
     state = state._replace(

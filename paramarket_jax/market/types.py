@@ -92,6 +92,10 @@ class MarketSpec:
             methods.METHODS`); second: entries of its second knob's grid (0: none);
             fit: ``none`` or ``layerwise``; fit_steps: the fit's gradient steps;
             fisher_rows: training rows each agent's diagonal Fisher is computed on.
+        valuation: how a buyer values a purchase (``broker.valuation``): ``myopic`` (its
+            rivals stand still) or ``anticipating`` (against the purchases the round's
+            other buyers make, :func:`~paramarket_jax.market.trade.anticipate`); passes:
+            the anticipating valuation's most passes.
     """
 
     n: int
@@ -138,6 +142,8 @@ class MarketSpec:
     fit: str = "none"
     fit_steps: int = 10
     fisher_rows: int = 64
+    valuation: str = "myopic"
+    passes: int = 3
 
     @property
     def twin_names(self) -> tuple[str, ...]:
@@ -251,6 +257,9 @@ class MarketParams(NamedTuple):
         pretrain_lr: () the shared base's learning rate.
         transfer_cost: () money per parameter shipped to a buyer (paid by the buyer to the
             broker, which ships it).
+        compensation: () share in [0, 1] of the third parties' estimated revenue loss a
+            buyer pays them for its purchase (0: none; 1: the rivals a trade hurts are
+            made whole, so only trades that grow total revenue clear).
     """
 
     learning_rate: jax.Array
@@ -272,6 +281,7 @@ class MarketParams(NamedTuple):
     fit_lr: jax.Array
     pretrain_lr: jax.Array
     transfer_cost: jax.Array
+    compensation: jax.Array
 
 
 class MarketData(NamedTuple):
@@ -356,6 +366,12 @@ class Trades(NamedTuple):
         second: the merge's second knob (TIES' density, DARE's drop rate; 0: none).
         shipped: parameters shipped to the buyer (a model's, its task vector's kept
             entries, or its adapter's); transfer: what the buyer paid for shipping them.
+        compensation: what the buyer paid the third parties of its trade
+            (``economics.compensation``).
+        social_value: the trade's effect on all agents' total revenue over the horizon,
+            on test, with the round's other trades standing (``value`` and
+            ``realized_value`` hold the rivals fixed); external_value: the part of it
+            that fell on the other agents (negative: the trade took their revenue).
     """
 
     mask: jax.Array
@@ -377,6 +393,9 @@ class Trades(NamedTuple):
     second: jax.Array
     shipped: jax.Array
     transfer: jax.Array
+    compensation: jax.Array
+    social_value: jax.Array
+    external_value: jax.Array
 
     @classmethod
     def empty(cls, n: int) -> Trades:
@@ -393,18 +412,21 @@ class Flows(NamedTuple):
         payment: paid as a buyer; receipt: received as a seller.
         fees: broker fees paid (valuation queries as a buyer, trade fees as a seller).
         broker: () the broker's take this round.
+        compensation: compensation received from buyers as a third party, less what
+            the agent paid as a buyer (sums to zero over the agents).
     """
 
     payment: jax.Array
     receipt: jax.Array
     fees: jax.Array
     broker: jax.Array
+    compensation: jax.Array
 
     @classmethod
     def empty(cls, n: int) -> Flows:
         """No money moved: every agent's flows and the broker's take are 0."""
         zero = jnp.zeros(n, jnp.float32)
-        return cls(payment=zero, receipt=zero, fees=zero, broker=jnp.zeros((), jnp.float32))
+        return cls(zero, zero, zero, jnp.zeros((), jnp.float32), zero)
 
 
 class RoundRecord(NamedTuple):
@@ -500,6 +522,7 @@ PARAM_AXES = MarketParams(
     fit_lr=SHARED,
     pretrain_lr=SHARED,
     transfer_cost=SHARED,
+    compensation=SHARED,
 )
 
 #: ``MarketData``: index arrays differ between seeds (a seed's partition), feature arrays

@@ -2,8 +2,9 @@
 
 Colours are fixed across every figure: the market blue, its siloed twins orange, FedAvg
 green, centralized purple; trades from hostile sellers red (from honest ones the market
-blue). Lines are means over seeds; bands span the seeds (min to max); error bars are one
-standard deviation over seeds. Legends sit outside the data.
+blue); an agent above its siloed twin green, below it red. Lines are means over seeds;
+bands span the seeds (min to max); error bars are one standard deviation over seeds.
+Legends sit outside the data.
 
 Drawn with matplotlib's object API (``Figure``, rendered by the Agg canvas), never pyplot:
 importing this module leaves the process's backend as it was.
@@ -20,6 +21,16 @@ from matplotlib.figure import Figure
 
 MARKET, SILOED, FEDAVG, CENTRAL = "#1f6fb4", "#e8801c", "#2f9e44", "#8c5aa8"
 HOSTILE = "#c92a2a"
+# who gained: an agent above its siloed twin green, below red; the parts of its gain
+GAINED, LOST = "#2f9e44", "#c92a2a"
+PARTS = (
+    ("market_expansion", "market expansion", "#1f6fb4"),
+    ("business_stealing", "business stealing", "#8c5aa8"),
+    ("transfers", "transfers (prices, fees, compensation)", "#868e96"),
+    ("cost_saving", "cost saving", "#f2c14e"),
+)
+# a trade's social value (all agents' revenue) beside its private one
+SOCIAL, SOCIAL_LABEL = "#212529", "social (all agents' revenue)"
 DPI = 110
 MAX_AGENT_LINES = 12
 
@@ -143,6 +154,70 @@ def utility_gain_per_agent(rounds: pd.DataFrame, title: str = "") -> bytes:
     return _png(fig)
 
 
+def gain_parts(rounds: pd.DataFrame) -> pd.DataFrame | None:
+    """Per agent, the parts of its utility gain over its siloed twin (the rounds table's
+    welfare decomposition columns, summed over rounds, mean over seeds); None for a table
+    without them (written before the decomposition) or without a siloed twin."""
+    cols = [c for c, _, _ in PARTS]
+    if not set(cols) <= set(rounds.columns) or rounds[cols].isna().all().all():
+        return None
+    per_seed = rounds.groupby(["seed", "agent"])[cols].sum(min_count=1)
+    return per_seed.groupby(level="agent").mean()
+
+
+def who_gained(rounds: pd.DataFrame, title: str = "") -> bytes:
+    """Per agent, sorted: its final utility gain over its siloed twin (mean over seeds;
+    green above zero, red below), and beside it, stacked, the parts of that gain where the
+    table has them (market expansion, business stealing, transfers, cost saving where
+    there is any). The title counts the agent-seeds above their twins and gives the
+    welfare gain, so a market whose welfare rose while most agents fell reads at once."""
+    last = rounds[rounds["round"] == rounds["round"].max()]
+    gain = last["utility"] - last["siloed_utility"]
+    mean = gain.groupby(last["agent"]).mean().sort_values(ascending=False, kind="stable")
+    above, total = int((gain > 0).sum()), len(gain)
+    w = welfare_by_round(rounds).xs(rounds["round"].max(), level="round")
+    welfare = float((w["market"] - w["siloed"]).mean())
+    parts = gain_parts(rounds)
+    n = len(mean)
+    xs = np.arange(n, dtype=float)
+    fig, ax = _figure(figsize=(min(max(5.6, 3.4 + 0.55 * n), 12.0), 4.0))
+    wide = 0.8 if parts is None else 0.5
+    shift = 0.0 if parts is None else -0.14
+    values = mean.to_numpy()
+    for side, color, label in (
+        (values > 0, GAINED, "utility gain: above its twin"),
+        (~(values > 0), LOST, "utility gain: below its twin"),
+    ):
+        if side.any():
+            ax.bar(xs[side] + shift, values[side], width=wide, color=color, alpha=0.85, label=label)
+    if parts is not None:
+        parts = parts.reindex(mean.index)
+        up, down = np.zeros(n), np.zeros(n)
+        for col, label, color in PARTS:
+            v = parts[col].fillna(0.0).to_numpy()
+            if col == "cost_saving" and not np.any(np.abs(v) > 1e-12):
+                continue  # no compute saved or spent: not drawn
+            base = np.where(v >= 0, up, down)
+            ax.bar(xs + 0.3, v, width=0.2, bottom=base, color=color, label=label, lw=0)
+            up, down = up + np.maximum(v, 0), down + np.minimum(v, 0)
+    ax.axhline(0, color="0.3", lw=0.8)
+    if n <= 32:
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(a) for a in mean.index])
+    seeds = rounds["seed"].nunique()
+    heading = (
+        f"{above}/{total} agent-seeds above their siloed twins; welfare "
+        f"{welfare:+.3g} against siloed (mean over {seeds} seed(s))"
+    )
+    _finish(
+        ax,
+        "agent (sorted by its gain)",
+        "utility gain over siloed twin\n(money units, mean over seeds)",
+        f"{title}\n{heading}" if title else heading,
+    )
+    return _png(fig)
+
+
 def prices_and_volume(rounds: pd.DataFrame, trades: pd.DataFrame, title: str = "") -> bytes:
     """Trades per round and the mean price paid per round (mean and band over seeds)."""
     fig, (top, bottom) = _figure(2, 1, figsize=(6.4, 5.0), sharex=True)
@@ -212,14 +287,19 @@ def trade_matrix(trades: pd.DataFrame, n_agents: int, title: str = "") -> bytes:
 
 def value_scatter(trades: pd.DataFrame, title: str = "", hue: pd.Series | None = None) -> bytes:
     """Each trade's value estimated on the buyer's validation rows against its realised value
-    on test: points near the diagonal mean try-before-buy predicts well."""
+    on test: points near the diagonal mean try-before-buy predicts well. With a
+    ``social_value`` column (tables written since trades were scored on every agent), each
+    trade's social value (its effect on all agents' revenue) against the same estimate too,
+    so a trade's private and social value are seen side by side."""
     fig, ax = _figure(figsize=(5.6, 4.6))
+    social = _social_values(trades)
     if not len(trades):
         _empty(ax, "no trades")
     else:
         x, y = trades["value"].to_numpy(), trades["realized_value"].to_numpy()
+        private = "private (buyer's own, rivals fixed)" if social is not None else "trade"
         if hue is None:
-            ax.scatter(x, y, s=10, alpha=0.5, color=MARKET, label="trade", lw=0)
+            ax.scatter(x, y, s=10, alpha=0.5, color=MARKET, label=private, lw=0)
         else:
             for i, (value, idx) in enumerate(trades.groupby(hue.to_numpy()).groups.items()):
                 rows = trades.loc[idx]
@@ -232,7 +312,15 @@ def value_scatter(trades: pd.DataFrame, title: str = "", hue: pd.Series | None =
                     color=matplotlib.colormaps["tab10"](i % 10),
                     label=f"{hue.name}={value}",
                 )
-        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+        shown = [x, y]
+        if social is not None:
+            sx, sy = x[social], trades["social_value"].to_numpy()[social]
+            ax.scatter(
+                sx, sy, s=16, alpha=0.7, color=SOCIAL, marker="x", lw=0.8, label=SOCIAL_LABEL
+            )
+            shown.append(sy)
+        lo = float(min(v.min() for v in shown))
+        hi = float(max(v.max() for v in shown))
         pad = 0.05 * (hi - lo or 1.0)
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.3", lw=0.8, label="y = x")
         worse = float(np.mean(y < 0))
@@ -241,6 +329,9 @@ def value_scatter(trades: pd.DataFrame, title: str = "", hue: pd.Series | None =
         )
         note = f"{len(x)} trades; {worse:.1%} realised < 0"
         note += f"; corr {corr:.2f}" if corr is not None else ""
+        if social is not None:
+            note += f"\n{float(np.mean(sy < 0)):.1%} social < 0"
+            note += f"; social - private {float(np.mean(sy - y[social])):+.3g} per trade"
         ax.text(0.02, 0.98, note, transform=ax.transAxes, va="top", fontsize=8)
     _finish(
         ax,
@@ -249,6 +340,15 @@ def value_scatter(trades: pd.DataFrame, title: str = "", hue: pd.Series | None =
         title or "try-before-buy: estimated against realised value",
     )
     return _png(fig)
+
+
+def _social_values(trades: pd.DataFrame) -> np.ndarray | None:
+    """The trades whose ``social_value`` is known (a mask), None when none is (no such
+    column: a table written before it existed)."""
+    if "social_value" not in trades.columns or not len(trades):
+        return None
+    known = np.isfinite(pd.to_numeric(trades["social_value"], errors="coerce").to_numpy(float))
+    return known if known.any() else None
 
 
 def seller_is_hostile(trades: pd.DataFrame, hostile=()) -> pd.Series:
@@ -331,6 +431,11 @@ def hostile_trades(trades: pd.DataFrame, seeds: int, hostile=(), title: str = ""
     return _png(fig)
 
 
+def _has_saving(rounds: pd.DataFrame) -> bool:
+    parts = gain_parts(rounds)
+    return parts is not None and bool((parts["cost_saving"].abs() > 1e-12).any())
+
+
 def run_figures(rounds: pd.DataFrame, trades: pd.DataFrame, title: str = "", hostile=()) -> dict:
     """Every figure of one run: file name -> (PNG bytes, caption). ``hostile``: the agents
     its scenario marks hostile (with any, or a trade from a hostile seller, a figure of
@@ -343,6 +448,23 @@ def run_figures(rounds: pd.DataFrame, trades: pd.DataFrame, title: str = "", hos
             welfare_per_round(rounds, title),
             f"Welfare per round (sum of utilities plus the broker's take), market "
             f"against the siloed twins; mean over {seeds} seed(s), {spread}.",
+        ),
+        "who_gained.png": (
+            who_gained(rounds, title),
+            "Who gained: each agent's final utility against its siloed twin (mean over "
+            f"{seeds} seed(s)), best first; green above its twin, red below."
+            + (
+                " The thin bar beside it splits that gain: market expansion (its share of "
+                "the revenue the market added for all agents), business stealing (revenue "
+                "it took from rivals, or lost to them), transfers (prices, fees and "
+                "compensation it received less what it paid)"
+                + (", cost saving (compute its twin paid for)" if _has_saving(rounds) else "")
+                + "."
+                if gain_parts(rounds) is not None
+                else ""
+            )
+            + " The title counts the agent-seeds above their twins: welfare can rise while "
+            "most agents end below theirs.",
         ),
         "accuracy.png": (
             accuracy_per_round(rounds, title),
@@ -366,7 +488,14 @@ def run_figures(rounds: pd.DataFrame, trades: pd.DataFrame, title: str = "", hos
             value_scatter(trades, title),
             "Each trade's value as estimated on the buyer's validation rows "
             "against its realised value on test (the diagonal is a perfect "
-            "estimate).",
+            "estimate)"
+            + (
+                "; black crosses: the same trade's social value, its effect on all agents' "
+                "revenue with the round's other trades standing (below the blue point: the "
+                "buyer's gain came partly out of its rivals' revenue)."
+                if _social_values(trades) is not None
+                else "."
+            ),
         ),
     }
     if n <= MAX_AGENT_LINES:

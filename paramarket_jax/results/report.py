@@ -24,7 +24,7 @@ import pandas as pd
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.results import plots
 from paramarket_jax.results.folders import write_into
-from paramarket_jax.results.tables import knob_text
+from paramarket_jax.results.tables import WELFARE_COLUMNS, knob_text
 
 RUN_FILES = ("scenario.toml", "rounds.parquet", "trades.parquet", "summary.json")
 
@@ -99,11 +99,15 @@ ROUNDS_READ = dict.fromkeys(("seed", "round", "agent"), "index") | dict.fromkeys
     ("accuracy", "siloed_accuracy", "utility", "siloed_utility", "payment", "receipt", "fees"),
     "number",
 )
-ROUNDS_OPTIONAL = dict.fromkeys(("fedavg_accuracy", "central_accuracy"), "number")
+ROUNDS_OPTIONAL = dict.fromkeys(
+    ("fedavg_accuracy", "central_accuracy", "compensation", *WELFARE_COLUMNS), "number"
+)
 TRADES_READ = dict.fromkeys(("seed", "round", "buyer", "seller"), "index") | dict.fromkeys(
     ("price", "value", "realized_value", "realized_gain"), "number"
 )
-TRADES_OPTIONAL = {"hostile": "flag"}
+TRADES_OPTIONAL = {"hostile": "flag"} | dict.fromkeys(
+    ("compensation", "social_value", "external_value"), "number"
+)
 SWEEP_READ = {"cell": "name", "seed": "index", "mutual_gain": "flag"} | dict.fromkeys(
     ("market_accuracy", "siloed_accuracy", "welfare", "siloed_welfare", "trades"), "number"
 )
@@ -226,6 +230,13 @@ def summary_problem(summary) -> str | None:
         isinstance(a, dict) and _is_int(a.get("agent")) for a in agents
     ):
         return f"'agents' must be a list of objects with an 'agent' number, got {_shown(agents)}"
+    if "better_off_fraction" in summary and not _is_number(summary["better_off_fraction"]):
+        return (
+            f"'better_off_fraction' must be a number, got {_shown(summary['better_off_fraction'])}"
+        )
+    problem = _parts_problem(summary.get("decomposition"), "'decomposition'")
+    if problem:
+        return problem
     per_seed = summary.get("per_seed")
     if not isinstance(per_seed, dict) or not per_seed:
         return f"'per_seed' must be an object of seeds, got {_shown(per_seed)}"
@@ -237,6 +248,31 @@ def summary_problem(summary) -> str | None:
                 return f"'per_seed' seed {seed}: {key!r} must be a number, got " + _shown(
                     values.get(key)
                 )
+        if "better_off" in values and not _is_int(values["better_off"]):
+            return f"'per_seed' seed {seed}: 'better_off' must be an integer, got " + _shown(
+                values["better_off"]
+            )
+        problem = _parts_problem(values.get("decomposition"), f"'per_seed' seed {seed}: "
+                                 "'decomposition'")  # fmt: skip
+        if problem:
+            return problem
+    return None
+
+
+# the welfare decomposition of a summary (``tables.welfare_parts``; summaries written
+# before it have none): what the report shows of it
+DECOMPOSITION_READ = ("welfare_gain", "market_expansion", "stolen", "cost_saving")
+
+
+def _parts_problem(parts, what: str) -> str | None:
+    """What in a summary's ``decomposition`` (None: absent) the report cannot show."""
+    if parts is None:
+        return None
+    if not isinstance(parts, dict):
+        return f"{what} must be an object, got {_shown(parts)}"
+    for key in DECOMPOSITION_READ:
+        if not _is_number(parts.get(key)):
+            return f"{what}: {key!r} must be a number, got {_shown(parts.get(key))}"
     return None
 
 
@@ -486,6 +522,148 @@ def shipping_table(trades: pd.DataFrame) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
+AGENT_COLUMNS = {  # summary key -> the agents table's heading
+    "agent": "agent",
+    "market_accuracy": "market_accuracy",
+    "siloed_accuracy": "siloed_accuracy",
+    "gain": "accuracy gain",
+    "gain_std": "sd over seeds",
+    "utility": "utility",
+    "siloed_utility": "siloed_utility",
+    "utility_gain_final": "utility gain",
+    "trades": "bought/run",
+    "sales": "sold/run",
+    "paid": "paid",
+    "received": "received",
+    "market_expansion": "expansion",
+    "business_stealing": "stealing",
+    "transfers": "transfers",
+    "cost_saving": "cost saving",
+    "market_loss": "market test loss",
+    "siloed_loss": "siloed test loss",
+    "loss_floor": "loss floor (entropy rate)",
+}
+
+
+def agents_table(summary: dict) -> pd.DataFrame:
+    """The agents table of a run's page: per agent, its final accuracy and utility against
+    its siloed twin's (``utility gain``: utility - siloed utility), its purchases and sales
+    and what it paid and received for them (per run, mean over seeds), and, in summaries
+    that have them, the parts of its utility gain (summed over rounds: market expansion,
+    business stealing, transfers; cost saving where any agent saved or spent compute).
+    Columns a summary lacks (one written before they existed) are left out."""
+    agents = pd.DataFrame(summary["agents"])
+    if {"utility", "siloed_utility"} <= set(agents):
+        gain = pd.to_numeric(agents["utility"], errors="coerce") - pd.to_numeric(
+            agents["siloed_utility"], errors="coerce"
+        )
+        agents["utility_gain_final"] = gain
+    if (
+        "cost_saving" in agents
+        and not (
+            pd.to_numeric(agents["cost_saving"], errors="coerce").fillna(0.0).abs() > 1e-12
+        ).any()
+    ):
+        agents = agents.drop(columns="cost_saving")  # no compute saved or spent
+    return agents[[c for c in AGENT_COLUMNS if c in agents]].rename(columns=AGENT_COLUMNS)
+
+
+def _better_off_kpi(summary: dict) -> list[tuple[str, str]]:
+    """``agents above their twin``: agent-seeds whose final utility beats their siloed
+    twin's, of all; none for a summary written before it counted them."""
+    fraction = summary.get("better_off_fraction")
+    if not _is_number(fraction) or not np.isfinite(fraction):
+        return []
+    total = len(summary["agents"]) * len(summary["seeds"])
+    return [("agents above their twin", f"{round(fraction * total)}/{total}")]
+
+
+WELFARE_HEADING = "Where the welfare came from"
+
+
+def decomposition_table(summary: dict) -> pd.DataFrame | None:
+    """Per seed (and, with more than one, their mean): the welfare gain over the siloed
+    world and where it came from (market expansion, cost saving), the revenue business
+    stealing moved between agents, the broker's take and the agents above their twins
+    (of the run's agents). None for a summary without the decomposition."""
+    mean = summary.get("decomposition")
+    if not isinstance(mean, dict):
+        return None
+    n = len(summary["agents"])
+    rows = []
+    for seed, v in sorted(summary["per_seed"].items(), key=lambda kv: int(kv[0])):
+        parts = v.get("decomposition") or {}
+        better = v.get("better_off")
+        rows.append(
+            {
+                "seed": int(seed),
+                **_decomposition_row(parts, v.get("broker_take")),
+                "agents above twin": f"{better}/{n}" if _is_int(better) else "–",
+            }
+        )
+    if len(rows) > 1:
+        fraction = summary.get("better_off_fraction")
+        rows.append(
+            {
+                "seed": "mean",
+                **_decomposition_row(mean, summary.get("broker_take")),
+                "agents above twin": f"{fraction * n:.3g}/{n}" if _is_number(fraction) else "–",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _decomposition_row(parts: dict, broker_take) -> dict:
+    return {
+        "welfare gain": _money(parts.get("welfare_gain")),
+        "market expansion": _money(parts.get("market_expansion")),
+        "business stealing moved": _money(parts.get("stolen")),
+        "cost saving": _money(parts.get("cost_saving")),
+        "broker take": _money(broker_take),
+    }
+
+
+def _money(v):
+    """A sum of money as the welfare section shows it: float32 rounding (below 1e-6, a
+    zero take summed over float32 cash) as 0; anything but a number as None ("–")."""
+    if not _is_number(v):
+        return None
+    return 0.0 if abs(v) < 1e-6 else float(v)
+
+
+def _welfare_section(summary: dict) -> str:
+    """``Where the welfare came from``: the parts in plain words, the run's mean, and
+    :func:`decomposition_table`; empty for a summary without the decomposition."""
+    table = decomposition_table(summary)
+    if table is None:
+        return ""
+    d = summary["decomposition"]
+    money = lambda v, fmt="+.4g": _num(_money(v), fmt)  # noqa: E731
+    mean = (
+        f"Here, on average over the seeds, welfare changed by {money(d['welfare_gain'])} "
+        f"against the siloed world: market expansion {money(d['market_expansion'])}, cost "
+        f"saving {money(d['cost_saving'])}; business stealing moved "
+        f"{money(d['stolen'], '.4g')} of revenue from some agents to others; the agents "
+        f"together gained {money(d.get('agents_gain'))} and the broker kept "
+        f"{money(summary['broker_take'], '.4g')}."
+        if "agents_gain" in d
+        else ""
+    )
+    return (
+        f"<h2>{WELFARE_HEADING}</h2><p>Each agent's utility gain over its siloed twin has "
+        "four parts. <b>Market expansion</b>: the total revenue the agents gained against "
+        "the siloed world, customers won from the outside option, or revenue that grows "
+        "with quality. <b>Business stealing</b>: revenue moved between the agents, one's "
+        "gain another's loss; over the agents it sums to zero. <b>Transfers</b>: the "
+        "prices, fees and compensation the agents paid one another and the broker; net of "
+        "them the broker keeps its take. <b>Cost saving</b>: the compute their twins paid "
+        "for and they did not. Welfare (the agents' utilities plus the broker's take) gains "
+        "only by expansion and cost saving; stealing and transfers move money between the "
+        f"agents, so welfare can rise while most agents end below their twins. {mean}</p>"
+        + _table(table, fmt=".4g")
+    )
+
+
 def run_html(
     scenario_text: str,
     summary: dict,
@@ -511,35 +689,11 @@ def run_html(
                 "every agent more accurate",
                 f"{summary['accuracy_gain_all_fraction'] * k:.0f}/{k} seeds",
             ),
+            *_better_off_kpi(summary),
             *([_hostile_kpi(hostile)] if hostile is not None else []),
         ]
     )
-    agents = pd.DataFrame(summary["agents"])
-    cols = [
-        "agent",
-        "market_accuracy",
-        "siloed_accuracy",
-        "gain",
-        "gain_std",
-        "utility",
-        "siloed_utility",
-        "trades",
-        "sales",
-        "market_loss",
-        "siloed_loss",
-        "loss_floor",
-    ]
-    agents = agents[[c for c in cols if c in agents]].rename(
-        columns={
-            "market_loss": "market test loss",
-            "siloed_loss": "siloed test loss",
-            "loss_floor": "loss floor (entropy rate)",
-            "gain": "accuracy gain",
-            "gain_std": "sd over seeds",
-            "trades": "bought/run",
-            "sales": "sold/run",
-        }
-    )
+    agents = agents_table(summary)
     per_seed = pd.DataFrame(
         [
             {
@@ -563,7 +717,7 @@ def run_html(
         f"<p>Seeds {_e(summary['seeds'])}, {summary['rounds']} rounds. Welfare is the sum of "
         "the agents' utilities (cash gained) plus the broker's take; every agent is measured "
         "against its siloed twin, the same agent trained alone.</p>"
-        f"{kpis}<h2>Figures</h2>{_figures(figures)}"
+        f"{kpis}{_welfare_section(summary)}<h2>Figures</h2>{_figures(figures)}"
         f"<h2>Agents (final round, mean over seeds)</h2>{_table(agents)}"
         f"<h2>Per seed</h2>{_table(per_seed)}"
         f"{_hostile_section(hostile, hostile_agents(scenario_text))}"

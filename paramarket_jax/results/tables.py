@@ -11,14 +11,19 @@ from paramarket_jax.errors import ParamarketError
 
 ROUND_COLUMNS = [
     "loss", "accuracy", "val_accuracy", "siloed_loss", "siloed_accuracy", "fedavg_accuracy",
-    "central_accuracy", "trades", "revenue", "cost", "payment", "receipt", "fees", "cash",
-    "utility", "siloed_revenue", "siloed_cash", "siloed_utility", "alive", "siloed_alive",
-    "diverged", "siloed_diverged",
+    "central_accuracy", "trades", "revenue", "cost", "payment", "receipt", "fees",
+    "compensation", "cash", "utility", "siloed_revenue", "siloed_cost", "siloed_cash",
+    "siloed_utility", "alive", "siloed_alive", "diverged", "siloed_diverged",
+]  # fmt: skip
+# the welfare decomposition (:func:`decompose`), added to the rounds table by a run
+WELFARE_COLUMNS = [
+    "market_expansion", "business_stealing", "transfers", "cost_saving", "utility_gain",
 ]  # fmt: skip
 TRADE_COLUMNS = [
     "seed", "round", "buyer", "seller", "hostile", "alpha", "predicted_gain", "gain_se",
     "acc_gain", "acc_gain_se", "realized_gain", "value", "realized_value", "estimation_error",
     "reservation", "bid", "ask", "price", "fee", "second", "shipped", "transfer",
+    "compensation", "social_value", "external_value",
 ]  # fmt: skip
 
 
@@ -67,9 +72,11 @@ def rounds_table(records, seeds, twin_names=("market", "siloed")) -> pd.DataFram
         "payment": f64(r.flows.payment),
         "receipt": f64(r.flows.receipt),
         "fees": f64(r.flows.fees),
+        "compensation": f64(r.flows.compensation),
         "cash": cash,
         "utility": cash - endowment,
         "siloed_revenue": twin(r.revenue, "siloed"),
+        "siloed_cost": twin(r.cost, "siloed"),
         "siloed_cash": siloed_cash,
         "siloed_utility": siloed_cash - siloed_endowment,
         "alive": twin(r.alive, "market") > 0,
@@ -104,7 +111,7 @@ def trades_table(records, seeds) -> pd.DataFrame:
     for col in ("alpha", *gains, "value", "realized_value"):
         df[col] = np.asarray(getattr(t, col), np.float64)[mask]
     df["estimation_error"] = df["value"] - df["realized_value"]
-    for col in ("reservation", "bid", "ask", "price", "fee", "second", "shipped", "transfer"):
+    for col in TRADE_COLUMNS[TRADE_COLUMNS.index("reservation") :]:
         df[col] = np.asarray(getattr(t, col), np.float64)[mask]
     return df[TRADE_COLUMNS]
 
@@ -147,7 +154,8 @@ def invariant_violations(rounds: pd.DataFrame, trades: pd.DataFrame) -> list[str
     """The market's bookkeeping invariants, checked on a run's tables for every round.
 
     - money is conserved: each agent's utility changes by exactly its revenue minus its
-      compute cost, minus what it paid, plus what it received, minus its fees (to float32
+      compute cost, minus what it paid, plus what it received, minus its fees, plus the
+      compensation it received less what it paid (to float32
       rounding of its cash), so the agents' cash plus the broker's take (payments minus
       receipts plus fees) only changes by revenue and compute;
     - no payment without a trade: an agent pays only in a round it bought, and receives
@@ -161,6 +169,7 @@ def invariant_violations(rounds: pd.DataFrame, trades: pd.DataFrame) -> list[str
     r = rounds.sort_values(["seed", "agent", "round"])
     change = r.groupby(["seed", "agent"])["utility"].diff().fillna(r["utility"])
     flows = r["revenue"] - r["cost"] - r["payment"] + r["receipt"] - r["fees"]
+    flows = flows + r.get("compensation", 0.0)
     scale = np.maximum(r["cash"].abs(), (r["cash"] - r["utility"]).abs()).to_numpy(np.float32)
     tol = 16 * np.spacing(np.maximum(scale, 1).astype(np.float32)).astype(np.float64)
     bad = (change - flows).abs().to_numpy() > tol
@@ -199,8 +208,92 @@ def check_invariants(rounds: pd.DataFrame, trades: pd.DataFrame) -> None:
         raise ParamarketError(f"invariant violated: {violations[0]}")
 
 
-def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
+def decompose(rounds: pd.DataFrame, revenue: str) -> pd.DataFrame:
+    """Each agent's utility gain over its siloed twin, per round, in four parts
+    (:data:`WELFARE_COLUMNS`, aligned with ``rounds``' rows).
+
+    - ``market_expansion`` and ``business_stealing`` split the revenue difference
+      ``R_i - R_i^s``. With the agents' total revenue T and agent i's share s_i of it, in
+      the market (m) and the siloed world (s): expansion is the change of the total at the
+      mean share, ``(T^m - T^s) (s^m_i + s^s_i) / 2``, and stealing the change of the share
+      at the mean total, ``(T^m + T^s) (s^m_i - s^s_i) / 2`` (the symmetric split of a
+      product, so neither world is the reference). Stealing sums to zero over the agents:
+      it is revenue moved between them. Expansion sums to the change of total revenue:
+      customers won from the outside option, or revenue that grows with quality. In an
+      ``independent`` market no agent's revenue depends on another's, so the whole
+      difference is expansion.
+    - ``transfers``: receipts - payments - fees + compensation (money between agents and
+      to the broker: over the agents it sums to minus the broker's take).
+    - ``cost_saving``: the twin's compute cost less the agent's.
+    - ``utility_gain``: their sum, the round's change of ``utility - siloed_utility``
+      (money is conserved, :func:`invariant_violations`, so the parts over a run add up to
+      the final utility gain, and over agents plus the broker to the welfare gain).
+
+    A run without its siloed twin has NaN parts.
+    """
+    r = rounds
+    keys = [r["seed"], r["round"]]
+    rev, twin = r["revenue"].astype(float), r["siloed_revenue"].astype(float)
+    total_m = rev.groupby(keys).transform("sum")
+    total_s = twin.groupby(keys).transform("sum")
+    share_m = (rev / total_m.where(total_m != 0)).fillna(0.0)
+    share_s = (twin / total_s.where(total_s != 0)).fillna(0.0)
+    # a world without revenue has no shares: take the other world's (all is expansion)
+    share_m, share_s = share_m.where(total_m != 0, share_s), share_s.where(total_s != 0, share_m)
+    if revenue == "independent":
+        expansion, stealing = rev - twin, pd.Series(0.0, index=r.index).where(twin.notna())
+    else:
+        expansion = (total_m - total_s) * (share_m + share_s) / 2
+        stealing = (total_m + total_s) * (share_m - share_s) / 2
+    transfers = r["receipt"] - r["payment"] - r["fees"] + r.get("compensation", 0.0)
+    saving = r["siloed_cost"] - r["cost"]
+    parts = pd.DataFrame(
+        {
+            "market_expansion": expansion,
+            "business_stealing": stealing,
+            "transfers": transfers.where(twin.notna()),
+            "cost_saving": saving,
+        }
+    ).astype(np.float64)
+    parts["utility_gain"] = parts.sum(axis=1, skipna=False)
+    return parts[WELFARE_COLUMNS]
+
+
+def welfare_parts(rounds: pd.DataFrame, revenue: str) -> dict:
+    """A run's welfare decomposition per seed (:func:`decompose`, summed over rounds and
+    agents): ``welfare_gain`` (welfare - siloed welfare) = ``market_expansion`` +
+    ``cost_saving`` + ``business_stealing`` (zero but for rounding); ``stolen``: revenue
+    moved between agents (the sum of the positive stealing); ``agent_transfers``: what
+    the agents paid the broker, net (minus its take); ``agents_gain``: the agents' total
+    utility gain. None without a siloed twin."""
+    parts = rounds.reindex(columns=WELFARE_COLUMNS)
+    if parts.isna().all().all():
+        parts = decompose(rounds, revenue)
+    if parts["utility_gain"].isna().any():
+        return {}
+    out = {}
+    for seed, p in parts.groupby(rounds["seed"]):
+        stolen = p["business_stealing"].clip(lower=0).sum()
+        expansion, saving = p["market_expansion"].sum(), p["cost_saving"].sum()
+        out[int(seed)] = dict(
+            welfare_gain=float(expansion + saving + p["business_stealing"].sum()),
+            market_expansion=float(expansion),
+            business_stealing=float(p["business_stealing"].sum()),
+            stolen=float(stolen),
+            cost_saving=float(saving),
+            agent_transfers=float(p["transfers"].sum()),
+            agents_gain=float(p["utility_gain"].sum()),
+        )
+    return out
+
+
+def summarize(rounds: pd.DataFrame, trades: pd.DataFrame, revenue: str | None = None) -> dict:
     """Per-agent outcomes against the siloed twins, per seed and averaged over seeds.
+
+    With the welfare decomposition's columns in ``rounds`` (a run adds them) or the
+    market's ``revenue`` kind to compute them, every seed, every agent and the means gain
+    its parts (:func:`welfare_parts`; per agent, summed over rounds), and
+    ``better_off_fraction`` is the share of agent-seeds whose utility beats their twin's.
 
     ``mutual_gain`` for a seed (DESIGN.md s4): every agent's utility (revenue - costs -
     payments + receipts - fees, summed over rounds) exceeds its siloed twin's.
@@ -210,6 +303,17 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
     seed (with ``diverged_agents``), per agent the seeds in which it did, and the mean.
     """
     last = rounds[rounds["round"] == rounds["round"].max()]
+    have = set(WELFARE_COLUMNS) <= set(rounds.columns)
+    parts = welfare_parts(rounds, revenue) if have or revenue else {}
+    per_agent_parts = (
+        (rounds[WELFARE_COLUMNS] if have else decompose(rounds, revenue))
+        .groupby([rounds["seed"], rounds["agent"]])
+        .sum()
+        .groupby(level="agent")
+        .mean()
+        if parts
+        else None
+    )
     per_seed = {}
     for seed, df in last.groupby("seed"):
         df = df.sort_values("agent")
@@ -234,6 +338,8 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
             diverged_agents=df.loc[df["diverged"].astype(bool), "agent"].astype(int).tolist(),
             revenue_of_sellers=float(t["price"].sum()),
             mean_abs_estimation_error=float(t["estimation_error"].abs().mean()) if len(t) else None,
+            better_off=int((util_gain > 0).sum()),
+            **({"decomposition": parts[int(seed)]} if parts else {}),
         )
     agents = []
     n_seeds = max(len(per_seed), 1)
@@ -252,7 +358,15 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
                 trades=float((trades["buyer"] == agent).sum() / n_seeds),
                 sales=float((trades["seller"] == agent).sum() / n_seeds),
                 diverged=int(df["diverged"].astype(bool).sum()),
+                better_off=float((df["utility"] > df["siloed_utility"]).mean()),
+                paid=float(_of(trades, "buyer", agent)["price"].sum() / n_seeds),
+                received=float(_of(trades, "seller", agent)["price"].sum() / n_seeds),
                 **_loss_columns(df),
+                **(
+                    {k: float(v) for k, v in per_agent_parts.loc[agent].items()}
+                    if per_agent_parts is not None
+                    else {}
+                ),
             )
         )
     seeds = per_seed.values()
@@ -274,8 +388,19 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame) -> dict:
         diverged=float(np.mean([s["diverged"] for s in seeds])),
         mean_price=float(trades["price"].mean()) if len(trades) else None,
         mean_abs_estimation_error=float(errors.mean()) if len(trades) else None,
+        better_off_fraction=float((last["utility"] > last["siloed_utility"]).mean()),
+        **({"decomposition": _mean_parts(parts)} if parts else {}),
         per_seed=per_seed,
     )
+
+
+def _of(trades: pd.DataFrame, side: str, agent) -> pd.DataFrame:
+    return trades[trades[side] == agent]
+
+
+def _mean_parts(parts: dict) -> dict:
+    """The seeds' mean of each part of :func:`welfare_parts`."""
+    return {k: float(np.mean([p[k] for p in parts.values()])) for k in next(iter(parts.values()))}
 
 
 def _loss_columns(df: pd.DataFrame) -> dict:

@@ -20,7 +20,8 @@ def test_run_writes_the_run_folder(tmp_path, capsys):
     names = {p.name for p in out.iterdir()}
     tables = {"scenario.toml", "rounds.parquet", "trades.parquet", "summary.json"}
     figures = {"welfare.png", "accuracy.png", "accuracy_per_agent.png", "utility_gain.png",
-               "prices_volume.png", "trade_matrix.png", "value_scatter.png"}  # fmt: skip
+               "prices_volume.png", "trade_matrix.png", "value_scatter.png",
+               "who_gained.png"}  # fmt: skip
     assert names == tables | figures | {"report.html"}
     check_report(out / "report.html", min_images=len(figures))
     # --no-report: the tables only (the same compiled call, so this costs no compile)
@@ -63,6 +64,7 @@ def test_scenarios_lists_every_bundled_scenario(capsys):
         "paper_mnist1d",
         "paper_no_alignment",
         "paper_two_agent",
+        "rival_market",
         "transformer_arithmetic",
         "vit_digits",
     ]

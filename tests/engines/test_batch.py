@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from pages import check_report
 from shrink import SHRINK
+from welfare import assert_decomposition_adds_up
 
 from paramarket_jax import scenario as sc
 from paramarket_jax.engines import batch
@@ -243,7 +244,7 @@ def test_every_bundled_scenario_runs_a_shrunk_round(name, tmp_path):
         extra += ["agents.n=6"] + (["agents.initial=4"] if base.agents.initial else [])
     s = sc.load(name, [*SHRINK, *extra, "train.rounds=2", "trading.start=1"])
     result = run_scenario(s)
-    assert len(result.rounds) == 2 * s.agents.n
+    assert len(result.rounds) == 2 * s.agents.n * len(s.seeds)
     assert result.rounds["accuracy"].between(0, 1).all()
     # the centralized baseline (on in the paper scenarios) trains on the pooled rows
     central = result.rounds["central_accuracy"]
@@ -251,6 +252,7 @@ def test_every_bundled_scenario_runs_a_shrunk_round(name, tmp_path):
     assert set(result.trades["round"]) <= {1}
     assert result.summary["rounds"] == 2
     assert invariant_violations(result.rounds, result.trades) == []
+    assert_decomposition_adds_up(result.rounds, result.summary)
     # every bundled scenario gets its figures and its one-file report
     out = write_run(tmp_path / name, result.files())
     check_report(out / "report.html", min_images=6)

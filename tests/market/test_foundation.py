@@ -3,6 +3,7 @@ LoRA adapter), the broker's merge methods in the market, the layer-wise fit, shi
 costs, the leakage audit, and the bundled ``foundation_market`` scenario."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from pages import check_report
+from welfare import assert_decomposition_adds_up
 
 from paramarket_jax import scenario as sc
 from paramarket_jax.broker import methods, modes
@@ -279,6 +281,7 @@ def test_the_foundation_market_runs_ships_task_vectors_and_reports(tmp_path, cap
     rounds = pd.read_parquet(out / "rounds.parquet")
     trades = pd.read_parquet(out / "trades.parquet")
     assert len(rounds) == 4 * 4 and invariant_violations(rounds, trades) == []
+    assert_decomposition_adds_up(rounds, json.loads((out / "summary.json").read_text()))
     # before trading starts (round 2) the market twin is its siloed twin, from one base
     early = rounds[rounds["round"] < 2]
     np.testing.assert_array_equal(early["accuracy"], early["siloed_accuracy"])

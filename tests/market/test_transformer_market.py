@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from pages import check_report
+from welfare import assert_decomposition_adds_up
 
 from paramarket_jax.cli.main import main
 from paramarket_jax.results.tables import invariant_violations
@@ -54,6 +55,7 @@ def test_transformer_scenario_runs_the_market(name, tmp_path, capsys):
     assert len(trades) > 0 and np.isin(trades["alpha"], np.float32([0.3, 0.7])).all()
     assert (trades["buyer"] != trades["seller"]).all()
     assert invariant_violations(rounds, trades) == []
+    assert_decomposition_adds_up(rounds, summary)
     check_report(out / "report.html", min_images=3)
     # same seed, same numbers (the compiled program is reused: no second compile)
     again = tmp_path / "again"

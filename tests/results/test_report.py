@@ -1,6 +1,7 @@
 """Figures and the one-file HTML report, drawn from result tables only (no compute here,
 but for one tiny run with a hostile seller)."""
 
+import functools
 import html
 import json
 import os
@@ -13,12 +14,18 @@ import pandas as pd
 import pytest
 from pages import browser, check_report, decode_png, screenshot
 from shrink import SHRINK
+from welfare import RIVAL_SMALL
 
 from paramarket_jax import scenario as sc
 from paramarket_jax.cli.main import main
 from paramarket_jax.results import plots, report
 from paramarket_jax.results.folders import write_run
-from paramarket_jax.results.tables import ROUND_COLUMNS, TRADE_COLUMNS, summarize
+from paramarket_jax.results.tables import (
+    ROUND_COLUMNS,
+    TRADE_COLUMNS,
+    WELFARE_COLUMNS,
+    summarize,
+)
 from paramarket_jax.runs import RunResult, run_scenario
 from paramarket_jax.sweep import cell_name, sweep_table
 
@@ -29,6 +36,7 @@ RUN_FIGURES = {
     "prices_volume.png",
     "trade_matrix.png",
     "value_scatter.png",
+    "who_gained.png",
 }
 
 
@@ -404,3 +412,157 @@ def test_the_report_renders_in_a_headless_browser(tmp_path):
     rgb = (pixels[..., :3] * 255).round().astype(int)
     market_blue = np.all(np.abs(rgb - [0x1F, 0x6F, 0xB4]) <= 6, axis=-1)
     assert market_blue.sum() > 500, "the embedded figures did not render"
+
+
+# ---- where the welfare came from --------------------------------------------------------------
+
+# a tiny market of four rivals for one market of customers: its tables have the welfare
+# decomposition, its trades their social value
+RIVAL_RUN = RIVAL_SMALL
+# what a summary written before the decomposition lacks
+NEW_SUMMARY_KEYS = ("better_off_fraction", "decomposition")
+NEW_SEED_KEYS = ("better_off", "decomposition")
+NEW_AGENT_KEYS = ("better_off", "paid", "received", *WELFARE_COLUMNS)
+
+
+@functools.cache
+def rival_result() -> RunResult:
+    return run_scenario(sc.load("rival_market", RIVAL_RUN))
+
+
+def old_result(result: RunResult) -> RunResult:
+    """``result`` as a run folder written before the welfare decomposition holds it: no
+    decomposition columns, no social value of trades, none of the summary's new keys."""
+    rounds = result.rounds.drop(columns=WELFARE_COLUMNS + ["compensation", "siloed_cost"])
+    trades = result.trades.drop(columns=["compensation", "social_value", "external_value"])
+    summary = json.loads(json.dumps(result.summary))
+    for key in NEW_SUMMARY_KEYS:
+        summary.pop(key)
+    for values in summary["per_seed"].values():
+        for key in NEW_SEED_KEYS:
+            values.pop(key)
+    for agent in summary["agents"]:
+        for key in NEW_AGENT_KEYS:
+            agent.pop(key)
+    return RunResult(result.scenario, rounds, trades, summary)
+
+
+def money(v) -> str:
+    """A sum of money as the welfare section shows it (float32 rounding as 0)."""
+    return format(0.0 if abs(v) < 1e-6 else float(v), ".4g")
+
+
+def test_the_report_says_where_the_welfare_came_from(tmp_path):
+    result = rival_result()
+    summary = result.summary
+    assert "decomposition" in summary and set(WELFARE_COLUMNS) <= set(result.rounds)
+    out = write_run(tmp_path / "run", result.files())
+    page = (out / "report.html").read_text()
+    text = " ".join(check_report(out / "report.html", min_images=len(RUN_FIGURES)).split())
+    assert report.WELFARE_HEADING in text
+    for words in ("Market expansion", "Business stealing", "Transfers", "Cost saving"):
+        assert words in text
+    assert 'alt="who_gained.png"' in page and "agent-seeds above their twins" in text
+    decode_png((out / "who_gained.png").read_bytes())
+    # the kpi: agent-seeds above their twins, of all
+    total = len(summary["agents"]) * len(summary["seeds"])
+    above = round(summary["better_off_fraction"] * total)
+    assert f"agents above their twin {above}/{total}" in text
+    # every number of the per-seed table is the summary's
+    rows = table_after(page, report.WELFARE_HEADING)
+    assert rows[0] == ["seed", "welfare gain", "market expansion", "business stealing moved",
+                       "cost saving", "broker take", "agents above twin"]  # fmt: skip
+    n = len(summary["agents"])
+    expected = []
+    for seed in summary["seeds"]:
+        v = summary["per_seed"][seed]
+        d = v["decomposition"]
+        parts = (d["welfare_gain"], d["market_expansion"], d["stolen"], d["cost_saving"])
+        expected.append(
+            [str(seed), *map(money, (*parts, v["broker_take"])), f"{v['better_off']}/{n}"]
+        )
+    d = summary["decomposition"]
+    parts = (d["welfare_gain"], d["market_expansion"], d["stolen"], d["cost_saving"])
+    mean_above = f"{summary['better_off_fraction'] * n:.3g}/{n}"
+    expected.append(["mean", *map(money, (*parts, summary["broker_take"])), mean_above])
+    assert rows[1:] == expected
+    # the welfare gain of each seed is the summary's welfare against the siloed one
+    for seed, row in zip(summary["seeds"], rows[1:], strict=False):
+        v = summary["per_seed"][seed]
+        assert np.isclose(float(row[1]), v["welfare"] - v["siloed_welfare"], rtol=1e-3, atol=1e-6)
+
+
+# the agents table's money columns -> the summary's keys
+AGENT_MONEY = {
+    "paid": "paid",
+    "received": "received",
+    "expansion": "market_expansion",
+    "stealing": "business_stealing",
+    "transfers": "transfers",
+}
+
+
+def test_the_agents_table_has_each_agents_gain_and_its_parts(tmp_path):
+    result = rival_result()
+    out = write_run(tmp_path / "run", result.files())
+    rows = table_after((out / "report.html").read_text(), "Agents")
+    header, body = rows[0], rows[1:]
+    assert {"utility gain", *AGENT_MONEY} <= set(header)
+    for row, agent in zip(body, result.summary["agents"], strict=True):
+        cell = lambda c: float(row[header.index(c)])  # noqa: E731,B023
+        assert np.isclose(cell("utility gain"), agent["utility"] - agent["siloed_utility"],
+                          atol=1e-3)  # fmt: skip
+        for column, key in AGENT_MONEY.items():
+            assert np.isclose(cell(column), agent[key], atol=1e-3), column
+
+
+def test_an_old_run_folder_renders_without_the_welfare_section(tmp_path):
+    old = old_result(rival_result())
+    out = write_run(tmp_path / "run", old.files(report=False))
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    text = " ".join(check_report(out / "report.html", min_images=len(RUN_FIGURES)).split())
+    assert report.WELFARE_HEADING not in text and "agents above their twin" not in text
+    assert 'alt="who_gained.png"' in page  # drawn, without the parts
+    header = table_after(page, "Agents")[0]
+    assert "utility gain" in header
+    assert not set(AGENT_MONEY) & set(header)
+    assert "social (all agents" not in text
+    # tables without the columns, summarized now: no decomposition, the kpi is there
+    fresh = summarize(old.rounds, old.trades)
+    assert "decomposition" not in fresh
+    html_page = report.run_outputs(
+        (out / "scenario.toml").read_text(), old.rounds, old.trades, fresh, "old"
+    )["report.html"]
+    assert report.WELFARE_HEADING not in html_page and "agents above their twin" in html_page
+
+
+def test_who_gained_sorts_the_agents_and_counts_those_above_their_twins():
+    result = rival_result()
+    with_parts = decode_png(plots.who_gained(result.rounds))
+    without = decode_png(plots.who_gained(result.rounds.drop(columns=WELFARE_COLUMNS)))
+    assert with_parts.shape[1] >= without.shape[1]  # the parts' legend
+    assert plots.gain_parts(result.rounds.drop(columns=WELFARE_COLUMNS)) is None
+    parts = plots.gain_parts(result.rounds)
+    for agent in result.summary["agents"]:
+        for col in ("market_expansion", "business_stealing", "transfers"):
+            assert np.isclose(parts.loc[agent["agent"], col], agent[col])
+    figures = plots.run_figures(result.rounds, result.trades)
+    assert "business stealing" in figures["who_gained.png"][1]
+    assert "social value" in figures["value_scatter.png"][1]
+    old = old_result(result)
+    figures = plots.run_figures(old.rounds, old.trades)
+    assert "business stealing" not in figures["who_gained.png"][1]
+    assert "social value" not in figures["value_scatter.png"][1]
+
+
+def test_the_value_scatter_shows_social_value_beside_private_value():
+    _, trades = fake_tables()
+    plain = trades.drop(columns=["social_value", "external_value"])
+    social = trades.assign(social_value=trades["realized_value"] - 0.3)
+    a, b = decode_png(plots.value_scatter(plain)), decode_png(plots.value_scatter(social))
+    assert a.shape != b.shape or not np.array_equal(a, b)
+    # unknown social values (NaN) are as no column
+    unknown = trades.assign(social_value=np.nan)
+    assert np.array_equal(decode_png(plots.value_scatter(unknown)), a)
+    decode_png(plots.value_scatter(social.iloc[:0]))  # no trades
