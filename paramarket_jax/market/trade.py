@@ -529,6 +529,15 @@ def apply_trades(
     return new, realized, q_before, q_after
 
 
+def _effects(spec: MarketSpec, state: MarketState, econ, q_before, q_after):
+    """Each trade's social and private value against the round's other trades, on test:
+    what it did to every live agent's revenue, and to its buyer's."""
+    alive = state.alive[MARKET]
+    return trade_effects(
+        jnp.where(alive, q_before, 0.0), jnp.where(alive, q_after, 0.0), econ, spec.revenue
+    )
+
+
 def book(
     spec: MarketSpec,
     state: MarketState,
@@ -549,11 +558,7 @@ def book(
     )
     sales = outcome.alloc.sum(0)
     fee_per_sale = settled.fees / jnp.maximum(sales, 1).astype(jnp.float32)
-    # against the round's other trades, on test: what it did to everyone's revenue
-    alive = state.alive[MARKET]
-    social, private = trade_effects(
-        jnp.where(alive, q_before, 0.0), jnp.where(alive, q_after, 0.0), econ, spec.revenue
-    )
+    social, private = _effects(spec, state, econ, q_before, q_after)
 
     def picked(m):  # (N, N) -> the buyer's row at its seller, 0 where it did not buy
         return jnp.where(bought, m[rows, pick], 0.0)
