@@ -1,24 +1,39 @@
 """Welfare-maximising assignment with VCG (Clarke pivot) transfers (Nisan et al., AGT ch. 9)."""
 
-import jax
 import jax.numpy as jnp
-import optax
 
 from paramarket_jax.errors import ParamarketError
+from paramarket_jax.mechanisms.assignment import leave_one_out
 from paramarket_jax.mechanisms.base import Knobs, Market, Mechanism, Outcome, candidates
 
 
-def _max_welfare_slots(profit: jax.Array) -> jax.Array:
-    """Exact maximum-weight assignment of buyers to seller slots.
+def vcg_outcome(market: Market, capacity: int, optima=leave_one_out) -> Outcome:
+    """:func:`vcg_assignment`'s outcome; ``optima(profit, capacity)`` gives the assignment
+    and the leave-one-out optima (:func:`~paramarket_jax.mechanisms.assignment.leave_one_out`,
+    or ``reference_leave_one_out``, the 2N + 1 full solves, for the benchmark's baseline)."""
+    n = market.bids.shape[-1]
+    surplus = market.bids - market.asks
+    tradable = candidates(market) & (surplus > 0)
+    profit = jnp.where(tradable, surplus, 0.0).astype(jnp.float32)
 
-    Args:
-      profit: (N, M) float32 >= 0 with M >= N, surplus of buyer i in slot m.
+    slots, welfare, without_agent, without_buying = optima(
+        jnp.repeat(profit, capacity, axis=1), capacity
+    )
+    alloc = slots.reshape(n, n, capacity).any(-1) & tradable
 
-    Returns:
-      (N, M) bool, each row with exactly one slot (zero-profit slots mean "no trade").
-    """
-    rows, cols = optax.assignment.hungarian_algorithm(-profit)
-    return jnp.zeros(profit.shape, bool).at[rows, cols].set(True)
+    value = jnp.where(alloc, market.bids, 0.0).sum(1)  # v_k, (N,)
+    cost = jnp.where(alloc, market.asks, 0.0).sum(0)  # C_k, (N,)
+    bought = alloc.any(1)
+    sold = alloc.any(0)
+    # Clips below only remove rounding: 0 <= R_b <= R, and R <= v for a pure buyer.
+    rebate = jnp.maximum(welfare - without_agent, 0.0)
+    rebate = jnp.where(sold, rebate, jnp.minimum(rebate, value))
+    rebate = jnp.where(bought | sold, rebate, 0.0)
+    buyer_rebate = jnp.clip(welfare - without_buying, 0.0, rebate)
+    payment = jnp.where(bought, value - jnp.where(sold, buyer_rebate, rebate), 0.0)
+    receipt = jnp.where(sold, cost + rebate - jnp.where(bought, buyer_rebate, 0.0), 0.0)
+    price = jnp.where(alloc, payment[:, None], 0.0)
+    return Outcome(alloc=alloc, price=price, payment=payment, receipt=receipt)
 
 
 def vcg_assignment(capacity: int = 1) -> Mechanism:
@@ -27,8 +42,9 @@ def vcg_assignment(capacity: int = 1) -> Mechanism:
     Allocation: each buyer buys from at most one seller, each seller sells at most
     ``capacity`` copies; the assignment maximises reported welfare
     ``W = sum over trades of (bids[i, j] - asks[i, j])`` over candidate pairs with positive
-    surplus. It is solved exactly with ``optax.assignment.hungarian_algorithm`` on an
-    (N, N * capacity) profit matrix (each seller expanded into ``capacity`` slots).
+    surplus. It is solved exactly by the Hungarian algorithm on an (N, N * capacity) profit
+    matrix (each seller expanded into ``capacity`` slots), the same algorithm and tie-breaks
+    as ``optax.assignment.hungarian_algorithm``, with its dual potentials kept.
 
     Transfers: an agent reports a bid row and an ask column (it may buy and sell in the same
     round), so VCG treats the agent as one player. With ``W_{-k}`` the optimum without agent k
@@ -53,7 +69,11 @@ def vcg_assignment(capacity: int = 1) -> Mechanism:
     efficient, truthful, individually rational two-sided mechanism balances its budget).
     ``payment.sum() - receipt.sum()`` (usually negative) is the broker's subsidy.
 
-    Cost: 2N + 1 Hungarian solves of size (N, N * capacity), vmapped; O(N^4) per round.
+    Cost: one Hungarian solve, then every ``W_{-k}`` and ``W_{-row k}`` from its optimum and
+    potentials (:func:`paramarket_jax.mechanisms.assignment.leave_one_out`): removing an
+    agent frees at most ``1 + capacity`` matches, each put back by one shortest augmenting
+    path on the reduced costs, vmapped over the 2N problems; O(N^3) per round for capacity
+    1 (the 2N + 1 full solves it replaces were O(N^4)).
 
     Args:
       capacity: copies each seller may sell per round, static, >= 1.
@@ -69,40 +89,7 @@ def vcg_assignment(capacity: int = 1) -> Mechanism:
 
     def run(market: Market, knobs: Knobs) -> Outcome:
         del knobs
-        n = market.bids.shape[-1]
-        surplus = market.bids - market.asks
-        tradable = candidates(market) & (surplus > 0)
-        profit = jnp.where(tradable, surplus, 0.0).astype(jnp.float32)
-
-        def welfare_without(drop_rows, drop_cols):  # (N,) bool each: agents' roles removed
-            keep = ~drop_rows[:, None] & ~drop_cols[None, :]
-            p = jnp.repeat(jnp.where(keep, profit, 0.0), capacity, axis=1)
-            slots = _max_welfare_slots(p)
-            return (slots * p).sum(), slots
-
-        none = jnp.zeros((n,), bool)
-        welfare, slots = welfare_without(none, none)
-        alloc = slots.reshape(n, n, capacity).any(-1) & tradable
-        # W_{-k} (agent k removed) and W_{-row k} (only k's buying removed): 2N more solves.
-        eye = jnp.eye(n, dtype=bool)
-        drop_rows = jnp.concatenate([eye, eye])
-        drop_cols = jnp.concatenate([eye, jnp.zeros_like(eye)])
-        without, _ = jax.vmap(welfare_without)(drop_rows, drop_cols)
-        without_agent, without_buying = without[:n], without[n:]
-
-        value = jnp.where(alloc, market.bids, 0.0).sum(1)  # v_k, (N,)
-        cost = jnp.where(alloc, market.asks, 0.0).sum(0)  # C_k, (N,)
-        bought = alloc.any(1)
-        sold = alloc.any(0)
-        # Clips below only remove rounding: 0 <= R_b <= R, and R <= v for a pure buyer.
-        rebate = jnp.maximum(welfare - without_agent, 0.0)
-        rebate = jnp.where(sold, rebate, jnp.minimum(rebate, value))
-        rebate = jnp.where(bought | sold, rebate, 0.0)
-        buyer_rebate = jnp.clip(welfare - without_buying, 0.0, rebate)
-        payment = jnp.where(bought, value - jnp.where(sold, buyer_rebate, rebate), 0.0)
-        receipt = jnp.where(sold, cost + rebate - jnp.where(bought, buyer_rebate, 0.0), 0.0)
-        price = jnp.where(alloc, payment[:, None], 0.0)
-        return Outcome(alloc=alloc, price=price, payment=payment, receipt=receipt)
+        return vcg_outcome(market, capacity)
 
     return Mechanism(
         name="vcg_assignment",
