@@ -63,8 +63,9 @@ def _insert(costs_of, sol: Solution, row, blocked=None) -> Solution:
         path = jnp.where(cur < minv, col, path)
         minv = jnp.where(cur < minv, cur, minv)
         masked = jnp.where(unused, minv, jnp.inf)
-        col = jnp.argmin(masked) + 1
-        delta = masked[col - 1]  # optax's masked min, read at the argmin
+        delta = masked.min()
+        # argmin's first minimum, by two plain min-reductions (XLA's CPU argmin is slow)
+        col = jnp.min(jnp.where(masked == delta, jnp.arange(cols), cols)) + 1
         u = jnp.where(tree, u + delta, u)  # optax's scatter-add, without the scatter
         v = jnp.where(used, v - delta, v)
         minv = jnp.where(unused, minv - delta, minv)
