@@ -13,7 +13,9 @@ Cases (JSON lines, DESIGN.md section 8):
 3. ``many_agents``: seconds per trading round of ``many_agents_assignment`` (K = 8) at
    N in {8, 32, 128, 256}, split into train / value / settle / record (each part jitted
    alone; record is the rest of the round: evaluation, earnings, the copy to the host),
-   for pairwise and reference alignment.
+   for pairwise and reference alignment. Past N = 512 the market trains on
+   :func:`~benchmarks.common.scaled_data` (mnist1d's rows would give each agent about
+   three), and the line's ``data`` says which.
 4. ``naive_mesa``: the same market at N = 32 (pairwise alignment, take-it rule, no twins)
    as a naive Mesa model where each agent owns its parameters and calls its own jitted
    train, align, score and merge, against one jitted round of the pure path.
@@ -25,6 +27,28 @@ Cases (JSON lines, DESIGN.md section 8):
 6. ``paper_100_seeds`` (``--paper-seeds 100``, meant for a GPU): 100 seeds of the
    paper-shaped run (50 rounds) in one batch call, total wall time including compilation,
    against the paper's code needing about 140 s for one seed on an H200.
+7. ``parallel_markets``: S markets (seeds) of N agents each advanced by one trading round
+   (``--market-rounds``) in the batch engine's compiled call (``batch.prepare``, then
+   ``batch.simulate_runs_chunk``: ``round.simulate_chunk`` vmapped over seeds, chunked to
+   the engine's memory budget or ``--market-batch`` runs per call) at every S in
+   ``--markets`` and N in ``--market-sizes``: markets per second and agent-rounds per
+   second, against a Python loop over the seeds calling the jitted single-seed round
+   (``round.step_jit``) in the same process. The market is ``many_agents_assignment``
+   (reference alignment, K = 8 candidates) with ``--market-mechanism`` (take_it), no
+   siloed twins, ``--market-steps`` local steps, on :func:`~benchmarks.common.scaled_data`
+   (20 gaussian rows per agent, iid). Both sides start from the state after ``init`` (not
+   timed) and take medians of ``--market-reps`` after a compiling call. Past
+   ``--market-budget`` seconds a side stops and is extrapolated: the loop from the seeds
+   it ran (``baseline`` says so), the batch from its ``calls_timed`` of ``calls`` (every
+   call has one shape). ``max_abs_diff_test_acc``: batch against loop on the seeds both
+   ran. ``peak_mem_mb`` is the process's peak so far (host RSS on CPU,
+   ``peak_bytes_in_use`` on an accelerator), so the grid runs from small to large.
+   Points with S x N above ``--market-cap`` print a ``skipped`` line: 1,024 keeps two CPU
+   cores to a few minutes (mostly compiling); 4,096 adds S = 256 at N = 8 and S = 16 at
+   N = 128 (13 minutes on a loaded 2-core machine). On a GPU pass e.g. ``--market-cap 0
+   --markets 1,16,256,1024 --market-sizes 8,128,1024,4096``; preparing a seed's data
+   costs about 1.7 ms per agent on the host (``prepare_s``: the per-agent evaluation
+   draws), so S = 1,024 at N = 4,096 spends about 2 hours there before its first call.
 
 Run: ``python -m benchmarks.bench_market`` (CPU defaults take a few minutes).
 """
@@ -32,13 +56,14 @@ Run: ``python -m benchmarks.bench_market`` (CPU defaults take a few minutes).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import device_name, emit, peak_mem_mb, timeit
+from benchmarks.common import device_name, emit, peak_mem_mb, scaled_data, timeit
 from paramarket_jax import scenario as sc
 from paramarket_jax.engines import batch
 from paramarket_jax.experiment import build, seed_data
@@ -221,11 +246,16 @@ def round_parts(exp, reps: int) -> dict[str, float]:
     )
 
 
+SCALED_FROM = 512  # many_agents: larger markets use benchmarks.common.scaled_data
+
+
 def many_agents(sizes: list[int], aligns: list[str], reps: int) -> None:
     for n in sizes:
         for align in aligns:
+            # past 512 agents mnist1d's rows run short (3 a shard at 1,024): scaled_data
+            data = scaled_data(n) if n > SCALED_FROM else []
             scen = sc.load("many_agents_assignment", [f"agents.n={n}", f"broker.align={align!r}",
-                                                      "trading.start=0"])  # fmt: skip
+                                                      "trading.start=0", *data])  # fmt: skip
             parts = round_parts(build(scen), reps)
             emit(
                 BENCH,
@@ -238,6 +268,7 @@ def many_agents(sizes: list[int], aligns: list[str], reps: int) -> None:
                 parts={k: round(v, 4) for k, v in parts.items() if k != "round"},
                 candidates=scen.broker.candidates,
                 twins=list(build(scen).spec.twin_names),
+                data="scaled_data (gaussian, iid)" if data else "mnist1d (dirichlet)",
                 peak_mem_mb=peak_mem_mb(),
             )
 
@@ -361,9 +392,144 @@ def naive_mesa(n: int, reps: int) -> None:
     )
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def parallel_experiment(n: int, markets: int, local_steps: int, mechanism: str):
+    """``many_agents_assignment`` made cheap and scalable for ``parallel_markets``."""
+    overrides = [
+        f"agents.n={n}",
+        *scaled_data(n),
+        f"train.local_steps={local_steps}",
+        "trading.start=0",
+        f"mechanism.name={mechanism!r}",
+        "baselines.siloed=false",
+        f"seeds={list(range(markets))}",
+    ]
+    return build(sc.load("many_agents_assignment", overrides))
+
+
+def batch_rounds(b, rounds: int, reps: int, budget_s: float):
+    """(seconds for ``rounds`` rounds of every run of the batch: each call's median of
+    ``reps`` after a compiling call, summed, extrapolated to every call past the calls
+    timed once ``budget_s`` is spent; calls timed; the first call's compile + run seconds;
+    its records, host). Each call's states come from ``batch.init_runs`` (not timed); one
+    call's inputs are on the device at a time."""
+    medians, first, records, spent = [], None, None, 0.0
+    for i in range(b.calls):
+        params, data, keys = b.call(i)
+        states = jax.block_until_ready(batch.init_runs(b.spec, b.param_axes, params, data, keys))
+        args = (b.spec, rounds, b.param_axes, params, data, states, keys, np.int32(0))
+        t = time.perf_counter()
+        out = jax.block_until_ready(batch.simulate_runs_chunk(*args))
+        if i == 0:
+            first, records = time.perf_counter() - t, jax.device_get(out[1])
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(batch.simulate_runs_chunk(*args))
+            times.append(time.perf_counter() - t)
+        medians.append(float(np.median(times)))
+        spent += sum(times)
+        del params, data, keys, states, args, out
+        if spent > budget_s:
+            break
+    return float(np.mean(medians)) * b.calls, len(medians), first, records
+
+
+def sequential_rounds(exp, seeds: int, rounds: int, reps: int, budget_s: float):
+    """(seconds for ``rounds`` rounds of one seed after another, extrapolated to ``seeds``
+    seeds, seeds measured, per measured seed its records): ``round.step_jit`` for each
+    round of each seed, as ``round.simulate`` keys them, from the state after ``init``."""
+    spec, params = exp.spec, exp.params
+
+    def inputs(s):
+        data, key = seed_data(exp, s)
+        k_init, k_rounds = jax.random.split(key)
+        return data, init_jit(spec, k_init, params, data), k_rounds
+
+    def run(data, state, k_rounds):
+        recs = []
+        for r in range(rounds):
+            k = jax.random.fold_in(k_rounds, r)
+            state, rec = step_jit(spec, k, state, params, data, jnp.asarray(r, jnp.int32))
+            recs.append(jax.block_until_ready(rec))
+        return recs
+
+    first = inputs(0)
+    run(*first)  # compiles
+    t = time.perf_counter()
+    run(*first)
+    one = time.perf_counter() - t
+    k = max(1, min(seeds, int(budget_s / max(one * reps, 1e-9))))
+    runs = [first, *(inputs(s) for s in range(1, k))]
+    times, records = [], None
+    for _ in range(reps):
+        t = time.perf_counter()
+        records = [run(*r) for r in runs]
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * seeds / k, k, records
+
+
+def parallel_markets(markets: list[int], sizes: list[int], local_steps: int, rounds: int,
+                     reps: int, budget_s: float, max_batch: int, mechanism: str,
+                     cap: int) -> None:  # fmt: skip
+    settings = dict(rounds=rounds, local_steps=local_steps, mechanism=mechanism)
+    for n in sizes:
+        for s in markets:
+            if cap and s * n > cap:
+                print(json.dumps(dict(bench=BENCH, case="parallel_markets", n=n, markets=s,
+                                      device=device_name(), skipped=f"S x N = {s * n} > "
+                                      f"--market-cap {cap}")), flush=True)  # fmt: skip
+                continue
+            exp = parallel_experiment(n, s, local_steps, mechanism)
+            t = time.perf_counter()
+            b = batch.prepare([exp], max_batch or None)
+            prepare_s = time.perf_counter() - t
+            batch_s, timed, first, rec = batch_rounds(b, rounds, reps, budget_s)
+            seq_s, k, seq_rec = sequential_rounds(exp, s, rounds, reps, budget_s)
+            both = min(k, b.chunk)
+            diff = max(float(np.abs(rec.test_acc[j, r] - seq_rec[j][r].test_acc).max())
+                       for j in range(both) for r in range(rounds))  # fmt: skip
+            how = "measured, all" if k == s else "extrapolated from"
+            eval_rows = int(b.data.agents.val_idx.shape[-1])
+            chunk_from = "none (one call)" if b.chunk == s else "memory budget"
+            if max_batch and b.chunk == max_batch < s:
+                chunk_from = "--market-batch"
+            emit(
+                BENCH,
+                "parallel_markets",
+                n,
+                "markets_per_s",
+                s * rounds / batch_s,
+                f"sequential round.step_jit markets_per_s, {how} {k} of {s} seeds",
+                s * rounds / seq_s,
+                ratio_note="ratio = batch / sequential; the seed vmap's speed-up",
+                markets=s,
+                agent_rounds_per_s=s * n * rounds / batch_s,
+                baseline_agent_rounds_per_s=s * n * rounds / seq_s,
+                batch_s=batch_s,
+                sequential_s=seq_s,
+                baseline_seeds_measured=k,
+                chunk=b.chunk,
+                calls=b.calls,
+                calls_timed=timed,
+                chunk_from=chunk_from,
+                est_chunk_mb=b.chunk * batch.run_bytes(b.spec, eval_rows) / 2**20,
+                compile_s=first - batch_s / b.calls,
+                prepare_s=prepare_s,
+                **settings,
+                max_abs_diff_test_acc=diff,
+                peak_mem_mb=peak_mem_mb(),
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="paper_round,seeds_vmap")
+    ap.add_argument("--cases", default="paper_round,seeds_vmap",
+                    help="comma-separated: paper_round, seeds_vmap, many_agents, naive_mesa, "
+                         "anticipating, paper_100_seeds, parallel_markets")  # fmt: skip
     ap.add_argument("--reps", type=int, default=5, help="timed trading rounds (median)")
     ap.add_argument("--seeds", type=int, default=32, help="seeds of the seeds_vmap case")
     ap.add_argument("--mesa-seeds", type=int, default=4, help="seeds the Mesa baseline runs")
@@ -376,6 +542,24 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=3, help="passes of the anticipating case")
     ap.add_argument("--paper-seeds", type=int, default=100)
     ap.add_argument("--paper-rounds", type=int, default=50)
+    ap.add_argument("--markets", default="1,16,256", help="S of parallel_markets (seeds)")
+    ap.add_argument("--market-sizes", default="8,32,128", help="N of parallel_markets")
+    ap.add_argument("--market-steps", type=int, default=5, help="parallel_markets local steps")
+    ap.add_argument("--market-rounds", type=int, default=1, help="rounds per timed call")
+    ap.add_argument("--market-mechanism", default="take_it", help="parallel_markets mechanism")
+    ap.add_argument("--market-budget", type=float, default=20.0,
+                    help="seconds each side's timed calls may take (reps included); past "
+                         "it the other seeds (loop) or calls (batch) are extrapolated")  # fmt: skip
+    ap.add_argument(
+        "--market-batch",
+        type=int,
+        default=0,
+        help="most runs per compiled call (0: the batch engine's memory budget)",
+    )
+    ap.add_argument("--market-reps", type=int, default=3, help="parallel_markets timed calls")
+    ap.add_argument("--market-cap", type=int, default=1024,
+                    help="skip (JSON line 'skipped') grid points with S x N above this "
+                         "(0: none; the default keeps two CPU cores to a few minutes)")  # fmt: skip
     args = ap.parse_args()
     cases = args.cases.split(",")
     if "paper_round" in cases:
@@ -391,6 +575,10 @@ def main() -> None:
         anticipating([int(v) for v in args.rival_sizes.split(",")], args.passes, args.reps)
     if "paper_100_seeds" in cases:
         paper_many_seeds(args.paper_seeds, args.paper_rounds)
+    if "parallel_markets" in cases:
+        parallel_markets(_ints(args.markets), _ints(args.market_sizes), args.market_steps,
+                         args.market_rounds, args.market_reps, args.market_budget,
+                         args.market_batch, args.market_mechanism, args.market_cap)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ implementation it replaced) in the same run; both are checked to agree. Markets 
 as in ``many_agents_assignment``: each buyer has ``--candidates`` random candidate sellers
 (0: every other agent), bids uniform in [0, 1], asks uniform in [0, 0.2]. Where the
 baseline would run past ``--baseline-max`` agents it is timed on ``--baseline-sample``
-of its 2N + 1 solves (vmapped, as it runs) and scaled to all of them, and the line says so.
+of its 2N + 1 solves (vmapped, as it runs) and scaled to all of them, and the line says so;
+where the baseline is measured whole, ``sampled_estimate_s`` is what that extrapolation
+would have given (on two CPU cores at N = 256 it overestimated about 2x from 16 solves).
 
     python -m benchmarks.bench_mechanisms --sizes 64,256,1024
 """
@@ -79,6 +81,8 @@ def vcg_payments(sizes, capacity: int, candidates: int, reps: int, base_max: int
                 and np.allclose(a.receipt, b.receipt, atol=1e-4)
             )
             extra["baseline_measured"] = "all 2N + 1 solves"
+            # what the extrapolation above --baseline-max would have said: its bias, here
+            extra["sampled_estimate_s"] = sampled_baseline(market, capacity, sample, reps=1)
         else:
             base = sampled_baseline(market, capacity, sample, reps=1)
             extra["baseline_measured"] = f"extrapolated from {sample} of {2 * n + 1} solves"
@@ -108,7 +112,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--baseline-max", type=int, default=256,
                     help="largest N whose baseline runs all its 2N + 1 solves")  # fmt: skip
-    ap.add_argument("--baseline-sample", type=int, default=16,
+    ap.add_argument("--baseline-sample", type=int, default=64,
                     help="solves timed (and scaled) past --baseline-max")  # fmt: skip
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]

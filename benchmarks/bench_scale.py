@@ -10,7 +10,16 @@ case on 1 device, so ``ratio`` is the speedup):
 3. ``strong_runs``: fixed N and ``--seeds`` runs (default 4), the runs split over D
    devices (each run whole on one device, no collectives).
 4. ``single_device`` (``--big``, meant for a GPU): 1 device at N = 1,024 ... 65,536
-   agents (K = 8 candidates, reference alignment): rounds/s and agent-steps/s.
+   agents (K = 8 candidates, reference alignment, ``--big-mechanism``: take_it, so the
+   figure is the market's kernels; the assignment auction's N x N Hungarian solve and its
+   leave-one-out paths grow as N^3, ``--big-mechanism vcg_assignment`` times them too,
+   ``bench_mechanisms`` alone): rounds/s and agent-steps/s, on
+   :func:`~benchmarks.common.scaled_data` (20 gaussian rows per agent of mnist1d's shape,
+   iid: mnist1d's 3,400 training rows hold at most 1,700 agents).
+   Preparing a seed's data takes about 1.7 ms per agent on the host (the per-agent
+   evaluation draws), so about 2 minutes at 65,536 agents before the first call. Every
+   mechanism reads (N, N) bids, asks and masks, so memory grows as N^2 whatever K is
+   (16 GiB per float32 array at 65,536 agents). ``--cases single_device`` runs it alone.
 
 The market is ``many_agents_assignment`` (reference alignment, K = 8 candidates, the
 assignment auction), trading every round, with optax's Hungarian solver on every device
@@ -39,7 +48,7 @@ if "jax" not in sys.modules and "--xla_force_host_platform_device_count" not in 
 
 import jax  # noqa: E402
 
-from benchmarks.common import emit, peak_mem_mb  # noqa: E402
+from benchmarks.common import emit, peak_mem_mb, scaled_data  # noqa: E402
 from paramarket_jax import scenario as sc  # noqa: E402
 from paramarket_jax.engines import batch  # noqa: E402
 from paramarket_jax.experiment import build  # noqa: E402
@@ -47,9 +56,12 @@ from paramarket_jax.experiment import build  # noqa: E402
 BENCH = "scale"
 
 
-def experiment(n: int, rounds: int, local_steps: int, seeds: int):
+def experiment(n: int, rounds: int, local_steps: int, seeds: int, mechanism: str = ""):
+    """The scaling market; ``mechanism`` (the ``single_device`` case) also swaps the
+    assignment auction for it and the data for :func:`~benchmarks.common.scaled_data`."""
     overrides = [
         f"agents.n={n}",
+        *([*scaled_data(n), f"mechanism.name={mechanism!r}"] if mechanism else []),
         f"train.rounds={rounds}",
         f"train.local_steps={local_steps}",
         "trading.start=0",
@@ -106,6 +118,7 @@ def case(name: str, exp, devices_list, shard: str, reps: int, base_n=None) -> No
             agent_steps_s=steps_s,
             agent_steps_ratio=steps_s / baseline[1],
             compile_s=first - secs,
+            mechanism=spec.mechanism,
             peak_mem_mb=peak_mem_mb(),
         )
 
@@ -120,22 +133,30 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--devices", default="1,2,4", help="device counts to try")
     parser.add_argument("--big", default="", help="single-device N list, e.g. 1024,...,65536")
+    parser.add_argument("--big-mechanism", default="take_it", help="mechanism of --big")
+    parser.add_argument("--cases", default="strong_agents,weak_agents,strong_runs,single_device",
+                        help="cases to run (single_device needs --big)")  # fmt: skip
     args = parser.parse_args(argv)
     devices = [int(d) for d in args.devices.split(",")]
     r, k = args.rounds, args.local_steps
+    cases = args.cases.split(",")
 
-    case("strong_agents", experiment(args.n, r, k, 1), devices, "agents", args.reps)
-    case(
-        "weak_agents",
-        experiment(args.per_device, r, k, 1),
-        devices,
-        "agents",
-        args.reps,
-        base_n=lambda d: experiment(args.per_device * d, r, k, 1),
-    )
-    case("strong_runs", experiment(args.n, r, k, args.seeds), devices, "runs", args.reps)
-    for n in [int(v) for v in args.big.split(",") if v]:
-        case("single_device", experiment(n, r, k, 1), [1], "agents", args.reps)
+    if "strong_agents" in cases:
+        case("strong_agents", experiment(args.n, r, k, 1), devices, "agents", args.reps)
+    if "weak_agents" in cases:
+        case(
+            "weak_agents",
+            experiment(args.per_device, r, k, 1),
+            devices,
+            "agents",
+            args.reps,
+            base_n=lambda d: experiment(args.per_device * d, r, k, 1),
+        )
+    if "strong_runs" in cases:
+        case("strong_runs", experiment(args.n, r, k, args.seeds), devices, "runs", args.reps)
+    for n in [int(v) for v in args.big.split(",") if v] if "single_device" in cases else []:
+        big = experiment(n, r, k, 1, args.big_mechanism)
+        case("single_device", big, [1], "agents", args.reps)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,21 @@ def timeit(fn, *args, reps: int = 3) -> float:
     return float(np.median(times))
 
 
+def scaled_data(n: int, rows_per_agent: int = 20) -> list[str]:
+    """Overrides giving N agents enough training rows at any N (the bundled mnist1d has about
+    3,400, too few past N = 1,700): a gaussian mixture of mnist1d's shape (40 features, 10
+    classes) with ``rows_per_agent`` training rows per agent (at least the 4,000 default
+    pool), split iid (the label-skewed dirichlet split cannot redraw to every agent holding
+    2 rows at tens of thousands of agents)."""
+    pool = max(4000, -(-rows_per_agent * n * 100 // 85))  # 15% of the pool is validation
+    return [
+        "data.dataset='gaussian'",
+        "data.dim=40",
+        f"data.n_train={pool}",
+        "data.split.name='iid'",
+    ]
+
+
 def transformer_shape(text: str = "") -> dict[str, int]:
     """:data:`TRANSFORMER_SHAPE` with ``key=value`` overrides, e.g. ``"d_model=128,d_head=32"``."""
     shape = dict(TRANSFORMER_SHAPE)

@@ -124,6 +124,7 @@ def spec_of(scenario: Scenario, dataset: Dataset) -> MarketSpec:
         fisher_rows=s.broker.fisher_rows,
         valuation=s.broker.valuation,
         passes=s.broker.passes,
+        entry=s.agents.entry,
         strategy_grid=len(s.strategies.grid),
         # without hostile agents the kind is moot: such scenarios share one compilation
         hostile=s.agents.hostile_kind if s.agents.hostile else "",
@@ -200,6 +201,9 @@ def params_of(scenario: Scenario) -> MarketParams:
         pretrain_lr=s.pretrain.learning_rate,
         transfer_cost=e.transfer_cost,
         compensation=e.compensation,
+        entry=s.agents.entry,
+        entry_profit=s.agents.entry_profit,
+        entry_max=np.int32(s.agents.entry_max),
     )
     # flags stay bool and counts int32 (schedule, strategy kinds); every other number float32
 

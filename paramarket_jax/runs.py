@@ -17,28 +17,23 @@ from paramarket_jax.scenario import Scenario, dumps
 
 ENGINES = ("auto", "batch", "mesa")
 CHECKPOINT_ENGINE = (
-    "--checkpoint-every works with the batch engine only; the mesa engine (--engine mesa, "
-    "or auto for scenarios with agents.entry) has no checkpoints"
+    "--checkpoint-every works with the batch engine only; the mesa engine (--engine mesa) "
+    "has no checkpoints"
 )
 
 MESA_DEVICES = (
-    "--devices above 1 needs the batch engine; the mesa engine (--engine mesa, or auto for "
-    "scenarios with agents.entry) steps one seed on one device"
+    "--devices above 1 needs the batch engine; the mesa engine (--engine mesa) steps one "
+    "seed on one device"
 )
 
 
 def resolve_engine(scenario: Scenario, engine: str) -> str:
-    """``auto`` is ``batch`` unless agents enter the market (a Mesa-side rule): ``mesa``."""
+    """``auto`` is ``batch``: every scenario runs through it (exits and entry are part of
+    the pure round); ``mesa`` steps the same round through the Mesa view."""
+    del scenario  # every scenario runs on either engine
     if engine not in ENGINES:
         raise unknown("engine", engine, ENGINES)
-    entry = scenario.agents.entry
-    if engine == "auto":
-        return "mesa" if entry else "batch"
-    if engine == "batch" and entry:
-        raise ParamarketError(
-            "agents.entry is a Mesa-side rule between rounds: use --engine mesa (or auto)"
-        )
-    return engine
+    return "batch" if engine == "auto" else engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,24 +85,34 @@ def run_cells(
     progress: Callable | None = None,
     devices: int = 1,
     shard: str = "auto",
+    note: Callable[[str], None] | None = None,
 ) -> list[RunResult]:
     """Cells that differ only in numeric knobs, all seeds, through the batch path (on
-    ``devices`` devices, split as ``shard`` says: :func:`paramarket_jax.engines.batch.prepare`)."""
+    ``devices`` devices, split as ``shard`` says: :func:`paramarket_jax.engines.batch.prepare`;
+    ``note`` hears how the runs are split into calls when they take several)."""
     out = batch.run_cells(
-        cells, max_batch=max_batch, progress=progress, devices=devices, shard=shard
+        cells, max_batch=max_batch, progress=progress, devices=devices, shard=shard, note=note
     )
     return [result_of(c, rec) for c, rec in zip(cells, out.records, strict=True)]
 
 
-def run_mesa(experiment: Experiment, progress: Callable[[int], None] | None = None) -> RunResult:
-    """Every seed of a built experiment stepped through the Mesa view, one seed at a time
-    (:class:`~paramarket_jax.engines.mesa.MarketModel`); ``progress(1)`` after each round."""
-    # deferred: Mesa is imported only by runs that use it (the batch path never does)
-    from paramarket_jax.engines.mesa import MarketModel
+def run_mesa(
+    experiment: Experiment, progress: Callable[[int], None] | None = None, *, model=None
+) -> RunResult:
+    """Every seed of a built experiment stepped through the Mesa view, one seed at a time;
+    ``progress(1)`` after each round.
+
+    Args:
+        model: the Mesa model class, :class:`~paramarket_jax.engines.mesa.MarketModel` or
+            a subclass of it with Python behaviour between the rounds (docs/mesa_behaviour.md).
+    """
+    if model is None:
+        # deferred: Mesa is imported only by runs that use it (the batch path never does)
+        from paramarket_jax.engines.mesa import MarketModel as model
 
     records = []
     for seed in experiment.scenario.seeds:
-        market = MarketModel(experiment, seed)
+        market = model(experiment, seed)
         market.run(None if progress is None else (lambda: progress(1)))
         records.append(market.records())
     return result_of(experiment, jax.tree.map(lambda *xs: np.stack(xs), *records))
@@ -123,6 +128,7 @@ def run_scenario(
     check: bool = False,
     devices: int = 1,
     shard: str = "auto",
+    note: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run every seed of ``scenario``.
 
@@ -130,7 +136,7 @@ def run_scenario(
         scenario: a validated scenario.
         engine: ``batch`` (every seed in one compiled ``vmap`` of the scanned run),
             ``mesa`` (the Mesa model steps the same jitted round, one seed at a time) or
-            ``auto`` (``batch`` unless the scenario lets agents enter: ``mesa``).
+            ``auto`` (``batch``).
         max_batch: most runs per compiled call of the batch path.
         progress: called with a number of rounds x seeds finished.
         check: check the market's bookkeeping invariants on the tables
@@ -140,14 +146,19 @@ def run_scenario(
             newest usable checkpoint.
         devices, shard: run on this many devices (batch engine only), splitting the runs
             or the agents over them (:func:`paramarket_jax.market.sharding.choose`).
+        note: told once, before the first call, when the batch path splits the runs into
+            several compiled calls (the memory budget or ``max_batch``): e.g. "runs split
+            into 4 calls of 64 (memory budget)"; ``paramarket run`` shows it in its
+            progress bar.
     """
-    result = _run_scenario(scenario, engine, max_batch, progress, checkpoints, devices, shard)
+    result = _run_scenario(scenario, engine, max_batch, progress, checkpoints, devices, shard,
+                           note)  # fmt: skip
     if check:
         tables.check_invariants(result.rounds, result.trades)
     return result
 
 
-def _run_scenario(scenario, engine, max_batch, progress, checkpoints, devices, shard):
+def _run_scenario(scenario, engine, max_batch, progress, checkpoints, devices, shard, note):
     engine = resolve_engine(scenario, engine)
     if engine == "mesa" and devices != 1:
         raise ParamarketError(MESA_DEVICES)
@@ -166,9 +177,11 @@ def _run_scenario(scenario, engine, max_batch, progress, checkpoints, devices, s
             save=checkpoints.save,
             devices=devices,
             shard=shard,
+            note=note,
         )
         return result_of(exp, out.records[0])
     if engine == "batch":
         tick = None if progress is None else (lambda runs: progress(runs * rounds))
-        return run_cells([exp], max_batch=max_batch, progress=tick, devices=devices, shard=shard)[0]
+        return run_cells([exp], max_batch=max_batch, progress=tick, devices=devices, shard=shard,
+                         note=note)[0]  # fmt: skip
     return run_mesa(exp, progress)

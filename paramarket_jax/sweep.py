@@ -693,7 +693,7 @@ class SweepOptions:
     Attributes:
         engine: ``batch`` (cells differing only in numeric knobs share one compiled call),
             ``mesa`` (each cell's seeds stepped through the Mesa model) or ``auto``
-            (``batch`` unless agents enter the market).
+            (``batch``).
         max_batch: most runs per compiled call of the batch path.
         force: rerun complete cells whose scenario differs from the requested one (else
             such a cell stops the sweep, naming the differing keys, before any compute).
@@ -798,6 +798,7 @@ def _run_checkpointed(
                 progress=tick,
                 start=saves.starter(tick),
                 save=saves.save,
+                note=note,
                 devices=options.devices,
                 shard=options.shard,
             )
@@ -830,6 +831,7 @@ def run_group(
         progress=lambda runs: tick(runs * rounds),
         devices=options.devices,
         shard=options.shard,
+        note=note,
     )
     return results, None
 
@@ -934,7 +936,8 @@ def run_sweep(
             rounds x seeds of the cells to run, made once every cell is checked and built.
         command: the command line, recorded in ``sweep.json`` and the report.
         note: optional callable(text) for checkpoint messages (which step a group goes
-            on from).
+            on from) and, when a group's runs take several compiled calls, how they are
+            split (:meth:`~paramarket_jax.engines.batch.Batch.plan`).
         **options: the fields of :class:`SweepOptions` (``engine``, ``max_batch``,
             ``force``, ``report``, ``checkpoint_every``, ``devices``, ``shard``).
     """

@@ -25,6 +25,8 @@ DEFERRING = {
     "mechanisms) import their kernels and so JAX; only a valid scenario's names need them",
     f"{PACKAGE}.runs": "Mesa (only the Mesa engine needs it; the batch path never imports "
     "it) and matplotlib (only a run that writes its report draws)",
+    f"{PACKAGE}.viz.server": "paramarket viz checks its source, knobs and port (one line, "
+    "exit 2) before it imports JAX, pandas or the viz extra",
 }
 MARKET_MUST_NOT_IMPORT = ("engines", "results", "scenario", "experiment", "runs", "sweep", "cli")
 RESULTS_MUST_NOT_IMPORT = ("engines", "market")

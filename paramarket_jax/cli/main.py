@@ -1,5 +1,6 @@
 """The ``paramarket`` command: ``run`` a scenario or a ``sweep`` of them, list the bundled
-``scenarios``, ``plot`` and ``report`` a folder (options: :mod:`paramarket_jax.cli.parser`).
+``scenarios``, ``plot`` and ``report`` a folder, ``viz`` a scenario live or a folder's replay
+(options: :mod:`paramarket_jax.cli.parser`).
 
 A command imports what computes (JAX, orbax, pandas, matplotlib) inside itself, once its
 scenario is checked: ``--help``, ``scenarios`` and a bad scenario key answer without them.
@@ -118,6 +119,7 @@ def cmd_run(args) -> int:
                 check=args.check,
                 devices=devices,
                 shard=args.shard,
+                note=bar.set_postfix_str,  # the batch path split into several calls
             )
         if not writer:
             print(f"process {jax_process()} of {jax_processes()}: done (process 0 writes)")
@@ -202,6 +204,7 @@ def run_checkpointed(args, out, saved, report: bool, *, resume: bool):
                 engine="batch",
                 max_batch=info["batch"],
                 progress=bar.update,
+                note=bar.set_postfix_str,
                 checkpoints=saves,
                 check=getattr(args, "check", False),
                 devices=info["devices"],
@@ -289,7 +292,7 @@ def cmd_sweep(args) -> int:
     def progress(name, done):
         tqdm.write(f"{'kept' if done else 'ran '} {name}", file=sys.stderr)
 
-    def note(text):  # which checkpoint a group of cells goes on from
+    def note(text):  # which checkpoint a group of cells goes on from, how its runs split
         tqdm.write(text, file=sys.stderr)
 
     try:
@@ -335,6 +338,12 @@ def cmd_plot(args) -> int:
     for path in write_plots(args.folder):
         print(f"wrote {path}")
     return 0
+
+
+def cmd_viz(args) -> int:
+    from paramarket_jax.viz.server import serve  # deferred: solara, JAX
+
+    return serve(args.source, args.overrides, args.port)
 
 
 def cmd_report(args) -> int:
@@ -431,7 +440,7 @@ def _command(args, argv: list[str]) -> int:
                 heartbeat=args.heartbeat,
             )
         commands = {"run": cmd_run, "sweep": cmd_sweep, "scenarios": cmd_scenarios,
-                    "plot": cmd_plot, "report": cmd_report}  # fmt: skip
+                    "plot": cmd_plot, "report": cmd_report, "viz": cmd_viz}  # fmt: skip
         if args.command not in ("run", "sweep"):
             return commands[args.command](args)
         with cache.one_warning(lambda text: print(f"paramarket: warning: {text}", file=sys.stderr)):
@@ -461,6 +470,8 @@ def interrupted(args) -> str:
             f"the checkpoints so far are kept in {out}; go on with: paramarket run --resume "
             f"{shlex.quote(str(out))}"
         )
+    if args.command == "viz":
+        return "the page's server stopped"
     if args.command != "sweep":
         return "nothing was written"
     done = sorted(p.parent.name for p in pathlib.Path(args.out).glob("*/summary.json"))

@@ -60,8 +60,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "batch", "mesa"),
         default="auto",
         help="batch: every seed (and every cell differing only in numeric knobs) in one "
-        "compiled call; mesa: step each seed's Mesa model round by round; auto (default): "
-        "batch unless agents enter the market (agents.entry), a Mesa-side rule",
+        "compiled call; mesa: step each seed's Mesa model round by round (the same numbers); "
+        "auto (default): batch",
     )
     parser.add_argument(
         "--batch",
@@ -75,7 +75,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_cache_options(parser: argparse.ArgumentParser) -> None:
-    """JAX's persistent compilation cache (README "Fast to the first result")."""
+    """JAX's persistent compilation cache (docs/fast-start.md)."""
     group = parser.add_argument_group("compilation cache").add_mutually_exclusive_group()
     group.add_argument(
         "--cache-dir",
@@ -93,7 +93,7 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
-    """Devices and processes (batch engine): see README "Running on many GPUs and hosts"."""
+    """Devices and processes (batch engine): see docs/scaling.md."""
     group = parser.add_argument_group("devices and hosts")
     group.add_argument(
         "--devices",
@@ -254,7 +254,42 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=text, description=text + " (reads the tables only)")
         cmd.add_argument("folder", metavar="DIR", help="a run folder or a sweep folder")
+    viz = sub.add_parser(
+        "viz",
+        help="a live page over a scenario's Mesa model, or a replay of a run folder (needs "
+        "the viz extra)",
+        description="serve a page on 127.0.0.1: for a scenario, Mesa's SolaraViz (step, "
+        "play, reset, knobs); for a run folder (or a sweep cell), a replay of its tables",
+    )
+    viz.add_argument(
+        "source",
+        nargs="?",
+        default=DEFAULT_SCENARIO,
+        metavar="SCENARIO | RUN_DIR",
+        help=f"bundled scenario name, TOML file or run folder (default {DEFAULT_SCENARIO})",
+    )
+    viz.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a scenario key (repeatable; not for a run folder)",
+    )
+    viz.add_argument(
+        "--port", type=port_number, default=8765, help="port on 127.0.0.1 (default 8765)"
+    )
     return parser
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 1 to 65535, got {text!r}")
+    return value
 
 
 def add_report_option(parser: argparse.ArgumentParser) -> None:

@@ -198,6 +198,8 @@ class Batch(NamedTuple):
         params, data, keys: host arrays, batched leaves with a leading axis
             ``calls * chunk`` (the last run repeated as padding).
         total: runs (cells x seeds); chunk: runs per compiled call; calls: calls.
+        limit: what held a call to ``chunk`` runs when there are several calls: the memory
+            budget (:func:`memory_budget`) or the caller's ``max_batch`` (``--batch``).
     """
 
     spec: MarketSpec
@@ -210,6 +212,14 @@ class Batch(NamedTuple):
     total: int
     chunk: int
     calls: int
+    limit: str = ""
+
+    def plan(self) -> str:
+        """What a progress bar says of the calls: "" for one, else e.g. "runs split into 4
+        calls of 64 (memory budget)"."""
+        if self.calls == 1:
+            return ""
+        return f"runs split into {self.calls} calls of {self.chunk} ({self.limit})"
 
     def call(self, i: int):
         """The params, data and keys of compiled call ``i`` (runs ``i * chunk ...``), on
@@ -280,6 +290,7 @@ def prepare(
     eval_rows = int(per_run[0][0].agents.val_idx.shape[1])
     fit = max(1, devices * memory_budget() // max(run_bytes(spec, eval_rows), 1))
     chunk = max(1, min(total, max_batch or total, fit))
+    limit = "memory budget" if fit < min(total, max_batch or total) else f"--batch {max_batch}"
     if spec.shard == "runs":  # every call splits evenly over the devices
         chunk = max(devices, chunk // devices * devices)
     n_calls = -(-total // chunk)
@@ -294,7 +305,8 @@ def prepare(
     params = jax.tree.map(padded, param_axes, params, is_leaf=is_none)
     data = jax.tree.map(padded, SEED_AXES, data, is_leaf=is_none)
     keys = padded(0, keys)
-    return Batch(spec, rounds, seeds, param_axes, params, data, keys, total, chunk, n_calls)
+    return Batch(spec, rounds, seeds, param_axes, params, data, keys, total, chunk, n_calls,
+                 limit)  # fmt: skip
 
 
 def run_cells(
@@ -304,6 +316,7 @@ def run_cells(
     progress: Callable[[int], None] | None = None,
     devices: int = 1,
     shard: str = "auto",
+    note: Callable[[str], None] | None = None,
 ) -> BatchOutput:
     """Every seed of every cell, through as few compiled calls as the memory budget allows.
 
@@ -314,11 +327,15 @@ def run_cells(
         progress: called with the number of runs finished after each call.
         devices, shard: the devices to run on and how to split the work over them
             (:func:`prepare`).
+        note: told :meth:`Batch.plan` once, before the first call, when the runs take
+            several calls (the progress bar says so).
 
     Returns:
         :class:`BatchOutput`; ``records[c]`` has leaves (len(seeds), rounds, ...).
     """
     b = prepare(cells, max_batch, devices, shard)
+    if note is not None and b.calls > 1:
+        note(b.plan())
     outs = []
     for i in range(b.calls):
         rec = simulate_runs(b.spec, b.rounds, b.param_axes, *b.call(i))
@@ -354,6 +371,7 @@ def run_cells_chunked(
     save: Callable[[Batch, Carry], None] | None = None,
     devices: int = 1,
     shard: str = "auto",
+    note: Callable[[str], None] | None = None,
 ) -> BatchOutput:
     """:func:`run_cells` in chunks of ``every`` rounds, the carry handed to ``save`` after
     each chunk (the last one too), so a killed run can go on from it: the same records.
@@ -364,9 +382,11 @@ def run_cells_chunked(
         progress: called with the number of runs x rounds finished after each call.
         start: given the prepared batch, the carry to go on from (None: from round 0).
         save: called with the batch and the carry after every chunk.
-        devices, shard: as for :func:`run_cells`.
+        devices, shard, note: as for :func:`run_cells`.
     """
     b = prepare(cells, max_batch, devices, shard)
+    if note is not None and b.calls > 1:
+        note(b.plan())
     carry = start(b) if start is not None else None
     if carry is None:
         states = [jax.device_get(init_runs(b.spec, b.param_axes, *b.call(i)))

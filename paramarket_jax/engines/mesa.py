@@ -1,13 +1,19 @@
 """The market as a Mesa model: a view of the pure round, not a second engine.
 
 ``MarketModel.step()`` calls the same jitted ``round.step`` that ``round.simulate`` scans,
-once, and copies the round's record to the host once; ``TraderAgent``s are thin views of
-that record (Mesa's bulk-values-in-arrays habit), and the DataCollector reads from it.
-Per-agent Python behaviour between rounds belongs here and reaches the kernels only as
-changes to the state or the knobs: exits (bankruptcy) happen inside the pure round, entry
-is a Mesa-side rule (:meth:`MarketModel.admit`: ``AgentSet.select`` of the free slots,
-``shuffle`` with Mesa's RNG, ``select(at_most=...)``) that revives them with one call of
-``round.enter_jit``. The DataCollector keeps one table per agent type
+once, and copies the round's record and the accounts after it to the host once;
+``TraderAgent``s are thin views of them (Mesa's bulk-values-in-arrays habit), and the
+DataCollector reads from them. Exits (bankruptcy) and entry happen inside the pure round;
+the model reads them off the record (``entered``, ``exited``, ``entrants``, ``leavers``,
+and the AgentSets ``alive_traders``, ``entered_traders``, ``exited_traders``).
+
+Per-agent Python behaviour belongs here, between the compiled rounds: after each round the
+model calls :meth:`MarketModel.between_rounds`, which by default has the traders act in a
+random order (``shuffle_do("act")``); a subclass of ``TraderAgent`` overrides ``act`` and
+writes its decision into the knobs (:meth:`TraderAgent.set_knob`, pushed to the device
+before the next round: traced values, nothing recompiles). Such runs go through this model
+(:func:`paramarket_jax.runs.run_mesa` with ``model=``), not the batch path; see
+docs/mesa_behaviour.md. The DataCollector keeps one table per agent type
 (``get_agenttype_vars_dataframe(TraderAgent)``, ``...(BrokerAgent)``).
 
 The model runs under :func:`mesa.batch_run`: ``MarketModel(scenario="paper_two_agent",
@@ -33,12 +39,11 @@ from mesa.agent import AgentSet  # mesa.agent re-exports it in 3.5 too
 from paramarket_jax import scenario as sc
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.experiment import Experiment, experiment_of, seed_data
-from paramarket_jax.market.round import enter_jit, init_jit, step_jit
-from paramarket_jax.market.types import MARKET, RoundRecord
+from paramarket_jax.market.round import init_jit, step_jit
+from paramarket_jax.market.types import MARKET, PARAM_AXES, RoundRecord
 from paramarket_jax.results.tables import diverged, market_lost
 
 NAN = float("nan")
-ENTRY_STREAM = 0x656E7472  # "entr": folded into the run key for the entrants' fresh models
 
 
 class Accounts(NamedTuple):
@@ -56,13 +61,20 @@ class Accounts(NamedTuple):
     trade_count: np.ndarray
 
 
+def _replaced(tree, path: list[str], value):
+    """``tree`` (nested NamedTuples) with the leaf at ``path`` replaced by ``value``."""
+    head, *rest = path
+    return tree._replace(**{head: _replaced(getattr(tree, head), rest, value) if rest else value})
+
+
 def _accounts(state) -> Accounts:
-    """One host copy of the state's small per-agent arrays."""
-    return Accounts(*jax.device_get((state.alive, state.cash, state.endowment, state.trade_count)))
+    """The state's small per-agent arrays (device arrays: copy them with the record)."""
+    return Accounts(state.alive, state.cash, state.endowment, state.trade_count)
 
 
 class TraderAgent(mesa.Agent):
-    """A thin view of market slot ``index`` (read-only properties).
+    """A thin view of market slot ``index`` (read-only properties), and its behaviour
+    between rounds (:meth:`act`, nothing here: override it in a subclass).
 
     Model quality (accuracy, loss) comes from the last round's record; the accounts (cash,
     utility, trades, alive) from the market as it stands after that round's entries, so an
@@ -134,10 +146,48 @@ class TraderAgent(mesa.Agent):
         record = self.model.record
         return record is not None and bool(record.diverged[MARKET, self.index])
 
+    @property
+    def entered(self) -> bool:
+        """A newcomer took this slot at the end of the last round."""
+        return bool(self.model.entrants) and self.index in self.model.entrants[-1]
+
+    @property
+    def exited(self) -> bool:
+        """This slot's agent left the market in the last round (bankrupt)."""
+        return bool(self.model.leavers) and self.index in self.model.leavers[-1]
+
+    @property
+    def sold(self) -> int:
+        """Buyers that bought from this slot in the last round."""
+        t = self.model.record.trades if self.model.record is not None else None
+        return 0 if t is None else int((np.asarray(t.mask) & (t.seller == self.index)).sum())
+
+    @property
+    def profit(self) -> float:
+        """This slot's profit in the last round (:meth:`MarketModel.profit`; NaN before)."""
+        record = self.model.record
+        return NAN if record is None else float(self.model.profit(record)[self.index])
+
+    def knob(self, name: str):
+        """This agent's value of a per-agent knob (a dotted ``MarketParams`` field such as
+        ``knobs.posted`` or ``learning_rate``), as the next round will see it."""
+        return self.model.knob(name)[self.index]
+
+    def set_knob(self, name: str, value) -> None:
+        """Set this agent's value of a per-agent knob for the next rounds
+        (:meth:`MarketModel.set_knob`)."""
+        self.model.set_knob(name, value, agent=self.index)
+
+    def act(self) -> None:
+        """The agent's Python behaviour, run after every compiled round
+        (:meth:`MarketModel.between_rounds`): read the views above, write decisions with
+        :meth:`set_knob`. Nothing here; override it in a subclass."""
+
 
 # the DataCollector's columns for each agent type: attributes, read at every collection
 TRADER_VIEWS = ("accuracy", "siloed_accuracy", "trades", "cash", "utility", "siloed_utility")
-TRADER_REPORTERS = {"slot": "index"} | {v: v for v in (*TRADER_VIEWS, "alive", "diverged")}
+TRADER_FLAGS = ("alive", "diverged", "entered", "exited")
+TRADER_REPORTERS = {"slot": "index"} | {v: v for v in (*TRADER_VIEWS, *TRADER_FLAGS)}
 
 
 class BrokerAgent(mesa.Agent):
@@ -206,14 +256,21 @@ class MarketModel(mesa.Model):
     to False, so ``batch_run``'s last step (Mesa 3.3 reports step ``model.steps - 1``, 3.5
     the last collection) is the market after its final round.
 
+    Subclass it for Python behaviour between rounds: ``trader_class`` names the traders'
+    class (a ``TraderAgent`` subclass with its own ``act``), and :meth:`between_rounds`
+    runs after every round (docs/mesa_behaviour.md).
+
     Attributes:
         record: the last round's record (host arrays), None before the first round.
         accounts: the market now (after the last round's exits and entries).
-        traders: the N ``TraderAgent`` slots, ``agents_by_type[TraderAgent]`` (insertion
+        traders: the N ``trader_class`` slots, ``agents_by_type[trader_class]`` (insertion
             order = slot index); broker: the ``BrokerAgent``.
         entered, exited: per round, how many agents entered after it / left in it;
-        entrants: per round, the slots that entered after it.
+        entrants, leavers: per round, the slots that entered after it / left in it.
+        params: the knobs the next round runs with (:meth:`set_knob` changes them).
     """
+
+    trader_class: type[TraderAgent] = TraderAgent
 
     def __init__(
         self,
@@ -234,18 +291,20 @@ class MarketModel(mesa.Model):
         self.spec, self.params = experiment.spec, experiment.params
         self.data, k_run = seed_data(experiment, seed)
         k_init, self.k_rounds = jax.random.split(k_run)
-        # entry draws from its own stream, so runs without entry keep their numbers
-        self.k_entry = jax.random.fold_in(k_run, ENTRY_STREAM) if self.config.agents.entry else None
         self.state = init_jit(self.spec, k_init, self.params, self.data)
         self.round = 0
         self.record: RoundRecord | None = None
         self._records: list[RoundRecord] = []
-        self.accounts = _accounts(self.state)
+        self.accounts = jax.device_get(_accounts(self.state))
+        # host copies of the knobs (read by knob, written by set_knob), and those changed
+        self._knobs = jax.tree.map(np.array, jax.device_get(self.params))
+        self._changed: set[str] = set()
         self.entered: list[int] = []
         self.exited: list[int] = []
         self.entrants: list[tuple[int, ...]] = []
+        self.leavers: list[tuple[int, ...]] = []
         for i in range(self.spec.n):
-            TraderAgent(self, i)  # registered with the model: agents_by_type[TraderAgent]
+            self.trader_class(self, i)  # registered with the model: agents_by_type
         self.broker = BrokerAgent(self)
         names = self.spec.twin_names
         siloed = names.index("siloed") if "siloed" in names else None
@@ -267,14 +326,32 @@ class MarketModel(mesa.Model):
                 "entered": lambda m: m.entered[-1] if m.entered else 0,
                 "exited": lambda m: m.exited[-1] if m.exited else 0,
             },
-            agenttype_reporters={TraderAgent: TRADER_REPORTERS, BrokerAgent: BROKER_REPORTERS},
+            agenttype_reporters={
+                self.trader_class: TRADER_REPORTERS,
+                BrokerAgent: BROKER_REPORTERS,
+            },
         )
         self.datacollector.collect(self)  # step 0: the market before any round
 
     @property
     def traders(self) -> AgentSet:
-        """The N ``TraderAgent`` slots in slot order (Mesa's ``agents_by_type``)."""
-        return self.agents_by_type[TraderAgent]
+        """The N trader slots in slot order (Mesa's ``agents_by_type``)."""
+        return self.agents_by_type[self.trader_class]
+
+    @property
+    def alive_traders(self) -> AgentSet:
+        """The traders in the market now (after the last round's exits and entries)."""
+        return self.traders.select(lambda t: t.alive)
+
+    @property
+    def entered_traders(self) -> AgentSet:
+        """The traders that entered at the end of the last round."""
+        return self.traders.select(lambda t: t.entered)
+
+    @property
+    def exited_traders(self) -> AgentSet:
+        """The traders that left the market in the last round (bankrupt)."""
+        return self.traders.select(lambda t: t.exited)
 
     # ---- reporters ----
 
@@ -314,37 +391,90 @@ class MarketModel(mesa.Model):
         a = self.accounts
         return gini(a.cash[MARKET][a.alive[MARKET]])
 
+    # ---- knobs ----
+
+    def _leaf(self, name: str):
+        """The host copy of the knob ``name`` (a dotted ``MarketParams`` field) and its
+        declared axes."""
+        leaf, axes = self._knobs, PARAM_AXES
+        for part in name.split("."):
+            if not hasattr(leaf, "_fields") or part not in leaf._fields:
+                raise ParamarketError(f"no knob {name!r} (a dotted MarketParams field)")
+            leaf, axes = getattr(leaf, part), getattr(axes, part)
+        if not isinstance(leaf, np.ndarray):
+            raise ParamarketError(f"{name!r} is a group of knobs, not one")
+        return leaf, axes
+
+    def knob(self, name: str) -> np.ndarray:
+        """A knob as the next round will see it (a host copy: do not write to it)."""
+        return self._leaf(name)[0]
+
+    def set_knob(self, name: str, value, agent: int | None = None) -> None:
+        """Set a knob for the next rounds: for everyone, or one ``agent``'s entry of a
+        per-agent knob (``knobs.posted``, ``learning_rate``, ``strategy.markup``, ...).
+
+        The value is cast to the knob's dtype and sent to the device once, before the next
+        round (:meth:`step`); knobs are traced, so nothing recompiles.
+        """
+        leaf, axes = self._leaf(name)
+        if agent is None:
+            leaf[...] = value
+        elif axes.agent is None:
+            raise ParamarketError(f"{name!r} is one value for every agent, not a per-agent knob")
+        else:
+            leaf[agent] = value
+        self._changed.add(name)
+
+    def _send_knobs(self) -> None:
+        """The changed knobs to the device, in one transfer."""
+        if not self._changed:
+            return
+        names = sorted(self._changed)
+        # copies: on a CPU the device array may share the host buffer set_knob writes to
+        sent = jax.device_put([np.array(self.knob(name)) for name in names])
+        for name, value in zip(names, sent, strict=True):
+            self.params = _replaced(self.params, name.split("."), value)
+        self._changed.clear()
+
     # ---- rounds ----
 
     def step(self) -> None:
-        """One round: the jitted pure step, one copy of its record to the host, entry,
-        collect. Past ``train.rounds`` it only sets ``running`` to False."""
+        """One round: the changed knobs to the device, the jitted pure step (exits and
+        entry inside it), one copy of its record and the accounts after it to the host,
+        :meth:`between_rounds`, collect. Past ``train.rounds`` it only sets ``running`` to
+        False."""
         if self.round >= self.config.train.rounds:
             self.running = False
             return
+        self._send_knobs()
         key = jax.random.fold_in(self.k_rounds, self.round)
         r = jnp.asarray(self.round, jnp.int32)
         self.state, record = step_jit(self.spec, key, self.state, self.params, self.data, r)
-        self.record = jax.device_get(record)
+        was_in = self.accounts.alive[MARKET]
+        self.record, self.accounts = jax.device_get((record, _accounts(self.state)))
         if market_lost(self.record.diverged, self.record.alive, self.record.test_loss):
             raise diverged(self.round, self.seed_value, self.config.train.learning_rate)
         self._records.append(self.record)
         self.broker.observe(self.record)
-        was_in = self.accounts.alive[MARKET]
-        self.accounts = Accounts(
-            self.record.alive, self.record.cash, self.record.endowment, self.record.trade_count
-        )
-        self.exited.append(int((was_in & ~self.record.alive[MARKET]).sum()))
-        entrants = self.admit(self.profit(self.record)[was_in])
-        self.entrants.append(entrants)
-        self.entered.append(len(entrants))
+        left = was_in & ~self.record.alive[MARKET]
+        self.leavers.append(tuple(int(i) for i in np.flatnonzero(left)))
+        self.entrants.append(tuple(int(i) for i in np.flatnonzero(self.record.entered)))
+        self.exited.append(len(self.leavers[-1]))
+        self.entered.append(len(self.entrants[-1]))
         self.round += 1
+        self.between_rounds()
         self.datacollector.collect(self)
+
+    def between_rounds(self) -> None:
+        """Python behaviour after every compiled round, before the collection: each trader
+        ``act``s once, in a random order (Mesa's ``shuffle_do``). Override it for a rule of
+        the whole market; write decisions with :meth:`set_knob`."""
+        self.traders.shuffle_do("act")
 
     @staticmethod
     def profit(record: RoundRecord) -> np.ndarray:
-        """(N,) each market agent's profit this round: revenue - cost + receipt - payment
-        - fees + compensation."""
+        """(N,) each market agent's profit in a round: revenue - cost + receipt - payment
+        - fees + compensation (what the round's entry rule averages)."""
         f = record.flows
         return np.asarray(
             record.revenue[MARKET]
@@ -355,31 +485,6 @@ class MarketModel(mesa.Model):
             + f.compensation,
             np.float64,
         )
-
-    def admit(self, profits: np.ndarray) -> tuple[int, ...]:
-        """Entry after a round (``agents.entry``): when the market looks profitable (the
-        mean profit of the agents that were in it this round exceeds
-        ``agents.entry_profit``), up to ``agents.entry_max`` free slots take entrants: the
-        free slots in an order shuffled by Mesa's RNG (seeded from the run's seed), the
-        first ``entry_max`` of them. The entrants get fresh models and the initial cash in
-        one ``enter_jit`` call.
-
-        Returns:
-            The slots that entered, ascending.
-        """
-        a = self.config.agents
-        if not a.entry:
-            return ()
-        free = self.traders.select(lambda t: not t.alive)
-        if len(free) == 0 or profits.size == 0 or not profits.mean() > a.entry_profit:
-            return ()
-        entrants = tuple(sorted(t.index for t in free.shuffle().select(at_most=a.entry_max)))
-        slots = np.zeros(self.spec.n, bool)
-        slots[list(entrants)] = True
-        key = jax.random.fold_in(self.k_entry, self.round)
-        self.state = enter_jit(self.spec, key, self.state, self.params, jnp.asarray(slots))
-        self.accounts = _accounts(self.state)
-        return entrants
 
     def records(self) -> RoundRecord:
         """Every round's record so far, host arrays with a leading axis (rounds,)."""

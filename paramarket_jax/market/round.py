@@ -1,8 +1,9 @@
 """One market round as a pure function, and a whole run as a ``lax.scan`` of it (DESIGN.md s2).
 
 ``step(spec, key, state, params, data, r)`` is one round: train every twin, trade on
-schedule (``lax.cond`` on the unbatched round index), settle, evaluate, earn. ``simulate``
-scans it over rounds (purejaxrl's ``train(key)``). This module imports no Mesa.
+schedule (``lax.cond`` on the unbatched round index), settle, evaluate, earn (bankrupt
+agents leave), admit entrants into free slots while the market looks profitable.
+``simulate`` scans it over rounds (purejaxrl's ``train(key)``). This module imports no Mesa.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from paramarket_jax.population import Population
 
 # folded into the init key for the shared base (the agents' keys are as without one)
 PRETRAIN_STREAM = 0x62617365
+# folded into the round key for entry (the entrants' order and fresh models), so the
+# round's other draws, and every number of a market without entry, are as without it
+ENTRY_STREAM = 0x656E7472
 
 
 def fedavg(pop: Population, weights: jax.Array) -> Population:
@@ -116,10 +120,10 @@ def enter(
     An entrant starts in every twin (its siloed twin is the same newcomer never trading):
     fresh weights (the shared base, if there is one) and optimizer from ``key``, the
     initial cash, no purchases, a fresh bandit, not diverged (its initial loss is
-    measured when it first trains). Everyone else is untouched. Called between rounds by
-    the Mesa view. The slot's earlier utility stays in its accounts (the endowment grows
-    by what the entrant brings beyond the leaver's cash), so welfare still counts what
-    the leaver lost.
+    measured when it first trains). Everyone else is untouched. :func:`admit` calls it at
+    the end of a round, for the slots :func:`entrants` picks. The slot's earlier utility
+    stays in its accounts (the endowment grows by what the entrant brings beyond the
+    leaver's cash), so welfare still counts what the leaver lost.
     """
     slots = jnp.asarray(slots, bool) & ~state.alive[MARKET]
     new = fresh(spec, key, spec.n, params.learning_rate, state.base)
@@ -149,6 +153,61 @@ def enter(
         if state.initial_params is None
         else jax.tree.map(lambda u, v: pick(u, v[None])[0], new.params, state.initial_params),
     )
+
+
+def entrants(
+    spec: MarketSpec, key: jax.Array, state: MarketState, params: MarketParams, was_in, profit
+) -> jax.Array:
+    """The free slots that take entrants after a round (``agents.entry``).
+
+    The market looks profitable when the mean profit of the agents that were in it this
+    round beats ``params.entry_profit``; then up to ``params.entry_max`` free slots (dead
+    in the market twin after the round's exits; never a padded slot) enter, the first
+    ones of a random order of the slots drawn from ``key`` (slot i's draw from
+    ``fold_in(key, i)``, so the padding never changes it).
+
+    Args:
+        was_in: (N,) bool the agents in the market (market twin) when the round began.
+        profit: (N,) this round's profit of each market agent: revenue - cost + receipt
+            - payment - fees + compensation.
+
+    Returns:
+        (N,) bool, all False unless ``params.entry`` is on.
+    """
+    count = was_in.sum()
+    mean = jnp.where(was_in, profit, 0.0).sum() / jnp.maximum(count, 1)
+    profitable = params.entry & (count > 0) & (mean > params.entry_profit)
+    slot = jnp.arange(spec.n)
+    free = ~state.alive[MARKET] & (slot < spec.real)
+    draw = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(slot)
+    rank = jnp.argsort(jnp.argsort(jnp.where(free, draw, jnp.inf)))
+    return profitable & free & (rank < params.entry_max)
+
+
+def admit(
+    spec: MarketSpec, key: jax.Array, state: MarketState, params: MarketParams, was_in, profit
+) -> tuple[MarketState, jax.Array]:
+    """Entry at the end of a round (a market whose spec has the stage, ``spec.entry``):
+    :func:`entrants` picks the slots (from one half of ``key``), :func:`enter` gives them
+    fresh models (from the other). Skipped by a ``lax.cond`` when ``params.entry`` is off
+    (a real branch under ``vmap`` while the runs share the knob) and when no slot enters.
+
+    Returns:
+        The state after entry and (N,) bool the slots that entered.
+    """
+    k_order, k_fresh = jax.random.split(key)
+
+    def entering(state):
+        slots = entrants(spec, k_order, state, params, was_in, profit)
+        state = jax.lax.cond(
+            slots.any(), lambda s: enter(spec, k_fresh, s, params, slots), lambda s: s, state
+        )
+        return state, slots
+
+    def closed(state):
+        return state, jnp.zeros(spec.n, bool)
+
+    return jax.lax.cond(params.entry, entering, closed, state)
 
 
 def diverging(params, losses: jax.Array, initial_loss: jax.Array, limit) -> jax.Array:
@@ -279,7 +338,9 @@ def step(
     data: MarketData,
     r: jax.Array,
 ) -> tuple[MarketState, RoundRecord]:
-    """One round: train all twins, trade on schedule, evaluate, earn, record.
+    """One round: train all twins, trade on schedule, evaluate, earn (bankrupt agents
+    leave), record, admit entrants (with ``spec.entry``: :func:`admit`, from
+    ``fold_in(key, ENTRY_STREAM)``, so the round's other draws are as without entry).
 
     Args:
         spec: the static market (hashable).
@@ -291,9 +352,10 @@ def step(
             skip the trade branch.
 
     Returns:
-        The new state and the round's :class:`RoundRecord`.
+        The state after the round's entries and the round's :class:`RoundRecord`.
     """
     k_train, k_trade = jax.random.split(key)
+    was_in = state.alive[MARKET]
     state, trained = train(spec, k_train, state, params, data)
     traded = is_trading_round(params, r)
     state, trades, flows = jax.lax.cond(
@@ -303,9 +365,24 @@ def step(
         state,
         k_trade,
     )
-    val_loss, val_acc, test_loss, test_acc, central_acc = evaluate(spec, state, data)
+    scores = evaluate(spec, state, data)
+    _, _, test_loss, test_acc, _ = scores
     state, rev, cost = earn(spec, state, params, test_loss, test_acc, trained)
-    record = RoundRecord(
+    f = flows
+    profit = rev[MARKET] - cost[MARKET] + f.receipt - f.payment - f.fees + f.compensation
+    after, entered = state, jnp.zeros(spec.n, bool)
+    if spec.entry:  # static: a market without entry compiles no entrants
+        k_entry = jax.random.fold_in(key, ENTRY_STREAM)
+        after, entered = admit(spec, k_entry, state, params, was_in, profit)
+    return after, record_of(state, traded, scores, rev, cost, flows, trades, entered)
+
+
+def record_of(state: MarketState, traded, scores, rev, cost, flows, trades, entered):
+    """The round's :class:`RoundRecord`: its scores (:func:`evaluate`'s five arrays), money
+    and trades, the accounts of ``state`` (after the round's exits, before its entries)
+    and the slots that ``entered`` after it."""
+    val_loss, val_acc, test_loss, test_acc, central_acc = scores
+    return RoundRecord(
         traded=traded,
         val_loss=val_loss,
         val_acc=val_acc,
@@ -321,8 +398,8 @@ def step(
         alive=state.alive,
         endowment=state.endowment,
         diverged=state.diverged,
+        entered=entered,
     )
-    return state, record
 
 
 def simulate(
@@ -373,5 +450,4 @@ def simulate_chunk(
 
 
 init_jit = jax.jit(init, static_argnums=0)
-enter_jit = jax.jit(enter, static_argnums=0)
 step_jit = jax.jit(step, static_argnums=0)

@@ -96,6 +96,11 @@ class MarketSpec:
             rivals stand still) or ``anticipating`` (against the purchases the round's
             other buyers make, :func:`~paramarket_jax.market.trade.anticipate`); passes:
             the anticipating valuation's most passes.
+        entry: the round ends with an entry stage (``agents.entry``,
+            :func:`~paramarket_jax.market.round.admit`): newcomers may take free slots.
+            Static, as the FedAvg twin is: a market without it compiles no entrants'
+            fresh models (a quarter of a small market's compile time); within it the
+            knobs ``MarketParams.entry``, ``entry_profit`` and ``entry_max`` are traced.
     """
 
     n: int
@@ -144,6 +149,7 @@ class MarketSpec:
     fisher_rows: int = 64
     valuation: str = "myopic"
     passes: int = 3
+    entry: bool = False
 
     @property
     def twin_names(self) -> tuple[str, ...]:
@@ -260,6 +266,13 @@ class MarketParams(NamedTuple):
         compensation: () share in [0, 1] of the third parties' estimated revenue loss a
             buyer pays them for its purchase (0: none; 1: the rivals a trade hurts are
             made whole, so only trades that grow total revenue clear).
+        entry: () bool newcomers enter free slots at the end of a round while the market
+            looks profitable (:func:`~paramarket_jax.market.round.admit`; only in a market
+            whose spec has the entry stage, ``MarketSpec.entry``: there, switching it
+            off, as a Mesa-side rule may, recompiles nothing).
+        entry_profit: () the market looks profitable when the mean profit of this round's
+            agents is above this.
+        entry_max: () int32 most slots that take entrants after one round.
     """
 
     learning_rate: jax.Array
@@ -282,6 +295,9 @@ class MarketParams(NamedTuple):
     pretrain_lr: jax.Array
     transfer_cost: jax.Array
     compensation: jax.Array
+    entry: jax.Array
+    entry_profit: jax.Array
+    entry_max: jax.Array
 
 
 class MarketData(NamedTuple):
@@ -442,9 +458,13 @@ class RoundRecord(NamedTuple):
         flows: the market's money flows this round.
         trades: per-buyer trade columns with a mask.
         trade_count: (N,) int32 purchases so far.
-        alive: (T, N) bool agents in the market after the round.
+        alive: (T, N) bool agents in the market after the round (after its exits, before
+            its entries: an entrant is in from the next round on).
         endowment: (T, N) cash put into each slot so far (see ``MarketState``).
         diverged: (T, N) bool agents whose training has diverged, this round or before.
+        entered: (N,) bool slots that took an entrant at the end of the round (in every
+            twin: fresh model, the initial cash; ``cash``, ``alive``, ``endowment`` and
+            ``trade_count`` above are the accounts before it came).
     """
 
     traded: jax.Array
@@ -462,6 +482,7 @@ class RoundRecord(NamedTuple):
     alive: jax.Array
     endowment: jax.Array
     diverged: jax.Array
+    entered: jax.Array
 
 
 # ---------------------------------------------------------------------------------------
@@ -523,6 +544,9 @@ PARAM_AXES = MarketParams(
     pretrain_lr=SHARED,
     transfer_cost=SHARED,
     compensation=SHARED,
+    entry=SHARED,
+    entry_profit=SHARED,
+    entry_max=SHARED,
 )
 
 #: ``MarketData``: index arrays differ between seeds (a seed's partition), feature arrays

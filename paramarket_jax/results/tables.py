@@ -13,7 +13,7 @@ ROUND_COLUMNS = [
     "loss", "accuracy", "val_accuracy", "siloed_loss", "siloed_accuracy", "fedavg_accuracy",
     "central_accuracy", "trades", "revenue", "cost", "payment", "receipt", "fees",
     "compensation", "cash", "utility", "siloed_revenue", "siloed_cost", "siloed_cash",
-    "siloed_utility", "alive", "siloed_alive", "diverged", "siloed_diverged",
+    "siloed_utility", "alive", "siloed_alive", "diverged", "siloed_diverged", "entered",
 ]  # fmt: skip
 # the welfare decomposition (:func:`decompose`), added to the rounds table by a run
 WELFARE_COLUMNS = [
@@ -83,6 +83,8 @@ def rounds_table(records, seeds, twin_names=("market", "siloed")) -> pd.DataFram
         "siloed_alive": twin(r.alive, "siloed") > 0,
         "diverged": twin(r.diverged, "market") > 0,
         "siloed_diverged": twin(r.diverged, "siloed") > 0,
+        # a newcomer took the slot at the end of the round (alive from the next round on)
+        "entered": np.asarray(r.entered, bool).reshape(-1),
     }
     assert list(columns)[3:] == ROUND_COLUMNS
     return pd.DataFrame(columns)
@@ -192,7 +194,9 @@ def invariant_violations(rounds: pd.DataFrame, trades: pd.DataFrame) -> list[str
             )
     # purchases per round: the rise of the cumulative count (an entrant's count restarts)
     rise = r.groupby(["seed", "agent"])["trades"].diff().fillna(r["trades"])
-    rise = rise.where(rise >= 0, r["trades"]).to_numpy()
+    entered = r.get("entered", pd.Series(False, index=r.index)).astype(bool)
+    came = entered.groupby([r["seed"], r["agent"]]).shift(fill_value=False)
+    rise = rise.where(~came & (rise >= 0), r["trades"]).to_numpy()
     per_round = trades.groupby(["seed", "round", "buyer"]).size() if len(trades) else None
     index = pd.MultiIndex.from_frame(r[keys].rename(columns={"agent": "buyer"}))
     counted = np.zeros(len(r)) if per_round is None else per_round.reindex(index, fill_value=0)
@@ -301,6 +305,8 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame, revenue: str | None = 
     Welfare is the agents' total utility plus the broker's take. ``diverged``: market agents
     whose training diverged by the last round (frozen, no longer trading), a count per
     seed (with ``diverged_agents``), per agent the seeds in which it did, and the mean.
+    ``alive``: market agents in the market after the last round (its exits, before its
+    entries); ``entered``: newcomers that entered over the run (``agents.entry``).
     """
     last = rounds[rounds["round"] == rounds["round"].max()]
     have = set(WELFARE_COLUMNS) <= set(rounds.columns)
@@ -334,6 +340,7 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame, revenue: str | None = 
             broker_take=broker,
             trades=int(len(t)),
             alive=int(df["alive"].sum()),
+            entered=int(every["entered"].sum()) if "entered" in every else 0,
             diverged=int(df["diverged"].sum()),
             diverged_agents=df.loc[df["diverged"].astype(bool), "agent"].astype(int).tolist(),
             revenue_of_sellers=float(t["price"].sum()),
@@ -385,6 +392,7 @@ def summarize(rounds: pd.DataFrame, trades: pd.DataFrame, revenue: str | None = 
         broker_take=float(np.mean([s["broker_take"] for s in seeds])),
         trade_count=int(len(trades)),
         alive=float(np.mean([s["alive"] for s in seeds])),
+        entered=float(np.mean([s["entered"] for s in seeds])),
         diverged=float(np.mean([s["diverged"] for s in seeds])),
         mean_price=float(trades["price"].mean()) if len(trades) else None,
         mean_abs_estimation_error=float(errors.mean()) if len(trades) else None,

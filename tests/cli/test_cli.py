@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 from pages import check_report
-from shrink import SMALL
+from shrink import OPEN_MARKET, SMALL
 from test_scenario import heavy_modules
 
 from paramarket_jax.cli.main import main
@@ -82,7 +82,6 @@ def test_scenarios_lists_every_bundled_scenario(capsys):
         (["--set", "data.dataset=cifar10"], "'path'"),
         (["--set", "model.widths"], "key=value"),
         (["--seeds", "a,b"], "--seeds"),
-        (["open_market", "--engine", "batch"], "agents.entry is a Mesa-side rule"),
         (["--set", "broker.align=refrence"], "one of none, pairwise, reference"),
         (
             ["--set", "train.learning_rate=1e6", "--seeds", "0,1", *SMALL],
@@ -168,22 +167,64 @@ def test_run_creates_missing_parent_folders(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
-def test_run_goes_through_one_compiled_call_for_every_seed(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def calls(monkeypatch):
+    """Runs per call of the batch path's whole-run program, in the order of the calls."""
     from paramarket_jax.engines import batch
 
-    calls = []
+    seen = []
     real = batch.simulate_runs
 
     def counting(*args):
-        calls.append(args[5].shape[0])  # keys: one per run
+        seen.append(args[5].shape[0])  # keys: one per run
         return real(*args)
 
     monkeypatch.setattr(batch, "simulate_runs", counting)
+    return seen
+
+
+def test_run_goes_through_one_compiled_call_for_every_seed(tmp_path, capsys, calls):
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), "--seeds", "0-1", *SMALL]) == 0
     assert calls == [2]
     rounds = pd.read_parquet(out / "rounds.parquet")
     assert sorted(rounds["seed"].unique()) == [0, 1]
+
+
+def test_the_progress_bar_says_when_the_runs_take_several_calls(tmp_path, capsys, calls,
+                                                               monkeypatch):  # fmt: skip
+    """Runs held to fewer per call (by --batch, or by the memory budget) go through several
+    compiled calls of one shape, and the progress bar says how they are split."""
+    from paramarket_jax.engines import batch
+
+    loud = [x for x in SMALL if x != "--quiet"]
+    argv = ["run", "--seeds", "0-1", "--no-report", *loud]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--batch", "1"]) == 0
+    assert "runs split into 2 calls of 1 (--batch 1)" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "c"), "--batch", "2"]) == 0
+    assert "runs split" not in capsys.readouterr().err  # one call: nothing to say
+    monkeypatch.setattr(batch, "memory_budget", lambda: 1)  # one run fits at a time
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert "runs split into 2 calls of 1 (memory budget)" in capsys.readouterr().err
+    assert calls == [1, 1, 2, 1, 1]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / "rounds.parquet"),
+                                  pd.read_parquet(tmp_path / "b" / "rounds.parquet"))  # fmt: skip
+
+
+def test_a_market_with_entry_runs_through_the_batch_engine(tmp_path, capsys, calls):
+    """Entry is part of the pure round: open_market (agents.entry) runs through the batch
+    engine, auto's choice too, every seed in one compiled call, the invariants checked."""
+    sets = [x for o in OPEN_MARKET for x in ("--set", o)]
+    for engine, out in (("batch", tmp_path / "batch"), ("auto", tmp_path / "auto")):
+        argv = ["run", "open_market", "--out", str(out), "--engine", engine, "--seeds", "0,1",
+                "--no-report", "--check", "--quiet", *sets]  # fmt: skip
+        assert main(argv) == 0
+    assert calls == [2, 2]
+    rounds = pd.read_parquet(tmp_path / "batch" / "rounds.parquet")
+    entries = rounds[rounds["entered"]].groupby("seed").size()
+    assert entries.index.tolist() == [0, 1] and (entries >= 2).all()
+    assert not rounds[rounds["round"] == 0]["alive"].all()  # and agents left
+    pd.testing.assert_frame_equal(rounds, pd.read_parquet(tmp_path / "auto" / "rounds.parquet"))
 
 
 def test_mesa_engine_writes_the_same_tables(tmp_path, capsys):

@@ -1,8 +1,8 @@
-"""The Mesa view: entry (a Mesa-side rule), exits, the BrokerAgent, reporters, batch_run,
-a sweep through the Mesa engine.
+"""The Mesa view: entry and exits read off the round, the BrokerAgent, reporters,
+batch_run, a sweep through the Mesa engine.
 
 Every test runs one tiny 4-agent market (one MarketSpec: the round compiles once); the
-variants differ only in numeric knobs, the data seed and the Mesa-side entry rule.
+variants differ only in numeric knobs and the data seed.
 """
 
 import jax
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from packaging.version import Version
-from shrink import SHRINK
+from shrink import ENTRY, TINY
 
 from paramarket_jax import experiment
 from paramarket_jax import scenario as sc
@@ -20,25 +20,6 @@ from paramarket_jax.experiment import build, toml_value
 from paramarket_jax.market.types import MARKET
 from paramarket_jax.results.tables import trades_table
 from paramarket_jax.sweep import run_sweep
-
-TINY = [
-    *SHRINK,
-    "agents.n=4",
-    "baselines.centralized=false",
-    "trading.start=0",
-    "train.rounds=3",
-    "mechanism.name=posted_price",
-    "mechanism.posted=0.001",
-    "economics.query_fee=0.0001",
-    "economics.trade_fee=0.0002",
-]
-ENTRY = [
-    "agents.initial=2",
-    "agents.entry=true",
-    "agents.entry_profit=-1e9",
-    "agents.entry_max=1",
-]
-
 
 # Mesa's batch_run gives agent-type rows from 3.4.1 on (mesa#2804); Mesa 3.3 (Python 3.11)
 # gives one row per run, the model's
@@ -57,23 +38,35 @@ def variant(base, *overrides):
     return exp
 
 
+@pytest.fixture(scope="module")
+def entry(base):
+    """The tiny market with the entry stage (a spec of its own), entry knobs as ENTRY."""
+    return build(sc.load("paper_two_agent", [*TINY, *ENTRY]), base.dataset)
+
+
 def trades_of(market):
     return trades_table(jax.tree.map(lambda x: x[None], market.records()), [0])
 
 
-def test_entry_fills_free_slots_from_the_seed(base):
-    exp = variant(base, *ENTRY)
+def test_entry_fills_free_slots_from_the_seed(entry, compiles):
+    exp = entry
     market = MarketModel(exp, 0)
     assert [t.alive for t in market.traders] == [True, True, False, False]
     market.step()
-    # the market looks profitable (threshold -1e9): one free slot (quota 1) enters
+    # the market looks profitable (threshold -1e9): one free slot (quota 1) enters, inside
+    # the round; the model reads it off the record
     assert market.entered == [1] and market.exited == [0]
     (slot,) = market.entrants[0]
-    assert slot in (2, 3)
+    assert slot in (2, 3) and np.flatnonzero(market.record.entered).tolist() == [slot]
     entrant = list(market.traders)[slot]
-    assert entrant.alive and sum(t.alive for t in market.traders) == 3
+    assert list(market.entered_traders) == [entrant] and len(market.exited_traders) == 0
+    assert len(market.alive_traders) == 3 and entrant in market.alive_traders
+    # the accounts are the market after the entry: the entrant's fresh cash at once
+    assert entrant.alive and not market.record.alive[MARKET, slot]
     assert entrant.cash == 100.0 and entrant.utility == 0.0 and entrant.trades == 0
     assert market.datacollector.get_model_vars_dataframe()["alive"].tolist() == [2, 3]
+    rows = market.datacollector.get_agenttype_vars_dataframe(TraderAgent).xs(1, level="Step")
+    assert rows.set_index("slot")["entered"].tolist() == [i == slot for i in range(4)]
     # next round the entrant is in the market: it earns and pays like everyone else
     market.step()
     r = market.record
@@ -81,6 +74,7 @@ def test_entry_fills_free_slots_from_the_seed(base):
     assert r.alive[MARKET, slot] and r.revenue[MARKET, slot] > 0
     np.testing.assert_allclose(entrant.cash, 100.0 + flows[slot], rtol=1e-6)
     assert market.entrants[1] == (5 - slot,)  # the other free slot, the round after
+    assert list(market.entered_traders) == [list(market.traders)[5 - slot]]
     # same seed, same entrants and numbers; which slot goes first is the seed's draw
     again = MarketModel(exp, 0)
     again.step()
@@ -93,10 +87,12 @@ def test_entry_fills_free_slots_from_the_seed(base):
         m.step()
         first |= set(m.entrants[0])
     assert first == {2, 3}
-    # an unprofitable-looking market admits no one
-    closed = MarketModel(variant(base, *ENTRY[:-2], "agents.entry_profit=1e9"), 0)
-    closed.step()
-    assert closed.entered == [0] and sum(t.alive for t in closed.traders) == 2
+    # an unprofitable-looking market admits no one (a traced knob: nothing recompiles)
+    knobs = [*TINY, *ENTRY[:-2], "agents.entry_profit=1e9"]
+    closed = MarketModel(build(sc.load("paper_two_agent", knobs), exp.dataset), 0)
+    with compiles() as events:
+        closed.step()
+    assert events == [] and closed.entered == [0] and sum(t.alive for t in closed.traders) == 2
 
 
 def test_bankrupt_agents_leave_and_stop_trading(base):
@@ -107,7 +103,11 @@ def test_bankrupt_agents_leave_and_stop_trading(base):
         "economics.value_per_quality=[2000, 2000, 0, 0]",
     )
     market = MarketModel(exp, 0)
+    market.step()
+    assert [t.index for t in market.exited_traders] == [2, 3] and market.leavers == [(2, 3)]
+    assert [t.index for t in market.alive_traders] == [0, 1]
     market.run()
+    assert len(market.exited_traders) == 0  # none left in the last round
     rec = market.records()
     alive = np.asarray(rec.alive[:, MARKET])
     np.testing.assert_array_equal(alive, [[True, True, False, False]] * 3)
