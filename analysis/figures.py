@@ -1,4 +1,4 @@
-"""Figures for the README's studies, read from sweep folders' sweep.parquet only.
+"""Figures for the studies (docs/studies/), read from sweep folders' sweep.parquet only.
 
 python analysis/figures.py replication runs/replication_digits runs/replication_mnist1d \
     --out docs/figures/replication.png

@@ -1,4 +1,4 @@
-"""Markdown tables for the README's studies, read from sweep folders' sweep.parquet only.
+"""Markdown tables for the studies (docs/studies/), read from sweep folders' sweep.parquet only.
 
 python analysis/tables.py replication runs/replication_digits runs/replication_mnist1d
 python analysis/tables.py alignment runs/alignment_digits runs/alignment_mnist1d

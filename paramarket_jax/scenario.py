@@ -593,7 +593,7 @@ def _shown(value, most: int = 200) -> str:
 
 
 # Lists whose length a run's memory and time grow with, beyond what the batch engine's
-# memory budget splits: longer ones are refused (README "Reliability").
+# memory budget splits: longer ones are refused (docs/reliability.md).
 MAX_ENTRIES = {
     # every alpha is merged and evaluated at once, for every candidate pair of every buyer
     "broker.alphas": 1024,
