@@ -567,12 +567,12 @@ def main() -> None:
     if "seeds_vmap" in cases:
         seeds_vmap(args.seeds, args.mesa_seeds, args.rounds, args.seed_reps)
     if "many_agents" in cases:
-        sizes = [int(v) for v in args.sizes.split(",")]
+        sizes = _ints(args.sizes)
         many_agents(sizes, args.aligns.split(","), args.reps)
     if "naive_mesa" in cases:
         naive_mesa(args.naive_n, args.reps)
     if "anticipating" in cases:
-        anticipating([int(v) for v in args.rival_sizes.split(",")], args.passes, args.reps)
+        anticipating(_ints(args.rival_sizes), args.passes, args.reps)
     if "paper_100_seeds" in cases:
         paper_many_seeds(args.paper_seeds, args.paper_rounds)
     if "parallel_markets" in cases:

@@ -27,10 +27,9 @@ MESA_DEVICES = (
 )
 
 
-def resolve_engine(scenario: Scenario, engine: str) -> str:
+def resolve_engine(engine: str) -> str:
     """``auto`` is ``batch``: every scenario runs through it (exits and entry are part of
     the pure round); ``mesa`` steps the same round through the Mesa view."""
-    del scenario  # every scenario runs on either engine
     if engine not in ENGINES:
         raise unknown("engine", engine, ENGINES)
     return "batch" if engine == "auto" else engine
@@ -159,7 +158,7 @@ def run_scenario(
 
 
 def _run_scenario(scenario, engine, max_batch, progress, checkpoints, devices, shard, note):
-    engine = resolve_engine(scenario, engine)
+    engine = resolve_engine(engine)
     if engine == "mesa" and devices != 1:
         raise ParamarketError(MESA_DEVICES)
     exp = build(scenario)

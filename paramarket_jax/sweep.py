@@ -721,11 +721,10 @@ class SweepOptions:
             raise ParamarketError(f"--checkpoint-every must be a positive integer, got {every!r}")
 
 
-def check_cells(planned, options: SweepOptions) -> None:
-    """Every cell's engine suits the options: a bad one fails before any compute."""
-    for _, scenario in planned:
-        if resolve_engine(scenario, options.engine) == "batch":
-            continue
+def check_engine(options: SweepOptions) -> None:
+    """The engine suits the options (the Mesa engine has no checkpoints and one device):
+    a bad combination fails before any compute."""
+    if resolve_engine(options.engine) == "mesa":
         if options.checkpoint_every is not None:
             raise ParamarketError(CHECKPOINT_ENGINE)
         if options.devices != 1:
@@ -822,7 +821,7 @@ def run_group(
     if options.checkpoint_every is not None:
         quiet = note or (lambda text: None)
         return _run_checkpointed(root, names, cells, options, tick, quiet)
-    if resolve_engine(cells[0].scenario, options.engine) == "mesa":
+    if resolve_engine(options.engine) == "mesa":
         return [run_mesa(exp, tick) for exp in cells], None
     rounds = cells[0].scenario.train.rounds
     results = run_cells(
@@ -943,7 +942,7 @@ def run_sweep(
     """
     options = SweepOptions(**options)
     planned = plan(base, grid, overrides)
-    check_cells(planned, options)
+    check_engine(options)
     root = pathlib.Path(out)
     writer = jax.process_index() == 0
     if writer:

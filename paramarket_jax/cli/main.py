@@ -82,7 +82,7 @@ def cmd_run(args) -> int:
     writer = jax_process() == 0  # in a multi-process run only process 0 writes
     if writer:
         check_out_dir(out)
-    engine = resolve_engine(scenario, args.engine or "auto")
+    engine = resolve_engine(args.engine or "auto")
     devices = device_count(args)
     if args.checkpoint_every is not None:
         if engine != "batch":

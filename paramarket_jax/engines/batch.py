@@ -260,9 +260,10 @@ class Batch(NamedTuple):
 
 def prepare(
     cells: Sequence[Experiment], max_batch: int | None = None, devices: int = 1,
-    shard: str = "auto",
+    shard: str = "auto", note: Callable[[str], None] | None = None,
 ) -> Batch:  # fmt: skip
-    """Stack every seed of every cell into one padded :class:`Batch` (see :func:`run_cells`).
+    """Stack every seed of every cell into one padded :class:`Batch` (see :func:`run_cells`;
+    ``note`` is told :meth:`Batch.plan` when the runs take several calls).
 
     On several ``devices`` the runs (``shard="runs"``) or the agents (``"agents"``) are
     split over them (``"auto"``: :func:`paramarket_jax.market.sharding.choose`); the batch's spec
@@ -305,8 +306,10 @@ def prepare(
     params = jax.tree.map(padded, param_axes, params, is_leaf=is_none)
     data = jax.tree.map(padded, SEED_AXES, data, is_leaf=is_none)
     keys = padded(0, keys)
-    return Batch(spec, rounds, seeds, param_axes, params, data, keys, total, chunk, n_calls,
-                 limit)  # fmt: skip
+    b = Batch(spec, rounds, seeds, param_axes, params, data, keys, total, chunk, n_calls, limit)
+    if note is not None and b.calls > 1:
+        note(b.plan())
+    return b
 
 
 def run_cells(
@@ -333,9 +336,7 @@ def run_cells(
     Returns:
         :class:`BatchOutput`; ``records[c]`` has leaves (len(seeds), rounds, ...).
     """
-    b = prepare(cells, max_batch, devices, shard)
-    if note is not None and b.calls > 1:
-        note(b.plan())
+    b = prepare(cells, max_batch, devices, shard, note)
     outs = []
     for i in range(b.calls):
         rec = simulate_runs(b.spec, b.rounds, b.param_axes, *b.call(i))
@@ -384,9 +385,7 @@ def run_cells_chunked(
         save: called with the batch and the carry after every chunk.
         devices, shard, note: as for :func:`run_cells`.
     """
-    b = prepare(cells, max_batch, devices, shard)
-    if note is not None and b.calls > 1:
-        note(b.plan())
+    b = prepare(cells, max_batch, devices, shard, note)
     carry = start(b) if start is not None else None
     if carry is None:
         states = [jax.device_get(init_runs(b.spec, b.param_axes, *b.call(i)))

@@ -39,7 +39,7 @@ from mesa.agent import AgentSet  # mesa.agent re-exports it in 3.5 too
 from paramarket_jax import scenario as sc
 from paramarket_jax.errors import ParamarketError
 from paramarket_jax.experiment import Experiment, experiment_of, seed_data
-from paramarket_jax.market.round import init_jit, step_jit
+from paramarket_jax.market.round import init_jit, profit, step_jit
 from paramarket_jax.market.types import MARKET, PARAM_AXES, RoundRecord
 from paramarket_jax.results.tables import diverged, market_lost
 
@@ -149,7 +149,8 @@ class TraderAgent(mesa.Agent):
     @property
     def entered(self) -> bool:
         """A newcomer took this slot at the end of the last round."""
-        return bool(self.model.entrants) and self.index in self.model.entrants[-1]
+        record = self.model.record
+        return record is not None and bool(record.entered[self.index])
 
     @property
     def exited(self) -> bool:
@@ -159,14 +160,12 @@ class TraderAgent(mesa.Agent):
     @property
     def sold(self) -> int:
         """Buyers that bought from this slot in the last round."""
-        t = self.model.record.trades if self.model.record is not None else None
-        return 0 if t is None else int((np.asarray(t.mask) & (t.seller == self.index)).sum())
+        return 0 if self.model.record is None else int(self.model.sales[self.index])
 
     @property
     def profit(self) -> float:
-        """This slot's profit in the last round (:meth:`MarketModel.profit`; NaN before)."""
-        record = self.model.record
-        return NAN if record is None else float(self.model.profit(record)[self.index])
+        """This slot's profit in the last round (``round.profit``; NaN before)."""
+        return NAN if self.model.record is None else float(self.model.profits[self.index])
 
     def knob(self, name: str):
         """This agent's value of a per-agent knob (a dotted ``MarketParams`` field such as
@@ -267,6 +266,8 @@ class MarketModel(mesa.Model):
             order = slot index); broker: the ``BrokerAgent``.
         entered, exited: per round, how many agents entered after it / left in it;
         entrants, leavers: per round, the slots that entered after it / left in it.
+        profits, sales: (N,) each slot's profit (``round.profit``) and sales in the last
+            round, worked out once a round for the traders' views.
         params: the knobs the next round runs with (:meth:`set_knob` changes them).
     """
 
@@ -278,11 +279,11 @@ class MarketModel(mesa.Model):
         seed: int | None = None,
         *,
         scenario: sc.Scenario | str | os.PathLike | None = None,
-        **overrides: Any,
+        **kwargs: Any,  # named so: Mesa's SolaraViz accepts extra keywords only as "kwargs"
     ):
         if experiment is not None and scenario is not None:
             raise ParamarketError("give a market an experiment or a scenario, not both")
-        experiment = experiment_of(experiment if scenario is None else scenario, overrides)
+        experiment = experiment_of(experiment if scenario is None else scenario, kwargs)
         if seed is None:
             seed = experiment.scenario.seeds[0]
         super().__init__(seed=seed)
@@ -458,6 +459,9 @@ class MarketModel(mesa.Model):
         self.broker.observe(self.record)
         left = was_in & ~self.record.alive[MARKET]
         self.leavers.append(tuple(int(i) for i in np.flatnonzero(left)))
+        r, t = self.record, self.record.trades
+        self.profits = np.asarray(profit(r.revenue, r.cost, r.flows), np.float64)
+        self.sales = np.bincount(t.seller[t.mask], minlength=self.spec.n)
         self.entrants.append(tuple(int(i) for i in np.flatnonzero(self.record.entered)))
         self.exited.append(len(self.leavers[-1]))
         self.entered.append(len(self.entrants[-1]))
@@ -470,21 +474,6 @@ class MarketModel(mesa.Model):
         ``act``s once, in a random order (Mesa's ``shuffle_do``). Override it for a rule of
         the whole market; write decisions with :meth:`set_knob`."""
         self.traders.shuffle_do("act")
-
-    @staticmethod
-    def profit(record: RoundRecord) -> np.ndarray:
-        """(N,) each market agent's profit in a round: revenue - cost + receipt - payment
-        - fees + compensation (what the round's entry rule averages)."""
-        f = record.flows
-        return np.asarray(
-            record.revenue[MARKET]
-            - record.cost[MARKET]
-            + f.receipt
-            - f.payment
-            - f.fees
-            + f.compensation,
-            np.float64,
-        )
 
     def records(self) -> RoundRecord:
         """Every round's record so far, host arrays with a leading axis (rounds,)."""

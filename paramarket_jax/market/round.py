@@ -368,13 +368,23 @@ def step(
     scores = evaluate(spec, state, data)
     _, _, test_loss, test_acc, _ = scores
     state, rev, cost = earn(spec, state, params, test_loss, test_acc, trained)
-    f = flows
-    profit = rev[MARKET] - cost[MARKET] + f.receipt - f.payment - f.fees + f.compensation
     after, entered = state, jnp.zeros(spec.n, bool)
     if spec.entry:  # static: a market without entry compiles no entrants
         k_entry = jax.random.fold_in(key, ENTRY_STREAM)
-        after, entered = admit(spec, k_entry, state, params, was_in, profit)
+        after, entered = admit(spec, k_entry, state, params, was_in, profit(rev, cost, flows))
     return after, record_of(state, traded, scores, rev, cost, flows, trades, entered)
+
+
+def profit(revenue, cost, flows):
+    """(N,) each market agent's profit in a round: revenue - cost + receipt - payment - fees
+    + compensation (what the entry rule averages). Plain arithmetic, so it takes the
+    round's arrays or a host record's (``RoundRecord.revenue``, ``cost``, ``flows``).
+
+    Args:
+        revenue, cost: (T, N) per twin; flows: the market's money flows.
+    """
+    f = flows
+    return revenue[MARKET] - cost[MARKET] + f.receipt - f.payment - f.fees + f.compensation
 
 
 def record_of(state: MarketState, traded, scores, rev, cost, flows, trades, entered):

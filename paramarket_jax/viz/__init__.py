@@ -1,8 +1,8 @@
 """``paramarket viz``: a live page over a scenario's Mesa model, or a replay of a run folder.
 
-- :mod:`~paramarket_jax.viz.live`: the model the page steps (:class:`~paramarket_jax.viz.
-  live.VizModel`, a :class:`~paramarket_jax.engines.mesa.MarketModel`), the knobs it offers
-  and the tables of the rounds so far;
+- :mod:`~paramarket_jax.viz.live`: the knobs the page offers for the
+  :class:`~paramarket_jax.engines.mesa.MarketModel` it steps, and the tables of the rounds
+  so far;
 - :mod:`~paramarket_jax.viz.replay`: a run folder's tables, cut at a round;
 - :mod:`~paramarket_jax.viz.panels`: what every panel shows, from those tables (figures
   and the per-agent table; no Solara);

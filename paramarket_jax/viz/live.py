@@ -1,5 +1,7 @@
-"""The live page's model: a :class:`~paramarket_jax.engines.mesa.MarketModel` that Mesa's
-``SolaraViz`` can rebuild, the knobs it offers, and the tables of the rounds so far.
+"""The live page's knobs and tables: the sliders Mesa's ``SolaraViz`` offers for a
+:class:`~paramarket_jax.engines.mesa.MarketModel` (which it rebuilds on Reset as
+``MarketModel(experiment=..., seed=..., **{"train.learning_rate": 0.02})``: the model takes
+dotted scenario keys as keywords), and the tables of the rounds so far.
 
 Every knob offered is a numeric scenario key that lives in ``MarketParams`` (traced) or
 the seed (data of the same shapes): a model rebuilt with another value has the same
@@ -30,22 +32,6 @@ PRICE_KNOBS = {
     "mcafee_double": ("mechanism.reserve", "reserve price", 2.0),
 }
 SEEDS_OFFERED = 10  # the seed slider runs over 0 .. 9 (and the scenario's first seed)
-
-
-class VizModel(MarketModel):
-    """A :class:`MarketModel` that Mesa's ``SolaraViz`` rebuilds on Reset: ``VizModel(
-    experiment=..., seed=..., **{"train.learning_rate": 0.02})`` (Mesa checks that every
-    parameter it passes is a keyword of ``__init__`` or that it takes ``**kwargs``)."""
-
-    def __init__(
-        self,
-        experiment: Experiment | None = None,
-        seed: int | None = None,
-        *,
-        scenario=None,
-        **kwargs: Any,
-    ):
-        super().__init__(experiment, seed, scenario=scenario, **kwargs)
 
 
 def _slider(kind: str, label: str, value, low, high, step) -> dict:

@@ -1,6 +1,7 @@
 """The Solara app that ``paramarket viz`` serves (``SOLARA_APP=paramarket_jax.viz.page``).
 
-For a scenario, Mesa's own ``SolaraViz`` over a :class:`~paramarket_jax.viz.live.VizModel`:
+For a scenario, Mesa's own ``SolaraViz`` over a
+:class:`~paramarket_jax.engines.mesa.MarketModel`:
 Mesa's controls (Reset, play/pause, Step: one jitted market round per click) and its
 "Model Parameters" sliders (:func:`~paramarket_jax.viz.live.knobs`: a change rebuilds the
 model on Reset, with nothing recompiled), and one panel per figure, the round counter and
@@ -20,6 +21,7 @@ import pandas as pd
 import solara
 from mesa.visualization import SolaraViz
 
+from paramarket_jax.engines.mesa import MarketModel
 from paramarket_jax.viz import live, panels, server
 from paramarket_jax.viz.replay import Replay
 
@@ -76,7 +78,7 @@ def Agents(rounds: pd.DataFrame, trades: pd.DataFrame, n: int):
 # ---- live: Mesa's SolaraViz, a component per panel ----
 
 
-def _tables(model: live.VizModel):
+def _tables(model: MarketModel):
     """The model's tables after its last round, computed once per round for every panel."""
     cached = getattr(model, "_viz_tables", None)
     if cached is None or cached[0] != model.round:
@@ -117,7 +119,7 @@ LIVE_COMPONENTS = [_status, *(_figure(t) for t in panels.FIGURES), _agents]
 def LivePage(target: server.Scenario):
     """Mesa's SolaraViz over a fresh model of ``target`` (one per browser session)."""
     experiment = target.experiment
-    model = solara.use_memo(lambda: live.VizModel(experiment=experiment), [])
+    model = solara.use_memo(lambda: MarketModel(experiment=experiment), [])
     solara.Style(STYLE)
     SolaraViz(
         model,

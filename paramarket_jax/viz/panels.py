@@ -39,13 +39,12 @@ def agents(rounds: pd.DataFrame, trades: pd.DataFrame, n: int) -> pd.DataFrame:
     last = last.reindex(range(n))
     sold = np.bincount(trades["seller"].to_numpy(np.int64), minlength=n)[:n]
     bought = np.bincount(trades["buyer"].to_numpy(np.int64), minlength=n)[:n]
-    alive = last["alive"] if "alive" in last else pd.Series(True, index=last.index)
     return pd.DataFrame(
         {
             "agent": np.arange(n),
-            "cash": last["cash"].to_numpy(np.float64) if "cash" in last else np.nan,
+            "cash": last["cash"].to_numpy(np.float64),
             "accuracy": last["accuracy"].to_numpy(np.float64),
-            "alive": alive.fillna(False).astype(bool).to_numpy(),
+            "alive": last["alive"].fillna(False).astype(bool).to_numpy(),
             "bought": bought,
             "sold": sold,
         }

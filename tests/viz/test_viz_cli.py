@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from paramarket_jax.cli.main import main
+from paramarket_jax.engines.mesa import MarketModel
 from paramarket_jax.viz import INSTALL, has_solara, live, panels, replay
 
 SMALL = {"train.rounds": 3, "train.local_steps": 2}
@@ -96,12 +97,12 @@ def test_knob_rebuild_does_not_recompile(experiment, compiles):
     the step already compiled; one jitted step per round."""
     params = live.model_params(experiment)
     assert {"seed", "train.learning_rate", "broker.max_alpha", "broker.min_gain"} <= set(params)
-    first = live.VizModel(experiment=experiment)
+    first = MarketModel(experiment=experiment)
     first.step()
     lr = params["train.learning_rate"]
     again = {"experiment": experiment, "seed": 1, "train.learning_rate": lr["value"] * 2}
     with compiles() as events:
-        model = live.VizModel(**again)
+        model = MarketModel(**again)
         model.step()
         model.step()
     assert events == []
@@ -110,12 +111,12 @@ def test_knob_rebuild_does_not_recompile(experiment, compiles):
     if has_solara():  # Mesa's own check of the parameters it passes on Reset
         from mesa.visualization.solara_viz import _check_model_params
 
-        _check_model_params(live.VizModel.__init__, params)
+        _check_model_params(MarketModel.__init__, params)
 
 
 def test_panels_and_replay(experiment, tmp_path):
     """The live tables, the per-agent table, and a folder of the same tables replayed."""
-    model = live.VizModel(experiment=experiment)
+    model = MarketModel(experiment=experiment)
     assert not panels.figures(*live.tables(model), 2)
     for _ in range(3):
         model.step()
